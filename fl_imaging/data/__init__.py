@@ -1,0 +1,1 @@
+"""Site data: manifests, the synthetic hospital generator, partitioning and loading."""

@@ -1,0 +1,131 @@
+"""MONAI dictionary transforms, datasets and loaders for one site's cases.
+
+Preprocessing (identical at every site and at inference): load with nibabel,
+channels first, RAS orientation, optional resampling to a common spacing,
+per-image percentile clipping to [0, 1] (robust to uint8 and float encodings and
+to extreme outliers). Training adds padding, a random patch, flips and mild
+intensity jitter; validation keeps whole volumes (sliding-window inference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+    SpatialPadd,
+)
+
+from fl_imaging.config import DataConfig
+from fl_imaging.data.manifest import Case
+
+KEYS = ("image", "label")
+
+
+def preprocessing(data: DataConfig) -> list[MapTransform]:
+    """Deterministic transforms shared by training, validation and inference."""
+    low, high = data.intensity_percentiles
+    steps: list[MapTransform] = [
+        LoadImaged(keys=list(KEYS), reader="NibabelReader", image_only=True),
+        EnsureChannelFirstd(keys=list(KEYS)),
+        Orientationd(keys=list(KEYS), axcodes="RAS"),
+    ]
+    if data.spacing is not None:
+        steps.append(
+            Spacingd(keys=list(KEYS), pixdim=tuple(data.spacing), mode=("bilinear", "nearest"))
+        )
+    steps += [
+        ScaleIntensityRangePercentilesd(
+            keys="image",
+            lower=low,
+            upper=high,
+            b_min=0.0,
+            b_max=1.0,
+            clip=True,
+            channel_wise=True,
+        ),
+        EnsureTyped(keys=list(KEYS), dtype=torch.float32, track_meta=False),
+    ]
+    return steps
+
+
+def train_transforms(data: DataConfig) -> Compose:
+    """Preprocessing plus padding to ``patch_size``, a random patch and light augmentation.
+
+    Patches are centred on foreground twice as often as on background, which
+    matters when lesions are small compared with the volume.
+    """
+    patch = tuple(data.patch_size)
+    steps = [
+        *preprocessing(data),
+        SpatialPadd(keys=list(KEYS), spatial_size=patch),
+        RandCropByPosNegLabeld(
+            keys=list(KEYS), label_key="label", spatial_size=patch, pos=2, neg=1, num_samples=1
+        ),
+        *[RandFlipd(keys=list(KEYS), prob=0.5, spatial_axis=axis) for axis in data.flip_axes],
+        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+        RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+    ]
+    return Compose(steps)
+
+
+def eval_transforms(data: DataConfig) -> Compose:
+    """Preprocessing only: whole volumes for sliding-window evaluation."""
+    return Compose(preprocessing(data))
+
+
+def train_loader(
+    cases: Sequence[Case], data: DataConfig, *, batch_size: int, seed: int
+) -> DataLoader:
+    """Shuffled loader of random training patches ``[B, C, *patch_size]``.
+
+    The deterministic preprocessing is cached in memory for the loader's lifetime
+    (every local epoch of a round), the random part is redrawn per epoch from ``seed``.
+    """
+    if not cases:
+        raise ValueError("no training cases")
+    transform = train_transforms(data)
+    transform.set_random_state(seed=seed)
+    dataset = CacheDataset(
+        [c.as_monai_dict() for c in cases],
+        transform=transform,
+        cache_rate=1.0,
+        num_workers=0,
+        progress=False,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=0,
+        generator=generator,
+        drop_last=False,
+    )
+
+
+def eval_loader(cases: Sequence[Case], data: DataConfig) -> DataLoader:
+    """Loader of whole preprocessed volumes, one case per batch (shapes differ)."""
+    if not cases:
+        raise ValueError("no validation cases")
+    dataset = CacheDataset(
+        [c.as_monai_dict() for c in cases],
+        transform=eval_transforms(data),
+        cache_rate=1.0,
+        num_workers=0,
+        progress=False,
+    )
+    return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
