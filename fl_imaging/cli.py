@@ -1,0 +1,217 @@
+r"""The ``fl-imaging`` command: make data, check it, split it, run a federation, report.
+
+Examples::
+
+    fl-imaging synth --out data/synthetic                 # 3 virtual hospitals
+    fl-imaging check-data data/synthetic/hospital_a/dataset.json
+    fl-imaging partition --dataset D/dataset.json --metadata D/cases.csv \\
+        --by-column pseudo_site --out data_manifests/hippocampus --data-root D
+    fl-imaging run experiment=demo rounds=3               # flwr run . on a local simulation
+    fl-imaging report outputs/latest
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fl_imaging.logs import setup_logging
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from fl_imaging.data.synthetic import generate_federation
+
+    manifests = generate_federation(
+        args.out,
+        num_sites=args.sites,
+        total_cases=args.cases,
+        skew=args.skew,
+        fov_mm=args.fov_mm,
+        modalities=tuple(args.modalities),
+        seed=args.seed,
+        overwrite=args.overwrite,
+        modality_layout=args.layout,
+        val_fraction=args.val_fraction,
+    )
+    for path in manifests:
+        print(path)
+    return 0
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    from fl_imaging.data.manifest import ManifestError, check_manifest, load_manifest
+
+    failed = 0
+    for manifest_path in args.manifests:
+        try:
+            manifest = load_manifest(manifest_path, data_root=args.data_root)
+        except ManifestError as exc:
+            print(f"FAIL {exc}")
+            failed += 1
+            continue
+        print(
+            f"{manifest.path}: {manifest.name}, {len(manifest.cases)} cases "
+            f"({len(manifest.split('train'))} train, {len(manifest.split('val'))} val), "
+            f"modalities {list(manifest.modalities)}, labels {dict(manifest.labels)}"
+        )
+        bad = 0
+        for report in check_manifest(manifest):
+            if report.ok:
+                if args.verbose:
+                    print(f"  ok   {report.case_id} shape {report.shape} spacing {report.spacing}")
+            else:
+                bad += 1
+                for problem in report.problems:
+                    print(f"  FAIL {report.case_id}: {problem}")
+        print(f"  {len(manifest.cases) - bad} ok, {bad} with problems")
+        failed += bad
+    return 1 if failed else 0
+
+
+def _partition(args: argparse.Namespace) -> int:
+    from fl_imaging.data.partition import partition_by_column, partition_random
+
+    if args.by_column:
+        if not args.metadata:
+            print("--by-column needs --metadata CSV", file=sys.stderr)
+            return 2
+        paths = partition_by_column(
+            args.dataset,
+            args.metadata,
+            args.by_column,
+            out_dir=args.out,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            data_root=args.data_root,
+        )
+    else:
+        paths = partition_random(
+            args.dataset,
+            args.random,
+            out_dir=args.out,
+            skew=args.skew,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            data_root=args.data_root,
+        )
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _split_experiment(items: Sequence[str]) -> tuple[str, list[str]]:
+    experiment, overrides = "demo", []
+    for item in items:
+        if item.startswith("experiment="):
+            experiment = item.split("=", 1)[1]
+        else:
+            overrides.append(item)
+    return experiment, overrides
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fl_imaging.launch import run_simulation
+
+    experiment, overrides = _split_experiment(args.overrides)
+    outcome = run_simulation(experiment, overrides, project_root=args.app)
+    print(f"run {outcome.run_id}: {outcome.status} in {outcome.seconds:.0f} s")
+    print(f"run folder: {outcome.run_dir}")
+    return 0 if outcome.ok else 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fl_imaging.reporting import write_report
+
+    print(write_report(Path(args.run_dir).resolve()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``fl-imaging``."""
+    parser = argparse.ArgumentParser(
+        prog="fl-imaging", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write synthetic hospitals (NIfTI + one manifest each)")
+    p.add_argument("--out", type=Path, default=Path("data/synthetic"))
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--cases", type=int, default=36, help="total cases over all sites")
+    p.add_argument("--skew", type=float, default=0.5, help="site size skew (0: equal sizes)")
+    p.add_argument("--fov-mm", type=float, default=64.0, help="field of view per axis in mm")
+    p.add_argument("--modalities", nargs="+", default=["T1"], help="e.g. T1c FLAIR")
+    p.add_argument(
+        "--layout",
+        choices=["4d", "files"],
+        default="4d",
+        help="multi-modal images as one 4D file or one file per modality",
+    )
+    p.add_argument("--val-fraction", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("check-data", help="read and check every case of manifests")
+    p.add_argument("manifests", nargs="+", type=Path)
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="folder the manifest paths are relative to (overrides the manifest's)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="list good cases too")
+    p.set_defaults(func=_check_data)
+
+    p = sub.add_parser("partition", help="split an MSD-style dataset into per-site manifests")
+    p.add_argument("--dataset", type=Path, required=True, help="the dataset.json")
+    p.add_argument("--out", type=Path, required=True, help="folder for <site>.json manifests")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--by-column", help="metadata column naming each case's site")
+    how.add_argument("--random", type=int, metavar="N", help="seeded random split into N sites")
+    p.add_argument("--metadata", type=Path, help="CSV with one row per case (for --by-column)")
+    p.add_argument("--skew", type=float, default=0.0, help="size skew for --random")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="store paths relative to this dataset root (else absolute paths)",
+    )
+    p.set_defaults(func=_partition)
+
+    p = sub.add_parser("run", help="run a federation on a local simulation (flwr run)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="experiment=NAME and Hydra overrides, e.g. experiment=demo rounds=3",
+    )
+    p.add_argument("--app", type=Path, default=PROJECT_ROOT, help="the app folder")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("report", help="(re)write report.md and dice.png of a run folder")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fl-imaging`` console script."""
+    setup_logging(logging.INFO)
+    args = build_parser().parse_args(argv)
+    from fl_imaging.config import ConfigError
+    from fl_imaging.data.manifest import ManifestError
+
+    try:
+        return int(args.func(args))
+    except (ConfigError, ManifestError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

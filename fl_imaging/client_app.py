@@ -1,0 +1,101 @@
+"""Flower ClientApp: thin wiring between Flower messages and :mod:`fl_imaging.site`.
+
+A reply carries only model weights, a few numbers (loss, Dice, case counts) and
+the site's name: never voxel or label data.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl_imaging.config import RunPlan, compose
+from fl_imaging.logs import setup_logging
+from fl_imaging.protocol import ConfigKey, MetricKey, RecordKey, RunConfigKey, SiteKey
+from fl_imaging.site import Site, evaluate_round, resolve_site, train_round
+
+app = ClientApp()
+logger = logging.getLogger("fl_imaging.client")
+
+# context.state key remembering that this site's data passed the full check in this run
+_CHECKED = "data-checked"
+
+
+def _plan_and_site(context: Context) -> tuple[RunPlan, Site]:
+    setup_logging()
+    plan = compose(
+        str(context.run_config.get(RunConfigKey.EXPERIMENT, "")),
+        str(context.run_config.get(RunConfigKey.OVERRIDES, "")),
+    )
+    return plan, resolve_site(context.node_config, plan)
+
+
+def _first_time(context: Context, split: str) -> bool:
+    """True once per run and split: the site reads and checks every case then."""
+    record = context.state.config_records.get(_CHECKED, ConfigRecord())
+    done = bool(record.get(split, False))
+    record[split] = True
+    context.state.config_records[_CHECKED] = record
+    return not done
+
+
+def _reply(
+    msg: Message, site: Site, metrics: dict[str, float | int], arrays: ArrayRecord | None
+) -> Message:
+    content = RecordDict(
+        {
+            RecordKey.METRICS: MetricRecord(metrics),
+            RecordKey.SITE: ConfigRecord({SiteKey.NAME: site.name}),
+        }
+    )
+    if arrays is not None:
+        content[RecordKey.ARRAYS] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this site's training cases."""
+    plan, site = _plan_and_site(context)
+    server_round = int(msg.content[RecordKey.CONFIG].get(ConfigKey.SERVER_ROUND, 0))
+    weights = msg.content[RecordKey.ARRAYS].to_torch_state_dict()
+    new_weights, result = train_round(
+        site,
+        plan,
+        weights,
+        server_round=server_round,
+        validate_data=_first_time(context, "train"),
+    )
+    logger.info(
+        "[%s r%d] trained %d cases, %d steps, loss %.4f, %.1f s",
+        site.name,
+        server_round,
+        result.num_examples,
+        result.steps,
+        result.loss,
+        result.seconds,
+    )
+    metrics = {
+        MetricKey.NUM_EXAMPLES: result.num_examples,
+        MetricKey.LOSS: result.loss,
+        MetricKey.STEPS: result.steps,
+        MetricKey.TRAIN_SECONDS: result.seconds,
+    }
+    return _reply(msg, site, metrics, ArrayRecord(new_weights))
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Dice of the received global model on this site's validation cases."""
+    plan, site = _plan_and_site(context)
+    weights = msg.content[RecordKey.ARRAYS].to_torch_state_dict()
+    result = evaluate_round(site, plan, weights, validate_data=_first_time(context, "val"))
+    metrics: dict[str, float | int] = {
+        MetricKey.NUM_EXAMPLES: result.num_cases,
+        MetricKey.LOSS: result.loss,
+        MetricKey.DICE_MEAN: result.dice_mean,
+    }
+    metrics.update({MetricKey.dice_of(k): v for k, v in result.dice_per_class.items()})
+    return _reply(msg, site, metrics, None)

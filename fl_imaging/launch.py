@@ -1,0 +1,230 @@
+"""Run this app with ``flwr run`` on a local simulation SuperLink, and clean up after.
+
+``flwr run .`` on the ``local`` connection starts a detached SuperLink that
+outlives the run and keeps the environment (PATH, venv, working directory) it
+was started with. :func:`run_simulation` therefore
+
+* sets ``FLWR_HOME`` to a project-local folder and disables Flower's per-run
+  dependency installation (it needs the internet),
+* sizes the simulation to the configured number of sites,
+* passes the project root explicitly so relative paths resolve the same in every process,
+* checks the run's final status (``flwr run --stream`` can exit 0 for a failed run),
+* stops the SuperLink it started (by PID), so nothing keeps running afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fl_imaging.config import compose, split_overrides
+
+logger = logging.getLogger(__name__)
+
+_RUN_ID = re.compile(r"Successfully started run (\d+)")
+_SUPERLINK = "flower-superlink"
+_SUPEREXEC = "flower-superexec"
+
+
+class LaunchError(RuntimeError):
+    """``flwr run`` failed, or the run ended in a failed state."""
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What a launched run ended as."""
+
+    run_id: str
+    status: str  # e.g. "finished:completed", "finished:failed"
+    run_dir: Path | None  # the run folder the ServerApp wrote (outputs/latest after the run)
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        """True when Flower reports the run completed."""
+        return self.status == "finished:completed"
+
+
+def flwr_env(project_root: Path) -> dict[str, str]:
+    """Environment for ``flwr``: project-local FLWR_HOME, offline runtime, this venv first."""
+    env = os.environ.copy()
+    env.setdefault("FLWR_HOME", str(project_root / ".flwr"))
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def _processes() -> list[tuple[int, list[str]]]:
+    procs = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if raw:
+            procs.append((int(entry.name), raw.rstrip(b"\0").decode(errors="replace").split("\0")))
+    return procs
+
+
+def local_superlink_pids(flwr_home: Path) -> list[int]:
+    """PIDs of the local simulation SuperLink that uses ``flwr_home`` and its SuperExec."""
+    home = str(flwr_home)
+    procs = _processes()
+    links = [
+        pid
+        for pid, cmd in procs
+        if any(_SUPERLINK in c for c in cmd[:2]) and any(home in c for c in cmd)
+    ]
+    execs = [
+        pid
+        for pid, cmd in procs
+        if any(_SUPEREXEC in c for c in cmd[:2])
+        and any(c == str(link) for link in links for c in cmd)
+    ]
+    return links + execs
+
+
+def any_local_superlink() -> list[int]:
+    """PIDs of every local SuperLink process on this machine (whatever its FLWR_HOME)."""
+    return [pid for pid, cmd in _processes() if any(_SUPERLINK in c for c in cmd[:2])]
+
+
+def stop_processes(pids: Sequence[int], timeout: float = 15.0) -> None:
+    """SIGTERM ``pids`` (and their process groups), SIGKILL what is left after ``timeout``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            for kill in (os.killpg, os.kill):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(
+            Path(f"/proc/{p}").exists() and _alive(p) for p in pids
+        ):
+            time.sleep(0.2)
+        if not any(_alive(p) for p in pids):
+            return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def run_status(run_id: str, env: dict[str, str], cwd: Path) -> str:
+    """Flower's status string for ``run_id`` (``flwr list --format json``)."""
+    out = subprocess.run(
+        ["flwr", "list", "--run-id", run_id, "--format", "json"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        runs = json.loads(out.stdout)["runs"]
+        return str(next(r["status"] for r in runs if str(r["run-id"]) == run_id))
+    except (ValueError, KeyError, StopIteration):
+        return f"unknown ({out.stdout.strip()[-200:]} {out.stderr.strip()[-200:]})"
+
+
+def run_simulation(
+    experiment: str,
+    overrides: Sequence[str] | str = (),
+    *,
+    project_root: Path,
+    extra_flwr_args: Sequence[str] = (),
+    stop_superlink: bool = True,
+) -> RunOutcome:
+    """Launch ``flwr run`` for ``experiment`` on a local simulation; wait; check the outcome.
+
+    Args:
+        experiment: a file name (without ``.yaml``) in ``conf/experiment/``.
+        overrides: Hydra overrides (``["rounds=3", "train.lr=1e-3"]`` or one string).
+        project_root: the app folder (holds ``pyproject.toml`` and ``conf/``); relative
+            paths of the config resolve against it unless ``paths.root`` is overridden.
+        extra_flwr_args: more arguments for ``flwr run``.
+        stop_superlink: stop the SuperLink afterwards if this call started it.
+
+    Raises:
+        ConfigError: the composed configuration is invalid (checked before launching).
+        LaunchError: ``flwr run`` could not start the run.
+    """
+    project_root = project_root.resolve()
+    items = split_overrides(overrides)
+    if not any(o.startswith("paths.root=") for o in items):
+        items.append(f"paths.root={project_root}")
+    plan = compose(experiment, items)  # fail fast, before any process starts
+    env = flwr_env(project_root)
+    flwr_home = Path(env["FLWR_HOME"])
+    foreign = [p for p in any_local_superlink() if p not in local_superlink_pids(flwr_home)]
+    if foreign:
+        logger.warning(
+            "a local SuperLink from another FLWR_HOME is running (pids %s) and will be used; "
+            "it keeps the environment it was started with",
+            foreign,
+        )
+    started_here = not local_superlink_pids(flwr_home) and not foreign
+    run_config = f"experiment={json.dumps(experiment)} overrides={json.dumps(shlex.join(items))}"
+    cmd = [
+        "flwr",
+        "run",
+        str(project_root),
+        "--stream",
+        "--run-config",
+        run_config,
+        "--federation-config",
+        f"num-supernodes={len(plan.federation.sites)}",
+        *extra_flwr_args,
+    ]
+    logger.info("$ %s", shlex.join(cmd))
+    start = time.monotonic()
+    run_id = ""
+    try:
+        with subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=project_root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                if not run_id and (match := _RUN_ID.search(line)):
+                    run_id = match.group(1)
+            code = proc.wait()
+        if not run_id:
+            raise LaunchError(f"`flwr run` exited with code {code} before starting a run")
+        status = run_status(run_id, env, project_root)
+        for _ in range(50):  # the status can lag the end of the log stream
+            if status.startswith("finished"):
+                break
+            time.sleep(0.2)
+            status = run_status(run_id, env, project_root)
+    finally:
+        if stop_superlink and started_here:
+            stop_processes(local_superlink_pids(flwr_home))
+    latest = plan.resolve_path(plan.paths.outputs) / "latest"
+    run_dir = latest.resolve() if latest.exists() else None
+    return RunOutcome(run_id, status, run_dir, time.monotonic() - start)

@@ -1,0 +1,61 @@
+"""Every key that crosses the Flower boundary, defined once.
+
+Record and metric names follow Flower's defaults (``"arrays"``, ``"config"``,
+``"num-examples"``) so Flower's strategies read them as they are.
+"""
+
+from enum import StrEnum
+
+
+class RecordKey(StrEnum):
+    """Keys of the records inside a message's ``RecordDict``."""
+
+    ARRAYS = "arrays"
+    CONFIG = "config"
+    METRICS = "metrics"
+    # ConfigRecord a site adds to each reply: its name (never any voxel data)
+    SITE = "site"
+
+
+class RunConfigKey(StrEnum):
+    """The Flower run config only selects the Hydra experiment."""
+
+    EXPERIMENT = "experiment"
+    OVERRIDES = "overrides"
+
+
+class NodeConfigKey(StrEnum):
+    """Keys of a SuperNode's ``node_config``: who am I, where is my data."""
+
+    PARTITION_ID = "partition-id"  # simulation
+    NUM_PARTITIONS = "num-partitions"  # simulation
+    SITE = "site"  # deployment: the site's name in federation.sites
+    DATA_ROOT = "data-root"  # deployment: overrides the configured data root
+    STATE_DIR = "state-dir"  # deployment: overrides the configured state folder
+
+
+class ConfigKey(StrEnum):
+    """Keys of the per-round ``ConfigRecord`` the server sends."""
+
+    SERVER_ROUND = "server-round"  # injected by Flower's strategies
+
+
+class SiteKey(StrEnum):
+    """Keys of the ``site`` ConfigRecord in a reply."""
+
+    NAME = "name"
+
+
+class MetricKey(StrEnum):
+    """Keys of the ``MetricRecord`` in a reply."""
+
+    NUM_EXAMPLES = "num-examples"
+    LOSS = "loss"
+    DICE_MEAN = "dice-mean"
+    TRAIN_SECONDS = "train-seconds"
+    STEPS = "steps"
+
+    @staticmethod
+    def dice_of(label: int) -> str:
+        """Metric key of the Dice of foreground label ``label`` (e.g. ``dice-1``)."""
+        return f"dice-{label}"

@@ -1,0 +1,218 @@
+"""Flower ServerApp: rounds of FedAvg with per-site evaluation, checkpoints and a run folder.
+
+The round loop is Flower's ``Strategy.start`` loop with two additions a
+segmentation study needs: the initial model is evaluated on every site (round 0),
+and every reply is recorded per site (Flower's strategies only keep aggregates).
+Sampling and aggregation are Flower's ``FedAvg``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from fl_imaging.config import RunPlan, compose, plan_to_dict, plan_to_yaml
+from fl_imaging.logs import setup_logging
+from fl_imaging.protocol import MetricKey, RecordKey, RunConfigKey, SiteKey
+from fl_imaging.reporting import RunFolder, write_report
+from fl_imaging.site import new_model
+
+app = ServerApp()
+logger = logging.getLogger("fl_imaging.server")
+
+
+class FederationError(RuntimeError):
+    """The federation cannot continue (too few sites connected or replied)."""
+
+
+def wait_for_sites(grid: Grid, expected: int, timeout: float) -> list[int]:
+    """Wait until ``expected`` nodes are connected; return their ids."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= expected:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FederationError(
+                f"only {len(nodes)} of {expected} sites connected within {timeout:.0f} s; in "
+                f'simulation pass --federation-config "num-supernodes={expected}", in '
+                f"deployment start one SuperNode per site"
+            )
+        time.sleep(1.0)
+
+
+def site_rows(
+    replies: Iterable[Message], server_round: int, split: str, labels: dict[int, str]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Metrics rows (one per replying site) and error descriptions from ``replies``."""
+    rows, errors = [], []
+    for msg in replies:
+        if msg.has_error():
+            errors.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
+            continue
+        metrics = msg.content[RecordKey.METRICS]
+        row: dict[str, Any] = {
+            "round": server_round,
+            "site": str(msg.content[RecordKey.SITE][SiteKey.NAME]),
+            "split": split,
+            "loss": float(metrics[MetricKey.LOSS]),
+            "num_examples": int(metrics[MetricKey.NUM_EXAMPLES]),
+        }
+        if MetricKey.DICE_MEAN in metrics:
+            row["dice_mean"] = float(metrics[MetricKey.DICE_MEAN])
+            for label, name in sorted(labels.items()):
+                if label:
+                    row[f"dice_{name}"] = float(metrics[MetricKey.dice_of(label)])
+        if MetricKey.TRAIN_SECONDS in metrics:
+            row["steps"] = int(metrics[MetricKey.STEPS])
+            row["train_seconds"] = float(metrics[MetricKey.TRAIN_SECONDS])
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["site"]), errors
+
+
+def _mean(values: Iterable[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def _round_line(server_round: int, rows: list[dict[str, Any]], labels: dict[int, str]) -> str:
+    parts = []
+    for row in rows:
+        per_class = ", ".join(f"{n} {row[f'dice_{n}']:.3f}" for k, n in sorted(labels.items()) if k)
+        parts.append(f"{row['site']} {row['dice_mean']:.3f} ({per_class})")
+    mean = _mean(r["dice_mean"] for r in rows)
+    return f"round {server_round} Dice: mean {mean:.3f} | " + " | ".join(parts)
+
+
+def run_federation(grid: Grid, plan: RunPlan, run: RunFolder, run_id: int) -> dict[str, Any]:
+    """Train ``plan.rounds`` rounds; write metrics, checkpoints and summary into ``run``."""
+    labels = dict(plan.data.labels)
+    num_sites = len(plan.federation.sites)
+    started = time.monotonic()
+    wait_for_sites(grid, num_sites, plan.strategy.connect_timeout)
+    strategy = FedAvg(
+        fraction_train=plan.strategy.fraction_train,
+        fraction_evaluate=plan.strategy.fraction_evaluate,
+        min_train_nodes=plan.strategy.min_sites,
+        min_evaluate_nodes=plan.strategy.min_sites,
+        min_available_nodes=num_sites,
+    )
+    arrays = ArrayRecord(new_model(plan).state_dict())
+    summary: dict[str, Any] = {
+        "name": plan.name,
+        "run_id": run_id,
+        "status": "running",
+        "sites": plan.site_names,
+        "rounds_planned": plan.rounds,
+        "rounds_completed": 0,
+        "dice_mean_per_round": {},
+        "best_round": None,
+        "best_dice_mean": None,
+    }
+    meta = {
+        "config": plan_to_dict(plan),
+        "labels": labels,
+        "modalities": list(plan.data.modalities),
+    }
+
+    def evaluate_round(server_round: int) -> list[dict[str, Any]]:
+        replies = grid.send_and_receive(
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+            timeout=plan.strategy.round_timeout,
+        )
+        rows, errors = site_rows(replies, server_round, "val", labels)
+        for error in errors:
+            logger.warning("round %d evaluate: %s", server_round, error)
+        run.append_metrics(rows)
+        if rows:
+            logger.info(_round_line(server_round, rows, labels))
+        return rows
+
+    for server_round in range(0, plan.rounds + 1):
+        if server_round > 0:
+            logger.info("round %d/%d: training at %d sites", server_round, plan.rounds, num_sites)
+            replies = list(
+                grid.send_and_receive(
+                    strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
+                    timeout=plan.strategy.round_timeout,
+                )
+            )
+            rows, errors = site_rows(replies, server_round, "train", labels)
+            for error in errors:
+                logger.warning("round %d train: %s", server_round, error)
+            run.append_metrics(rows)
+            if len(rows) < plan.strategy.min_sites:
+                raise FederationError(
+                    f"round {server_round}: only {len(rows)} sites returned an update "
+                    f"(strategy.min_sites={plan.strategy.min_sites}); errors: {errors}"
+                )
+            new_arrays, _ = strategy.aggregate_train(server_round, replies)
+            if new_arrays is None:
+                raise FederationError(f"round {server_round}: aggregation produced no model")
+            arrays = new_arrays
+        rows = evaluate_round(server_round)
+        dice_per_site = {r["site"]: r["dice_mean"] for r in rows}
+        dice_mean = _mean(dice_per_site.values())
+        state_dict = arrays.to_torch_state_dict()
+        run.save_checkpoint("last", state_dict, round=server_round, dice_mean=dice_mean, **meta)
+        best = summary["best_dice_mean"]
+        if math.isfinite(dice_mean) and (best is None or dice_mean > best):
+            summary["best_round"], summary["best_dice_mean"] = server_round, dice_mean
+            run.save_checkpoint("best", state_dict, round=server_round, dice_mean=dice_mean, **meta)
+        summary.update(
+            rounds_completed=server_round,
+            final_dice_mean=dice_mean,
+            final_dice_per_site=dice_per_site,
+            minutes=(time.monotonic() - started) / 60,
+        )
+        summary["dice_mean_per_round"][str(server_round)] = dice_mean
+        run.write_summary(summary)
+    summary["status"] = "finished"
+    run.write_summary(summary)
+    return summary
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Compose the run plan from the run config and run the federation."""
+    setup_logging()
+    plan = compose(
+        str(context.run_config.get(RunConfigKey.EXPERIMENT, "")),
+        str(context.run_config.get(RunConfigKey.OVERRIDES, "")),
+    )
+    run = RunFolder.create(plan.resolve_path(plan.paths.outputs), plan.name, plan_to_yaml(plan))
+    logger.info("run folder: %s", run.path)
+    try:
+        summary = run_federation(grid, plan, run, context.run_id)
+    except Exception as exc:
+        logger.error("run failed: %s", exc)
+        partial = run.path / "summary.json"
+        run.write_summary({**(_read_json(partial) or {}), "status": "failed", "error": str(exc)})
+        raise
+    finally:
+        if (run.path / "metrics.jsonl").is_file():
+            write_report(run.path)
+    logger.info(
+        "finished %d rounds in %.1f min: final mean Dice %.3f %s; results in %s",
+        summary["rounds_completed"],
+        summary["minutes"],
+        summary["final_dice_mean"],
+        {k: round(v, 3) for k, v in summary["final_dice_per_site"].items()},
+        run.path,
+    )
+
+
+def _read_json(path: Any) -> dict[str, Any] | None:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
