@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write synthetic hospitals (NIfTI + one manifest each)")
     p.add_argument("--out", type=Path, default=Path("data/synthetic"))
     p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--cases", type=int, default=36, help="total cases over all sites")
+    p.add_argument("--cases", type=int, default=48, help="total cases over all sites")
     p.add_argument("--skew", type=float, default=0.5, help="site size skew (0: equal sizes)")
     p.add_argument("--fov-mm", type=float, default=64.0, help="field of view per axis in mm")
     p.add_argument("--modalities", nargs="+", default=["T1"], help="e.g. T1c FLAIR")

@@ -145,6 +145,26 @@ def run_status(run_id: str, env: dict[str, str], cwd: Path) -> str:
         return f"unknown ({out.stdout.strip()[-200:]} {out.stderr.strip()[-200:]})"
 
 
+def _unfinished_runs(env: dict[str, str], cwd: Path, exclude: str) -> list[str]:
+    out = subprocess.run(
+        ["flwr", "list", "--format", "json"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        runs = json.loads(out.stdout)["runs"]
+    except (ValueError, KeyError):
+        return []
+    return [
+        str(r["run-id"])
+        for r in runs
+        if str(r["run-id"]) != exclude and not str(r["status"]).startswith("finished")
+    ]
+
+
 def run_simulation(
     experiment: str,
     overrides: Sequence[str] | str = (),
@@ -161,7 +181,8 @@ def run_simulation(
         project_root: the app folder (holds ``pyproject.toml`` and ``conf/``); relative
             paths of the config resolve against it unless ``paths.root`` is overridden.
         extra_flwr_args: more arguments for ``flwr run``.
-        stop_superlink: stop the SuperLink afterwards if this call started it.
+        stop_superlink: stop the SuperLink afterwards if this call started it (a
+            SuperLink that was already running is left alone).
 
     Raises:
         ConfigError: the composed configuration is invalid (checked before launching).
@@ -181,7 +202,7 @@ def run_simulation(
             "it keeps the environment it was started with",
             foreign,
         )
-    started_here = not local_superlink_pids(flwr_home) and not foreign
+    already_running = set(local_superlink_pids(flwr_home))
     run_config = f"experiment={json.dumps(experiment)} overrides={json.dumps(shlex.join(items))}"
     cmd = [
         "flwr",
@@ -223,8 +244,19 @@ def run_simulation(
             time.sleep(0.2)
             status = run_status(run_id, env, project_root)
     finally:
-        if stop_superlink and started_here:
-            stop_processes(local_superlink_pids(flwr_home))
+        started = [p for p in local_superlink_pids(flwr_home) if p not in already_running]
+        if stop_superlink and started:
+            # whatever `flwr run` / `flwr list` started for this FLWR_HOME during this call,
+            # unless another run (e.g. a concurrent `fl-imaging run`) still uses it
+            others = _unfinished_runs(env, project_root, exclude=run_id)
+            if others:
+                logger.warning(
+                    "leaving the local SuperLink (pids %s) running: runs %s still use it",
+                    started,
+                    others,
+                )
+            else:
+                stop_processes(started)
     latest = plan.resolve_path(plan.paths.outputs) / "latest"
     run_dir = latest.resolve() if latest.exists() else None
     return RunOutcome(run_id, status, run_dir, time.monotonic() - start)

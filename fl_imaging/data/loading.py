@@ -33,6 +33,8 @@ from fl_imaging.config import DataConfig
 from fl_imaging.data.manifest import Case
 
 KEYS = ("image", "label")
+# axis labels of nibabel's RAS+ world (what NIfTI affines map to)
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 def preprocessing(data: DataConfig) -> list[MapTransform]:
@@ -41,7 +43,7 @@ def preprocessing(data: DataConfig) -> list[MapTransform]:
     steps: list[MapTransform] = [
         LoadImaged(keys=list(KEYS), reader="NibabelReader", image_only=True),
         EnsureChannelFirstd(keys=list(KEYS)),
-        Orientationd(keys=list(KEYS), axcodes="RAS"),
+        Orientationd(keys=list(KEYS), axcodes="RAS", labels=_RAS_LABELS),
     ]
     if data.spacing is not None:
         steps.append(

@@ -1,0 +1,44 @@
+# fl-imaging: `make demo` and `make test` work on a fresh machine (Python 3.11 + pip).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fl-imaging-installed
+DEMO_DATA := data/synthetic/hospital_a/dataset.json
+# Keep Flower's state (SuperLink database, installed app bundles) inside the project.
+export FLWR_HOME ?= $(CURDIR)/.flwr
+
+.PHONY: demo test lint setup data hippocampus clean-outputs
+
+## demo: set up if needed, make the synthetic hospitals if missing, run the federated demo
+demo: $(STAMP) $(DEMO_DATA)
+	$(BIN)/fl-imaging run experiment=demo
+
+## test: set up if needed, lint, then the whole test suite
+test: $(STAMP)
+	$(BIN)/ruff check fl_imaging tests scripts
+	$(BIN)/pytest
+
+## setup: create the virtualenv and install the project with its dev tools
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+## data: the embedded default data (3 synthetic hospitals, deterministic)
+data: $(DEMO_DATA)
+
+$(DEMO_DATA): | $(STAMP)
+	$(BIN)/fl-imaging synth --out data/synthetic
+
+## hippocampus: the real-data experiment on ../shared/data/msd_hippocampus
+hippocampus: $(STAMP)
+	$(BIN)/fl-imaging run experiment=hippocampus
+
+lint: $(STAMP)
+	$(BIN)/ruff check fl_imaging tests scripts
+	$(BIN)/ruff format --check fl_imaging tests scripts
+
+clean-outputs:
+	rm -rf outputs

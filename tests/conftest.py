@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny synthetic hospitals and the real config, shrunk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fl_imaging.config import RunPlan, compose
+from fl_imaging.data.synthetic import generate_federation
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_HIPPOCAMPUS = REPO_ROOT.parent / "shared" / "data" / "msd_hippocampus"
+
+
+@pytest.fixture(scope="session")
+def tiny_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three synthetic hospitals with ~16^3 volumes (fov 32 mm), 18 cases in all."""
+    out = tmp_path_factory.mktemp("sites")
+    return generate_federation(out, num_sites=3, total_cases=18, fov_mm=32.0, seed=0)
+
+
+def tiny_overrides(manifests: list[Path], root: Path) -> list[str]:
+    """Overrides that shrink the real demo config to tiny data, model and rounds."""
+    sites = [f"federation.sites.{i}.manifest={m}" for i, m in enumerate(manifests)]
+    return [
+        *sites,
+        "model=unet_tiny",
+        "data.patch_size=[16,16,16]",
+        "rounds=2",
+        "train.local_epochs=1",
+        f"paths.root={root}",
+    ]
+
+
+@pytest.fixture
+def tiny_plan(tiny_sites: list[Path], tmp_path: Path) -> RunPlan:
+    """The real ``demo`` experiment shrunk to the tiny hospitals, writing under tmp_path."""
+    return compose("demo", tiny_overrides(tiny_sites, tmp_path))

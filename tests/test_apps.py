@@ -1,0 +1,197 @@
+"""The Flower apps by direct calls: client handlers with hand-built messages, and the
+server's round loop driven through an in-process grid that calls those handlers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    Metadata,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+
+from fl_imaging import client_app, server_app
+from fl_imaging.config import RunPlan, compose, plan_to_yaml
+from fl_imaging.protocol import MetricKey, RecordKey
+from fl_imaging.reporting import RunFolder
+from fl_imaging.site import new_model
+from tests.conftest import tiny_overrides
+
+
+def make_message(content: RecordDict, message_type: str, dst: int) -> Message:
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{time.monotonic_ns()}",
+        src_node_id=0,
+        dst_node_id=dst,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600,
+        message_type=message_type,
+    )
+    return Message(metadata=metadata, content=content)
+
+
+def context_for(partition_id: int, overrides: list[str]) -> Context:
+    return Context(
+        run_id=1,
+        node_id=partition_id + 1,
+        node_config={"partition-id": partition_id, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={"experiment": "demo", "overrides": " ".join(overrides)},
+    )
+
+
+@pytest.fixture
+def overrides(tiny_sites: list[Path], tmp_path: Path) -> list[str]:
+    return tiny_overrides(tiny_sites, tmp_path)
+
+
+def global_arrays(overrides: list[str]) -> ArrayRecord:
+    return ArrayRecord(new_model(compose("demo", overrides)).state_dict())
+
+
+def test_train_reply_holds_weights_metrics_and_site_name_only(overrides: list[str]) -> None:
+    arrays = global_arrays(overrides)
+    msg = make_message(
+        RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+        MessageType.TRAIN,
+        dst=1,
+    )
+    reply = client_app.train(msg, context_for(0, overrides))
+    content = reply.content
+    assert set(content.keys()) == {RecordKey.ARRAYS, RecordKey.METRICS, RecordKey.SITE}
+    # only the model's own tensors travel: same names and shapes as the global model
+    sent = content[RecordKey.ARRAYS].to_torch_state_dict()
+    expected = arrays.to_torch_state_dict()
+    assert sent.keys() == expected.keys()
+    assert all(sent[k].shape == expected[k].shape for k in sent)
+    metrics = content[RecordKey.METRICS]
+    assert metrics[MetricKey.NUM_EXAMPLES] > 0 and metrics[MetricKey.LOSS] > 0
+    assert content[RecordKey.SITE]["name"] == "hospital_a"
+
+
+def test_evaluate_reply_holds_per_class_dice(overrides: list[str]) -> None:
+    msg = make_message(
+        RecordDict({"arrays": global_arrays(overrides), "config": ConfigRecord()}),
+        MessageType.EVALUATE,
+        dst=3,
+    )
+    reply = client_app.evaluate(msg, context_for(2, overrides))
+    metrics = reply.content[RecordKey.METRICS]
+    assert set(metrics.keys()) == {"num-examples", "loss", "dice-mean", "dice-1", "dice-2"}
+    assert RecordKey.ARRAYS not in reply.content
+    assert 0.0 <= metrics["dice-mean"] <= 1.0
+
+
+class LocalGrid(Grid):
+    """Delivers messages to this process's ClientApp handlers (one Context per node)."""
+
+    def __init__(self, overrides: list[str], num_nodes: int = 3) -> None:
+        self.contexts = {i + 1: context_for(i, overrides) for i in range(num_nodes)}
+        self.received: list[Message] = []
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            handler = (
+                client_app.train
+                if msg.metadata.message_type == MessageType.TRAIN
+                else (client_app.evaluate)
+            )
+            replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
+        self.received.extend(replies)
+        return replies
+
+    # The loop under test uses only the two methods above.
+    def set_run(self, run_id: int) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def run(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # pragma: no cover
+        raise NotImplementedError
+
+    def get_nodes(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def push_messages(self, messages):  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
+
+
+@pytest.fixture
+def task_identity() -> Iterable[None]:
+    # Flower's strategies stamp the run id on each message they create; the
+    # ServerApp process sets it, a bare test process must do so itself.
+    from flwr.supercore.task_identity import TaskIdentity
+
+    previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
+
+
+def test_server_loop_writes_the_run_folder_contract(
+    overrides: list[str], tmp_path: Path, task_identity: None
+) -> None:
+    plan: RunPlan = compose("demo", overrides)
+    run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
+    grid = LocalGrid(overrides)
+    summary = server_app.run_federation(grid, plan, run, run_id=1)
+
+    assert (tmp_path / "outputs" / "latest").resolve() == run.path
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r["split"] == "val"]
+    assert sorted({r["round"] for r in val}) == [0, 1, 2]
+    assert {r["site"] for r in val} == set(plan.site_names)
+    for row in rows:
+        assert {"round", "site", "split", "loss"} <= row.keys()
+    for row in val:
+        assert {"dice_mean", "dice_oedema", "dice_core"} <= row.keys()
+    on_disk = json.loads((run.path / "summary.json").read_text())
+    assert on_disk["rounds_completed"] == 2 and on_disk["status"] == "finished"
+    assert on_disk["sites"] == plan.site_names
+    assert set(on_disk["final_dice_per_site"]) == set(plan.site_names)
+    assert on_disk["final_dice_mean"] == pytest.approx(
+        sum(on_disk["final_dice_per_site"].values()) / 3
+    )
+    assert summary["final_dice_mean"] == on_disk["final_dice_mean"]
+    last = torch.load(run.path / "checkpoints" / "last.pt", weights_only=False)
+    best = torch.load(run.path / "checkpoints" / "best.pt", weights_only=False)
+    assert last["round"] == 2 and best["round"] == on_disk["best_round"]
+    assert last["state_dict"].keys() == new_model(plan).state_dict().keys()
+    assert (run.path / "config.yaml").read_text() == plan_to_yaml(plan)
+    # nothing but weights, numbers and the site name came back from the sites
+    for reply in grid.received:
+        assert set(reply.content.keys()) <= {"arrays", "metrics", "site"}
+
+
+def test_server_gives_up_clearly_when_sites_do_not_connect(
+    overrides: list[str], tmp_path: Path
+) -> None:
+    plan = compose("demo", [*overrides, "strategy.connect_timeout=0"])
+    run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
+    with pytest.raises(server_app.FederationError, match="num-supernodes=3"):
+        server_app.run_federation(LocalGrid(overrides, num_nodes=2), plan, run, run_id=1)

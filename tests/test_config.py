@@ -1,0 +1,78 @@
+"""Composition of the shipped config and its validation messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fl_imaging.config import ConfigError, compose, conf_dir, plan_to_dict
+
+EXPERIMENTS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+
+
+def test_demo_and_hippocampus_experiments_exist() -> None:
+    assert {"demo", "hippocampus"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_shipped_experiment_composes(experiment: str) -> None:
+    plan = compose(experiment)
+    assert plan.name == experiment
+    assert len(plan.federation.sites) >= 2
+    assert plan_to_dict(plan)["rounds"] == plan.rounds
+
+
+def test_overrides_string_and_list_agree() -> None:
+    a = compose("demo", "rounds=3 train.lr=0.01")
+    b = compose("demo", ["rounds=3", "train.lr=0.01"])
+    assert (a.rounds, a.train.lr) == (b.rounds, b.train.lr) == (3, 0.01)
+
+
+def test_misspelt_key_is_an_error_naming_it() -> None:
+    with pytest.raises(ConfigError, match=r"train\.lrr"):
+        compose("demo", "train.lrr=0.1")
+
+
+def test_unknown_experiment_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="no_such_experiment"):
+        compose("no_such_experiment")
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("rounds=0", "rounds"),
+        ("model.name=segresnet", "model.name"),
+        ("model.strides=[2,2,2]", "model.channels"),
+        ("data.patch_size=[30,32,32]", "data.patch_size"),
+        ("data.intensity_percentiles=[99,1]", "data.intensity_percentiles"),
+        ("data.flip_axes=[3]", "data.flip_axes"),
+        ("train.lr=0", "train.lr"),
+        ("strategy.name=fedmagic", "strategy.name"),
+        ("strategy.min_sites=4", "strategy.min_sites"),
+        ("federation.sites.1.name=hospital_a", "hospital_a"),
+    ],
+)
+def test_semantic_problems_name_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose("demo", override)
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        compose("demo", "rounds=0 train.lr=-1")
+    assert "rounds" in str(err.value) and "train.lr" in str(err.value)
+
+
+def test_relative_paths_resolve_against_root(tmp_path: Path) -> None:
+    plan = compose("demo", f"paths.root={tmp_path}")
+    site = plan.federation.sites[0]
+    assert plan.resolve_path(site.manifest) == tmp_path / site.manifest
+    assert plan.site_state_dir(site) == tmp_path / "state" / site.name
+    assert plan.resolve_path("/abs/x.json") == Path("/abs/x.json")
+
+
+def test_hippocampus_data_root_is_a_setting(tmp_path: Path) -> None:
+    plan = compose("hippocampus", f"federation.data_root={tmp_path}")
+    assert plan.site_data_root(plan.federation.sites[0]) == tmp_path

@@ -1,0 +1,51 @@
+"""The run folder writer and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fl_imaging.reporting import RunFolder, dice_table, read_metrics, write_report
+
+
+def test_create_writes_config_and_points_latest(tmp_path: Path) -> None:
+    first = RunFolder.create(tmp_path, "demo", "a: 1\n")
+    second = RunFolder.create(tmp_path, "demo", "a: 2\n")
+    assert first.path != second.path  # same second: distinct folders
+    assert (tmp_path / "latest").resolve() == second.path
+    assert (second.path / "config.yaml").read_text() == "a: 2\n"
+
+
+def test_metrics_append_and_nan_becomes_null(tmp_path: Path) -> None:
+    run = RunFolder.create(tmp_path, "x", "")
+    run.append_metrics([{"round": 0, "site": "a", "split": "val", "dice_mean": float("nan")}])
+    run.append_metrics([{"round": 1, "site": "a", "split": "val", "dice_mean": 0.5}])
+    rows = read_metrics(run.path)
+    assert [r["dice_mean"] for r in rows] == [None, 0.5]
+    assert dice_table(rows) == ([1], {"a": {1: 0.5}})
+
+
+def test_checkpoint_and_summary_are_replaced_whole(tmp_path: Path) -> None:
+    run = RunFolder.create(tmp_path, "x", "")
+    run.save_checkpoint("last", {"w": torch.ones(2)}, round=1)
+    run.save_checkpoint("last", {"w": torch.zeros(2)}, round=2)
+    ckpt = torch.load(run.path / "checkpoints" / "last.pt")
+    assert ckpt["round"] == 2 and torch.equal(ckpt["state_dict"]["w"], torch.zeros(2))
+    run.write_summary({"rounds_completed": 2})
+    assert json.loads((run.path / "summary.json").read_text()) == {"rounds_completed": 2}
+    assert sorted(p.name for p in run.path.rglob(".*tmp")) == []
+
+
+def test_report_tabulates_every_round_and_site(tmp_path: Path) -> None:
+    run = RunFolder.create(tmp_path, "x", "")
+    run.append_metrics(
+        {"round": r, "site": s, "split": "val", "dice_mean": d}
+        for r, s, d in [(0, "a", 0.1), (0, "b", 0.3), (1, "a", 0.6), (1, "b", 0.8)]
+    )
+    run.write_summary({"rounds_completed": 1, "final_dice_mean": 0.7})
+    text = write_report(run.path).read_text()
+    assert "| 0 | 0.100 | 0.300 | 0.200 |" in text
+    assert "| 1 | 0.600 | 0.800 | 0.700 |" in text
+    assert (run.path / "dice.png").stat().st_size > 1000

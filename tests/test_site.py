@@ -1,0 +1,81 @@
+"""A site's side of a round, without Flower: resolve, train, evaluate, bad data."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fl_imaging.config import ConfigError, RunPlan, compose
+from fl_imaging.data.manifest import ManifestError, load_manifest
+from fl_imaging.site import evaluate_round, new_model, resolve_site, train_round
+from tests.conftest import tiny_overrides
+
+
+def test_partition_id_selects_the_site_in_order(tiny_plan: RunPlan) -> None:
+    names = [resolve_site({"partition-id": i}, tiny_plan).name for i in range(3)]
+    assert names == tiny_plan.site_names
+
+
+def test_deployment_site_name_and_data_root_override(tiny_plan: RunPlan, tmp_path: Path) -> None:
+    site = resolve_site(
+        {"site": "hospital_b", "data-root": str(tmp_path / "d"), "state-dir": str(tmp_path / "s")},
+        tiny_plan,
+    )
+    assert (site.name, site.index) == ("hospital_b", 1)
+    assert site.data_root == tmp_path / "d"
+    assert site.state_dir == tmp_path / "s"
+
+
+def test_unknown_site_name_lists_the_known_ones(tiny_plan: RunPlan) -> None:
+    with pytest.raises(ConfigError, match=r"unknown site 'hospital_x'.*hospital_a"):
+        resolve_site({"site": "hospital_x"}, tiny_plan)
+
+
+def test_more_nodes_than_sites_says_how_to_fix(tiny_plan: RunPlan) -> None:
+    with pytest.raises(ConfigError, match="num-supernodes=3"):
+        resolve_site({"partition-id": 3}, tiny_plan)
+
+
+def test_train_round_changes_weights_and_reports_cases(tiny_plan: RunPlan) -> None:
+    site = resolve_site({"partition-id": 0}, tiny_plan)
+    weights = new_model(tiny_plan).state_dict()
+    new_weights, result = train_round(site, tiny_plan, weights, server_round=1)
+    assert new_weights.keys() == weights.keys()
+    assert all(new_weights[k].shape == weights[k].shape for k in weights)
+    assert any(not torch.equal(new_weights[k], weights[k]) for k in weights)
+    train_cases = load_manifest(site.manifest).split("train")
+    assert result.num_examples == len(train_cases)
+    assert result.steps >= 1 and result.loss > 0
+
+
+def test_evaluate_round_gives_dice_per_foreground_class(tiny_plan: RunPlan) -> None:
+    site = resolve_site({"partition-id": 2}, tiny_plan)
+    result = evaluate_round(site, tiny_plan, new_model(tiny_plan).state_dict())
+    assert sorted(result.dice_per_class) == [1, 2]
+    assert all(0.0 <= d <= 1.0 for d in result.dice_per_class.values())
+    assert result.num_cases == len(load_manifest(site.manifest).split("val"))
+
+
+def test_label_set_disagreeing_with_config_names_the_site(tiny_plan: RunPlan) -> None:
+    tiny_plan.data.labels = {0: "background", 1: "tumour"}
+    site = resolve_site({"partition-id": 1}, tiny_plan)
+    with pytest.raises(ConfigError, match=r"site hospital_b.*labels"):
+        evaluate_round(site, tiny_plan, new_model(tiny_plan).state_dict())
+
+
+def test_corrupt_training_case_is_named_before_training(
+    tiny_sites: list[Path], tmp_path: Path
+) -> None:
+    site_dir = tmp_path / "hospital_a"
+    shutil.copytree(tiny_sites[0].parent, site_dir)
+    manifest = load_manifest(site_dir / "dataset.json")
+    victim = manifest.split("train")[0].images[0]
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated gzip
+    manifests = [site_dir / "dataset.json", *tiny_sites[1:]]
+    plan = compose("demo", tiny_overrides(manifests, tmp_path))
+    site = resolve_site({"partition-id": 0}, plan)
+    with pytest.raises(ManifestError, match=victim.name):
+        train_round(site, plan, new_model(plan).state_dict(), server_round=1)
