@@ -49,18 +49,36 @@ def wait_for_sites(grid: Grid, expected: int, timeout: float) -> list[int]:
 
 
 def site_rows(
-    replies: Iterable[Message], server_round: int, split: str, labels: dict[int, str]
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Metrics rows (one per replying site) and error descriptions from ``replies``."""
-    rows, errors = [], []
+    replies: Iterable[Message],
+    server_round: int,
+    split: str,
+    labels: dict[int, str],
+    node_sites: dict[int, str],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Metrics rows of the sites that replied, and rows describing failed replies.
+
+    ``node_sites`` maps node ids to site names; it is learnt from every successful
+    reply (a site names itself) and names the site of a later failed reply.
+    """
+    rows, failures = [], []
     for msg in replies:
+        node = msg.metadata.src_node_id
         if msg.has_error():
-            errors.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
+            failures.append(
+                {
+                    "round": server_round,
+                    "site": node_sites.get(node, f"node {node}"),
+                    "split": split,
+                    "error": msg.error.reason,
+                }
+            )
             continue
         metrics = msg.content[RecordKey.METRICS]
+        site = str(msg.content[RecordKey.SITE][SiteKey.NAME])
+        node_sites[node] = site
         row: dict[str, Any] = {
             "round": server_round,
-            "site": str(msg.content[RecordKey.SITE][SiteKey.NAME]),
+            "site": site,
             "split": split,
             "loss": float(metrics[MetricKey.LOSS]),
             "num_examples": int(metrics[MetricKey.NUM_EXAMPLES]),
@@ -74,7 +92,7 @@ def site_rows(
             row["steps"] = int(metrics[MetricKey.STEPS])
             row["train_seconds"] = float(metrics[MetricKey.TRAIN_SECONDS])
         rows.append(row)
-    return sorted(rows, key=lambda r: r["site"]), errors
+    return sorted(rows, key=lambda r: r["site"]), failures
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -116,6 +134,7 @@ def run_federation(grid: Grid, plan: RunPlan, run: RunFolder, run_id: int) -> di
         "best_round": None,
         "best_dice_mean": None,
     }
+    node_sites: dict[int, str] = {}  # learnt from replies: sites name themselves
     meta = {
         "config": plan_to_dict(plan),
         "labels": labels,
@@ -127,10 +146,15 @@ def run_federation(grid: Grid, plan: RunPlan, run: RunFolder, run_id: int) -> di
             strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
             timeout=plan.strategy.round_timeout,
         )
-        rows, errors = site_rows(replies, server_round, "val", labels)
-        for error in errors:
-            logger.warning("round %d evaluate: %s", server_round, error)
-        run.append_metrics(rows)
+        rows, failures = site_rows(replies, server_round, "val", labels, node_sites)
+        for failure in failures:
+            logger.warning(
+                "round %d evaluate failed at %s: %s",
+                server_round,
+                failure["site"],
+                failure["error"],
+            )
+        run.append_metrics(rows + failures)
         if rows:
             logger.info(_round_line(server_round, rows, labels))
         return rows
@@ -144,14 +168,20 @@ def run_federation(grid: Grid, plan: RunPlan, run: RunFolder, run_id: int) -> di
                     timeout=plan.strategy.round_timeout,
                 )
             )
-            rows, errors = site_rows(replies, server_round, "train", labels)
-            for error in errors:
-                logger.warning("round %d train: %s", server_round, error)
-            run.append_metrics(rows)
+            rows, failures = site_rows(replies, server_round, "train", labels, node_sites)
+            for failure in failures:
+                logger.warning(
+                    "round %d training failed at %s: %s",
+                    server_round,
+                    failure["site"],
+                    failure["error"],
+                )
+            run.append_metrics(rows + failures)
             if len(rows) < plan.strategy.min_sites:
+                failed = {f["site"]: f["error"] for f in failures}
                 raise FederationError(
                     f"round {server_round}: only {len(rows)} sites returned an update "
-                    f"(strategy.min_sites={plan.strategy.min_sites}); errors: {errors}"
+                    f"(strategy.min_sites={plan.strategy.min_sites}); failures: {failed}"
                 )
             new_arrays, _ = strategy.aggregate_train(server_round, replies)
             if new_arrays is None:

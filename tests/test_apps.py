@@ -14,6 +14,7 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
+    Error,
     Message,
     MessageType,
     Metadata,
@@ -116,7 +117,10 @@ class LocalGrid(Grid):
                 if msg.metadata.message_type == MessageType.TRAIN
                 else (client_app.evaluate)
             )
-            replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
+            try:
+                replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
+            except Exception as exc:  # as Flower does: the exception becomes an error reply
+                replies.append(Message(Error(code=1, reason=str(exc)), reply_to=msg))
         self.received.extend(replies)
         return replies
 
@@ -195,3 +199,46 @@ def test_server_gives_up_clearly_when_sites_do_not_connect(
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
     with pytest.raises(server_app.FederationError, match="num-supernodes=3"):
         server_app.run_federation(LocalGrid(overrides, num_nodes=2), plan, run, run_id=1)
+
+
+def _corrupt_first_training_case(site_manifest: Path, dest: Path) -> Path:
+    import shutil
+
+    from fl_imaging.data.manifest import load_manifest
+
+    shutil.copytree(site_manifest.parent, dest)
+    victim = load_manifest(dest / "dataset.json").split("train")[0].label
+    victim.write_bytes(b"garbage")
+    return victim
+
+
+def test_a_failing_site_is_recorded_and_the_round_goes_on(
+    tiny_sites: list[Path], tmp_path: Path, task_identity: None
+) -> None:
+    victim = _corrupt_first_training_case(tiny_sites[0], tmp_path / "hospital_a")
+    manifests = [tmp_path / "hospital_a" / "dataset.json", *tiny_sites[1:]]
+    overrides = [*tiny_overrides(manifests, tmp_path), "rounds=1"]
+    plan = compose("demo", overrides)
+    run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
+    summary = server_app.run_federation(LocalGrid(overrides), plan, run, run_id=1)
+
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    failures = [r for r in rows if "error" in r]
+    assert [(r["round"], r["site"], r["split"]) for r in failures] == [(1, "hospital_a", "train")]
+    assert str(victim) in failures[0]["error"]
+    assert summary["rounds_completed"] == 1  # the other two sites carried the round
+
+
+def test_too_few_sites_left_stops_with_the_failing_site_named(
+    tiny_sites: list[Path], tmp_path: Path, task_identity: None
+) -> None:
+    _corrupt_first_training_case(tiny_sites[0], tmp_path / "hospital_a")
+    manifests = [tmp_path / "hospital_a" / "dataset.json", *tiny_sites[1:]]
+    overrides = [*tiny_overrides(manifests, tmp_path), "strategy.min_sites=3"]
+    plan = compose("demo", overrides)
+    run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
+    with pytest.raises(server_app.FederationError, match="hospital_a"):
+        server_app.run_federation(LocalGrid(overrides), plan, run, run_id=1)
+    # what was written before the failure is intact
+    assert json.loads((run.path / "summary.json").read_text())["rounds_completed"] == 0
+    assert (run.path / "checkpoints" / "last.pt").is_file()
