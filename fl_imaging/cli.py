@@ -6,7 +6,9 @@ Examples::
     fl-imaging check-data data/synthetic/hospital_a/dataset.json
     fl-imaging partition --dataset D/dataset.json --metadata D/cases.csv \\
         --by-column pseudo_site --out data_manifests/hippocampus --data-root D
+    fl-imaging check-config experiment=hippocampus strategy=fedprox
     fl-imaging run experiment=demo rounds=3               # flwr run . on a local simulation
+    fl-imaging sweep -m experiment=demo strategy=fedavg,fedprox rounds=3
     fl-imaging report outputs/latest
 """
 
@@ -124,6 +126,28 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if outcome.ok else 1
 
 
+def _check_config(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from fl_imaging.config import compose_dictconfig, to_plan, validate
+    from fl_imaging.site import check_sites
+
+    experiment, overrides = _split_experiment(args.overrides)
+    if not any(o.startswith("paths.root=") for o in overrides):
+        overrides.append(f"paths.root={Path.cwd()}")
+    cfg = compose_dictconfig(experiment, overrides)
+    plan = to_plan(cfg, check=False)
+    print(OmegaConf.to_yaml(cfg, resolve=True))
+    problems = validate(plan) + check_sites(plan)
+    if problems:
+        print(f"{len(problems)} problem(s):")
+        for problem in problems:
+            print(f"  - {problem}")
+        return 1
+    print(f"config OK: experiment {experiment!r}, {len(plan.federation.sites)} sites")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from fl_imaging.reporting import write_report
 
@@ -193,6 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app", type=Path, default=PROJECT_ROOT, help="the app folder")
     p.set_defaults(func=_run)
 
+    p = sub.add_parser(
+        "check-config", help="print the resolved config and every problem in it (and its sites)"
+    )
+    p.add_argument("overrides", nargs="*", help="experiment=NAME and Hydra overrides")
+    p.set_defaults(func=_check_config)
+
+    sub.add_parser(
+        "sweep",
+        help="Hydra multirun: one federated run per job, then sweep_summary.csv "
+        "(e.g. fl-imaging sweep -m experiment=hippocampus strategy=fedavg,fedprox)",
+    )
+
     p = sub.add_parser("report", help="(re)write report.md and dice.png of a run folder")
     p.add_argument("run_dir", type=Path)
     p.set_defaults(func=_report)
@@ -202,10 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fl-imaging`` console script."""
     setup_logging(logging.INFO)
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     from fl_imaging.config import ConfigError
     from fl_imaging.data.manifest import ManifestError
 
+    if argv[:1] == ["sweep"]:  # Hydra parses a sweep's arguments itself (-m, overrides)
+        from fl_imaging.sweep import sweep
+
+        return sweep(argv[1:], PROJECT_ROOT)
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except (ConfigError, ManifestError, FileExistsError, FileNotFoundError, ValueError) as exc:

@@ -59,13 +59,15 @@ def _reply(
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training cases."""
     plan, site = _plan_and_site(context)
-    server_round = int(msg.content[RecordKey.CONFIG].get(ConfigKey.SERVER_ROUND, 0))
+    config = msg.content[RecordKey.CONFIG]
+    server_round = int(config.get(ConfigKey.SERVER_ROUND, 0))
     weights = msg.content[RecordKey.ARRAYS].to_torch_state_dict()
     new_weights, result = train_round(
         site,
         plan,
         weights,
         server_round=server_round,
+        proximal_mu=float(config.get(ConfigKey.PROXIMAL_MU, 0.0)),
         validate_data=_first_time(context, "train"),
     )
     logger.info(

@@ -17,13 +17,16 @@ from typing import Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONF_DIR_ENV = "FL_IMAGING_CONF"
 KNOWN_MODELS = ("unet",)
-KNOWN_STRATEGIES = ("fedavg",)
+KNOWN_STRATEGIES = ("fedavg", "fedprox")
+KNOWN_ACCOUNTANTS = ("rdp", "prv", "gdp")
+KNOWN_GRAD_SAMPLE_MODES = ("functorch", "hooks", "ew")
 KNOWN_NORMS = ("instance", "batch")
 
 
@@ -32,24 +35,65 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class SiteConfig:
-    """One hospital: its name and where its data and state live."""
+class SiteBudget:
+    """A site's own differential-privacy budget for the whole run (DP-SGD at the site)."""
 
-    name: str = "???"
-    manifest: str = "???"
+    # None: the site trains without differential privacy
+    epsilon: float | None = None
+    # None: privacy.delta, else 1 / (10 x the site's training cases)
+    delta: float | None = None
+    # per-sample gradient clipping norm; None: privacy.max_grad_norm
+    max_grad_norm: float | None = None
+
+
+@dataclass
+class SiteConfig:
+    """One hospital: its name, where its data and state live, its own settings."""
+
+    name: str = MISSING
+    manifest: str = MISSING
     # folder the manifest's relative case paths resolve against (None: the manifest's own)
     data_root: str | None = None
     # site-local state (privacy ledger, caches); None: <paths.state>/<name>
     state_dir: str | None = None
+    privacy: SiteBudget = field(default_factory=SiteBudget)
+    # None: train.local_epochs / train.batch_size
+    local_epochs: int | None = None
+    batch_size: int | None = None
+
+
+@dataclass
+class SimulationConfig:
+    """How the local simulation sizes itself (ignored in deployment)."""
+
+    # virtual SuperNodes; None: one per site
+    num_supernodes: int | None = None
+    # resources each virtual site gets from the simulation engine
+    num_cpus_per_site: float = 1.0
+    num_gpus_per_site: float = 0.0
 
 
 @dataclass
 class FederationConfig:
-    """The list of sites taking part."""
+    """The sites taking part."""
 
     sites: list[SiteConfig] = field(default_factory=list)
     # default data_root for every site that sets none
     data_root: str | None = None
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+
+@dataclass
+class PrivacyConfig:
+    """How private sites run DP-SGD (each site's budget lives in its federation entry)."""
+
+    # Opacus accountant: rdp, prv or gdp
+    accountant: str = "rdp"
+    # Opacus grad-sample mode: functorch (fastest measured on CPU), hooks, ew
+    grad_sample_mode: str = "functorch"
+    # defaults for sites whose budget leaves them out
+    delta: float | None = None
+    max_grad_norm: float = 1.0
 
 
 @dataclass
@@ -71,7 +115,8 @@ class DataConfig:
     # input channels, in order; every site's manifest must declare the same number
     modalities: list[str] = field(default_factory=lambda: ["image"])
     # label value -> name, 0 = background; every site's manifest must declare these
-    labels: dict[int, str] = field(default_factory=lambda: {0: "background", 1: "foreground"})
+    # (no default entries: dicts merge key by key, so defaults would leak into every data/ file)
+    labels: dict[int, str] = field(default_factory=dict)
     # target voxel spacing in mm (None: keep each scan's own)
     spacing: list[float] | None = None
     # training patch / padded volume size in voxels
@@ -103,6 +148,8 @@ class StrategyConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_sites: int = 2
+    # FedProx: weight of the proximal term (mu/2)||w - w_global||^2 in each site's loss
+    proximal_mu: float = 0.0
     connect_timeout: float = 120.0
     round_timeout: float = 3600.0
 
@@ -128,6 +175,7 @@ class RunPlan:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     def resolve_path(self, path: str | Path) -> Path:
@@ -160,6 +208,19 @@ class RunPlan:
         return [s.name for s in self.federation.sites]
 
 
+SCHEMA_NAME = "fl_imaging_schema"
+
+
+def register_schema() -> None:
+    """Store :class:`RunPlan` in Hydra's ConfigStore as ``fl_imaging_schema``.
+
+    ``conf/config.yaml`` lists it first in its defaults, so Hydra composes onto the
+    typed schema: a misspelt key fails at composition, and every schema key can be
+    overridden without ``+``.
+    """
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunPlan)
+
+
 def conf_dir() -> Path:
     """The ``conf/`` folder: ``$FL_IMAGING_CONF`` or the one beside the package.
 
@@ -188,13 +249,15 @@ def split_overrides(overrides: str | list[str] | tuple[str, ...] | None) -> list
 def _compose_cached(experiment: str, overrides: tuple[str, ...], conf: str) -> DictConfig:
     # Hydra keeps global state; the context manager clears it again, so repeated
     # calls in long-lived simulation workers are safe. Cached: a compose costs ~0.1 s.
+    register_schema()
     args = list(overrides)
     if experiment:
         args = [f"experiment={experiment}", *args]
     try:
         with initialize_config_dir(config_dir=conf, version_base="1.3"):
             return hydra_compose(config_name="config", overrides=args)
-    except (HydraException, OmegaConfBaseException) as exc:
+    except (HydraException, OmegaConfBaseException, AttributeError) as exc:
+        # OmegaConf reports some bad merges as AttributeError
         raise ConfigError(f"cannot compose config (experiment={experiment!r}): {exc}") from exc
 
 
@@ -206,8 +269,8 @@ def compose_dictconfig(
     return cfg.copy()
 
 
-def to_plan(cfg: DictConfig) -> RunPlan:
-    """Merge a composed config into the typed schema and validate it.
+def to_plan(cfg: DictConfig, *, check: bool = True) -> RunPlan:
+    """Merge a composed config into the typed schema and (with ``check``) validate it.
 
     Raises:
         ConfigError: unknown or mistyped keys, or values that cannot work; the
@@ -220,7 +283,7 @@ def to_plan(cfg: DictConfig) -> RunPlan:
         raise ConfigError(f"invalid configuration: {exc}") from exc
     if not isinstance(plan, RunPlan):  # pragma: no cover - OmegaConf contract
         raise ConfigError("configuration did not produce a RunPlan")
-    problems = validate(plan)
+    problems = validate(plan) if check else []
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return plan
@@ -296,6 +359,7 @@ def validate(plan: RunPlan) -> list[str]:
         problems.append(f"train.lr must be > 0, got {plan.train.lr}")
     if plan.train.threads < 0:
         problems.append(f"train.threads must be >= 0, got {plan.train.threads}")
+    problems += _site_problems(plan)
     if plan.strategy.name not in KNOWN_STRATEGIES:
         problems.append(
             f"strategy.name {plan.strategy.name!r} is unknown; choose one of {KNOWN_STRATEGIES}"
@@ -309,6 +373,64 @@ def validate(plan: RunPlan) -> list[str]:
             f"strategy.min_sites must be between 1 and the number of sites ({len(sites)}), "
             f"got {plan.strategy.min_sites}"
         )
+    if plan.strategy.name == "fedprox" and plan.strategy.proximal_mu <= 0:
+        problems.append(
+            f"strategy.proximal_mu must be > 0 for fedprox, got {plan.strategy.proximal_mu}"
+        )
+    if plan.strategy.proximal_mu < 0:
+        problems.append(f"strategy.proximal_mu must be >= 0, got {plan.strategy.proximal_mu}")
+    if plan.privacy.accountant not in KNOWN_ACCOUNTANTS:
+        problems.append(
+            f"privacy.accountant {plan.privacy.accountant!r} is unknown; "
+            f"choose one of {KNOWN_ACCOUNTANTS}"
+        )
+    if plan.privacy.grad_sample_mode not in KNOWN_GRAD_SAMPLE_MODES:
+        problems.append(
+            f"privacy.grad_sample_mode {plan.privacy.grad_sample_mode!r} is unknown; "
+            f"choose one of {KNOWN_GRAD_SAMPLE_MODES}"
+        )
+    if plan.privacy.max_grad_norm <= 0:
+        problems.append(f"privacy.max_grad_norm must be > 0, got {plan.privacy.max_grad_norm}")
+    if plan.privacy.delta is not None and not 0 < plan.privacy.delta < 1:
+        problems.append(f"privacy.delta must be in (0, 1), got {plan.privacy.delta}")
+    return problems
+
+
+def _site_problems(plan: RunPlan) -> list[str]:
+    problems: list[str] = []
+    sites = plan.federation.sites
+    sim = plan.federation.simulation
+    if sim.num_supernodes is not None and sim.num_supernodes < len(sites):
+        problems.append(
+            f"federation.simulation.num_supernodes={sim.num_supernodes} but federation.sites "
+            f"lists {len(sites)} sites: every site needs its own simulated node"
+        )
+    if sim.num_cpus_per_site <= 0 or sim.num_gpus_per_site < 0:
+        problems.append(
+            "federation.simulation: num_cpus_per_site must be > 0 and num_gpus_per_site >= 0"
+        )
+    for site in sites:
+        key = f"federation.sites[{site.name}]"
+        if not site.name or not all(c.isalnum() or c in "_-." for c in site.name):
+            problems.append(
+                f"{key}.name must be non-empty letters, digits, '_', '-' or '.' "
+                f"(it names folders), got {site.name!r}"
+            )
+        if not site.manifest:
+            problems.append(f"{key}.manifest is empty: give the site's manifest file")
+        for name in ("local_epochs", "batch_size"):
+            value = getattr(site, name)
+            if value is not None and value < 1:
+                problems.append(f"{key}.{name} must be >= 1, got {value}")
+        budget = site.privacy
+        if budget.epsilon is None:
+            continue
+        if budget.epsilon <= 0:
+            problems.append(f"{key}.privacy.epsilon must be > 0, got {budget.epsilon}")
+        if budget.delta is not None and not 0 < budget.delta < 1:
+            problems.append(f"{key}.privacy.delta must be in (0, 1), got {budget.delta}")
+        if budget.max_grad_norm is not None and budget.max_grad_norm <= 0:
+            problems.append(f"{key}.privacy.max_grad_norm must be > 0, got {budget.max_grad_norm}")
     return problems
 
 

@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fl_imaging.config import compose, split_overrides
+from fl_imaging.config import ConfigError, RunPlan, compose, split_overrides
+from fl_imaging.site import check_sites
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +173,7 @@ def run_simulation(
     project_root: Path,
     extra_flwr_args: Sequence[str] = (),
     stop_superlink: bool = True,
+    plan: RunPlan | None = None,
 ) -> RunOutcome:
     """Launch ``flwr run`` for ``experiment`` on a local simulation; wait; check the outcome.
 
@@ -181,6 +183,8 @@ def run_simulation(
         project_root: the app folder (holds ``pyproject.toml`` and ``conf/``); relative
             paths of the config resolve against it unless ``paths.root`` is overridden.
         extra_flwr_args: more arguments for ``flwr run``.
+        plan: the plan ``experiment`` + ``overrides`` compose to, when the caller has
+            composed it already (a Hydra sweep job cannot compose a second time).
         stop_superlink: stop the SuperLink afterwards if this call started it (a
             SuperLink that was already running is left alone).
 
@@ -192,7 +196,17 @@ def run_simulation(
     items = split_overrides(overrides)
     if not any(o.startswith("paths.root=") for o in items):
         items.append(f"paths.root={project_root}")
-    plan = compose(experiment, items)  # fail fast, before any process starts
+    if plan is None:
+        plan = compose(experiment, items)  # fail fast, before any process starts
+    problems = check_sites(plan)
+    if problems:
+        raise ConfigError("the configured sites are not usable:\n  - " + "\n  - ".join(problems))
+    sim = plan.federation.simulation
+    federation_config = (
+        f"num-supernodes={sim.num_supernodes or len(plan.federation.sites)} "
+        f"client-resources-num-cpus={sim.num_cpus_per_site:g} "
+        f"client-resources-num-gpus={sim.num_gpus_per_site:g}"
+    )
     env = flwr_env(project_root)
     flwr_home = Path(env["FLWR_HOME"])
     foreign = [p for p in any_local_superlink() if p not in local_superlink_pids(flwr_home)]
@@ -212,7 +226,7 @@ def run_simulation(
         "--run-config",
         run_config,
         "--federation-config",
-        f"num-supernodes={len(plan.federation.sites)}",
+        federation_config,
         *extra_flwr_args,
     ]
     logger.info("$ %s", shlex.join(cmd))

@@ -38,6 +38,7 @@ class ConfigKey(StrEnum):
     """Keys of the per-round ``ConfigRecord`` the server sends."""
 
     SERVER_ROUND = "server-round"  # injected by Flower's strategies
+    PROXIMAL_MU = "proximal-mu"  # sent by Flower's FedProx
 
 
 class SiteKey(StrEnum):

@@ -3,7 +3,7 @@
 The round loop is Flower's ``Strategy.start`` loop with two additions a
 segmentation study needs: the initial model is evaluated on every site (round 0),
 and every reply is recorded per site (Flower's strategies only keep aggregates).
-Sampling and aggregation are Flower's ``FedAvg``.
+Sampling and aggregation are Flower's strategies (``fl_imaging.strategies``).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from fl_imaging.config import RunPlan, compose, plan_to_dict, plan_to_yaml
 from fl_imaging.logs import setup_logging
 from fl_imaging.protocol import MetricKey, RecordKey, RunConfigKey, SiteKey
 from fl_imaging.reporting import RunFolder, write_report
 from fl_imaging.site import new_model
+from fl_imaging.strategies import build_strategy
 
 app = ServerApp()
 logger = logging.getLogger("fl_imaging.server")
@@ -115,13 +115,7 @@ def run_federation(grid: Grid, plan: RunPlan, run: RunFolder, run_id: int) -> di
     num_sites = len(plan.federation.sites)
     started = time.monotonic()
     wait_for_sites(grid, num_sites, plan.strategy.connect_timeout)
-    strategy = FedAvg(
-        fraction_train=plan.strategy.fraction_train,
-        fraction_evaluate=plan.strategy.fraction_evaluate,
-        min_train_nodes=plan.strategy.min_sites,
-        min_evaluate_nodes=plan.strategy.min_sites,
-        min_available_nodes=num_sites,
-    )
+    strategy = build_strategy(plan)
     arrays = ArrayRecord(new_model(plan).state_dict())
     summary: dict[str, Any] = {
         "name": plan.name,

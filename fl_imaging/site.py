@@ -15,9 +15,16 @@ from typing import Any
 
 import torch
 
-from fl_imaging.config import ConfigError, RunPlan
+from fl_imaging.config import ConfigError, RunPlan, SiteConfig
 from fl_imaging.data.loading import eval_loader, train_loader
-from fl_imaging.data.manifest import TRAIN, VAL, Manifest, load_manifest, require_valid
+from fl_imaging.data.manifest import (
+    TRAIN,
+    VAL,
+    Manifest,
+    ManifestError,
+    load_manifest,
+    require_valid,
+)
 from fl_imaging.models import build_model
 from fl_imaging.protocol import NodeConfigKey
 from fl_imaging.training import EvalResult, TrainResult, evaluate, train_local
@@ -34,6 +41,7 @@ class Site:
     manifest: Path
     data_root: Path | None
     state_dir: Path
+    config: SiteConfig
 
 
 def resolve_site(node_config: Mapping[str, Any], plan: RunPlan) -> Site:
@@ -71,7 +79,39 @@ def resolve_site(node_config: Mapping[str, Any], plan: RunPlan) -> Site:
         manifest=plan.resolve_path(cfg.manifest),
         data_root=plan.resolve_path(str(data_root)) if data_root else plan.site_data_root(cfg),
         state_dir=plan.resolve_path(str(state_dir)) if state_dir else plan.site_state_dir(cfg),
+        config=cfg,
     )
+
+
+def configured_sites(plan: RunPlan) -> list[Site]:
+    """Every configured site, resolved with its configured paths (no node overrides)."""
+    return [resolve_site({NodeConfigKey.SITE: s.name}, plan) for s in plan.federation.sites]
+
+
+def check_sites(plan: RunPlan) -> list[str]:
+    """Problems of the configured sites' manifests (structure only; no image is read).
+
+    Checks that each manifest exists and parses, agrees with ``data.modalities`` and
+    ``data.labels``, has training and validation cases, and that a private site's
+    ``delta`` is below 1 / its number of training cases.
+    """
+    problems = []
+    for site in configured_sites(plan):
+        key = f"federation.sites[{site.name}]"
+        try:
+            manifest = load_site_manifest(site, plan)
+        except (ManifestError, ConfigError) as exc:
+            problems.append(f"{key}.manifest: {exc}")
+            continue
+        budget = site.config.privacy
+        delta = budget.delta if budget.delta is not None else plan.privacy.delta
+        num_train = len(manifest.split(TRAIN))
+        if budget.epsilon is not None and delta is not None and delta >= 1 / num_train:
+            problems.append(
+                f"{key}.privacy.delta={delta:g} must be below 1/{num_train} (1 / the site's "
+                f"training cases), or a single patient's record could leak"
+            )
+    return problems
 
 
 def load_site_manifest(site: Site, plan: RunPlan) -> Manifest:
@@ -124,6 +164,7 @@ def train_round(
     weights: Mapping[str, torch.Tensor],
     *,
     server_round: int,
+    proximal_mu: float = 0.0,
     validate_data: bool = True,
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """Train the global ``weights`` on the site's training cases; return new weights.
@@ -133,9 +174,17 @@ def train_round(
         plan: the run plan (model, data and training settings).
         weights: global model state dict.
         server_round: round number (seeds this round's augmentation and shuffling).
+        proximal_mu: FedProx proximal-term weight sent by the server (0: plain FedAvg).
         validate_data: read every training case once and check it first (errors
             name the case and file).
     """
+    if site.config.privacy.epsilon is not None:
+        # Never train a site that asked for a privacy budget without the noise it expects.
+        raise ConfigError(
+            f"site {site.name}: federation.sites[{site.name}].privacy.epsilon is set, but "
+            f"DP-SGD training is not available in this version; remove the budget to train "
+            f"this site without differential privacy"
+        )
     _set_threads(plan)
     manifest = load_site_manifest(site, plan)
     cases = manifest.split(TRAIN)
@@ -144,13 +193,15 @@ def train_round(
     model = new_model(plan)
     model.load_state_dict(weights)
     seed = plan.seed * 1_000_003 + server_round * 1009 + site.index
-    loader = train_loader(cases, plan.data, batch_size=plan.train.batch_size, seed=seed)
+    batch_size = site.config.batch_size or plan.train.batch_size
+    loader = train_loader(cases, plan.data, batch_size=batch_size, seed=seed)
     result = train_local(
         model,
         loader,
-        epochs=plan.train.local_epochs,
+        epochs=site.config.local_epochs or plan.train.local_epochs,
         lr=plan.train.lr,
         weight_decay=plan.train.weight_decay,
+        proximal_mu=proximal_mu,
         log_prefix=f"[{site.name} r{server_round}] ",
     )
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, result

@@ -63,15 +63,20 @@ def train_local(
     epochs: int,
     lr: float,
     weight_decay: float = 0.0,
+    proximal_mu: float = 0.0,
     log_prefix: str = "",
 ) -> TrainResult:
     """Train ``model`` in place on ``loader`` for ``epochs`` epochs with Adam.
 
     The optimiser is created afresh each round: its moments describe the previous
-    global model, not the one just received.
+    global model, not the one just received. With ``proximal_mu > 0`` (FedProx) the
+    loss gains ``mu/2 * ||w - w_start||^2``, ``w_start`` being the received weights.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if proximal_mu < 0:
+        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     loss_fn = segmentation_loss()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
@@ -82,6 +87,11 @@ def train_local(
         for batch in loader:
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(batch["image"]), batch["label"])
+            if anchor:
+                drift = sum(
+                    (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+                )
+                loss = loss + 0.5 * proximal_mu * drift
             loss.backward()
             optimizer.step()
             epoch_loss += float(loss.detach())

@@ -76,3 +76,42 @@ def test_relative_paths_resolve_against_root(tmp_path: Path) -> None:
 def test_hippocampus_data_root_is_a_setting(tmp_path: Path) -> None:
     plan = compose("hippocampus", f"federation.data_root={tmp_path}")
     assert plan.site_data_root(plan.federation.sites[0]) == tmp_path
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "federation.sites.0.privacy.epsilon=0",
+            r"federation\.sites\[hospital_a\]\.privacy\.epsilon",
+        ),
+        (
+            "federation.sites.2.privacy.epsilon=-3",
+            r"federation\.sites\[hospital_c\]\.privacy\.epsilon",
+        ),
+        (
+            "federation.sites.1.privacy.epsilon=1 federation.sites.1.privacy.delta=1.5",
+            r"federation\.sites\[hospital_b\]\.privacy\.delta",
+        ),
+        ("federation.simulation.num_supernodes=2", r"num_supernodes=2 .* 3 sites"),
+        ("federation.sites.0.local_epochs=0", r"federation\.sites\[hospital_a\]\.local_epochs"),
+        ("privacy.accountant=moments", r"privacy\.accountant"),
+        ("strategy=fedprox strategy.proximal_mu=0", r"strategy\.proximal_mu"),
+    ],
+)
+def test_site_and_privacy_problems_name_the_key_and_site(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        compose("demo", override)
+
+
+def test_private_experiments_give_each_site_its_own_budget() -> None:
+    plan = compose("hippocampus_private")
+    assert [s.privacy.epsilon for s in plan.federation.sites] == [8.0, 8.0, 1.0]
+    assert all(s.privacy.delta == 1e-5 for s in plan.federation.sites)
+    assert compose("hippocampus").federation.sites[0].privacy.epsilon is None
+
+
+def test_flwr_run_config_example_composes_fedprox() -> None:
+    # flwr run . --run-config "experiment='hippocampus' overrides='strategy=fedprox'"
+    plan = compose("hippocampus", "strategy=fedprox")
+    assert plan.strategy.name == "fedprox" and plan.strategy.proximal_mu > 0

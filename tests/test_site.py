@@ -79,3 +79,29 @@ def test_corrupt_training_case_is_named_before_training(
     site = resolve_site({"partition-id": 0}, plan)
     with pytest.raises(ManifestError, match=victim.name):
         train_round(site, plan, new_model(plan).state_dict(), server_round=1)
+
+
+def test_per_site_local_epochs_and_batch_size(tiny_plan: RunPlan) -> None:
+    tiny_plan.federation.sites[0].local_epochs = 2
+    tiny_plan.federation.sites[0].batch_size = 1
+    site = resolve_site({"partition-id": 0}, tiny_plan)
+    _, result = train_round(site, tiny_plan, new_model(tiny_plan).state_dict(), server_round=1)
+    assert result.steps == 2 * result.num_examples  # 2 epochs of single-case batches
+
+
+def test_fedprox_term_keeps_weights_closer_to_the_global_model(tiny_plan: RunPlan) -> None:
+    site = resolve_site({"partition-id": 2}, tiny_plan)
+    start = new_model(tiny_plan).state_dict()
+
+    def drift(mu: float) -> float:
+        weights, _ = train_round(site, tiny_plan, start, server_round=1, proximal_mu=mu)
+        return sum(float((weights[k].float() - start[k].float()).pow(2).sum()) for k in start)
+
+    assert drift(100.0) < drift(0.0)
+
+
+def test_a_site_with_a_privacy_budget_never_trains_without_dp(tiny_plan: RunPlan) -> None:
+    tiny_plan.federation.sites[1].privacy.epsilon = 8.0
+    site = resolve_site({"partition-id": 1}, tiny_plan)
+    with pytest.raises(ConfigError, match=r"site hospital_b.*privacy\.epsilon"):
+        train_round(site, tiny_plan, new_model(tiny_plan).state_dict(), server_round=1)
