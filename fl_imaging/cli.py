@@ -148,6 +148,16 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_superlink(args: argparse.Namespace) -> int:
+    from fl_imaging.launch import flwr_env, local_superlink_pids, stop_processes
+
+    home = Path(flwr_env(args.app)["FLWR_HOME"])
+    pids = local_superlink_pids(home)
+    stop_processes(pids)
+    print(f"stopped {len(pids)} process(es) of the local SuperLink of {home}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from fl_imaging.reporting import write_report
 
@@ -228,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hydra multirun: one federated run per job, then sweep_summary.csv "
         "(e.g. fl-imaging sweep -m experiment=hippocampus strategy=fedavg,fedprox)",
     )
+
+    p = sub.add_parser(
+        "stop-superlink", help="stop the local SuperLink that a plain `flwr run .` left running"
+    )
+    p.add_argument("--app", type=Path, default=PROJECT_ROOT, help="the app folder")
+    p.set_defaults(func=_stop_superlink)
 
     p = sub.add_parser("report", help="(re)write report.md and dice.png of a run folder")
     p.add_argument("run_dir", type=Path)

@@ -105,3 +105,32 @@ def test_a_site_with_a_privacy_budget_never_trains_without_dp(tiny_plan: RunPlan
     site = resolve_site({"partition-id": 1}, tiny_plan)
     with pytest.raises(ConfigError, match=r"site hospital_b.*privacy\.epsilon"):
         train_round(site, tiny_plan, new_model(tiny_plan).state_dict(), server_round=1)
+
+
+@pytest.mark.parametrize("layout", ["4d", "files"])
+def test_multimodal_sites_train_and_evaluate(layout: str, tmp_path: Path) -> None:
+    from fl_imaging.data.synthetic import generate_federation
+
+    manifests = generate_federation(
+        tmp_path / "mm",
+        num_sites=3,
+        total_cases=12,
+        fov_mm=32.0,
+        modalities=("T1c", "FLAIR"),
+        modality_layout=layout,
+        seed=1,
+    )
+    plan = compose("demo", [*tiny_overrides(manifests, tmp_path), "data.modalities=[T1c,FLAIR]"])
+    site = resolve_site({"partition-id": 0}, plan)
+    weights, result = train_round(site, plan, new_model(plan).state_dict(), server_round=1)
+    first_conv = next(w for k, w in weights.items() if k.endswith("weight") and w.ndim == 5)
+    assert first_conv.shape[1] == 2  # two input channels
+    assert result.num_examples > 0
+    assert sorted(evaluate_round(site, plan, weights).dice_per_class) == [1, 2]
+
+
+def test_modality_count_disagreeing_with_config_names_the_site(tiny_plan: RunPlan) -> None:
+    tiny_plan.data.modalities = ["T1c", "FLAIR"]
+    site = resolve_site({"partition-id": 0}, tiny_plan)
+    with pytest.raises(ConfigError, match=r"site hospital_a.*1 modalities"):
+        evaluate_round(site, tiny_plan, new_model(tiny_plan).state_dict())
