@@ -7,6 +7,7 @@ the site's name: never voxel or label data.
 from __future__ import annotations
 
 import logging
+import math
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -62,30 +63,39 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content[RecordKey.CONFIG]
     server_round = int(config.get(ConfigKey.SERVER_ROUND, 0))
     weights = msg.content[RecordKey.ARRAYS].to_torch_state_dict()
-    new_weights, result = train_round(
+    outcome = train_round(
         site,
         plan,
         weights,
         server_round=server_round,
+        run_id=str(context.run_id),
         proximal_mu=float(config.get(ConfigKey.PROXIMAL_MU, 0.0)),
         validate_data=_first_time(context, "train"),
     )
+    privacy = outcome.privacy
+    metrics: dict[str, float | int] = {
+        MetricKey.EPSILON_SPENT: privacy.epsilon_spent if privacy else math.inf,
+        MetricKey.EPSILON_BUDGET: privacy.epsilon_budget if privacy else math.inf,
+    }
+    if outcome.result is None or outcome.weights is None:
+        # budget exhausted: the site says so and sends no update (keys match a normal reply)
+        metrics.update({MetricKey.NUM_EXAMPLES: 0, MetricKey.LOSS: math.nan, MetricKey.STEPS: 0,
+                        MetricKey.TRAIN_SECONDS: 0.0, MetricKey.TRAINED: 0})  # fmt: skip
+        return _reply(msg, site, metrics, None)
+    result = outcome.result
     logger.info(
-        "[%s r%d] trained %d cases, %d steps, loss %.4f, %.1f s",
-        site.name,
-        server_round,
-        result.num_examples,
-        result.steps,
-        result.loss,
-        result.seconds,
-    )
-    metrics = {
+        "[%s r%d] trained %d cases, %d steps, loss %.4f, %.1f s%s",
+        site.name, server_round, result.num_examples, result.steps, result.loss, result.seconds,
+        f", epsilon {privacy.epsilon_spent:.3f} of {privacy.epsilon_budget:g}" if privacy else "",
+    )  # fmt: skip
+    metrics.update({
         MetricKey.NUM_EXAMPLES: result.num_examples,
         MetricKey.LOSS: result.loss,
         MetricKey.STEPS: result.steps,
         MetricKey.TRAIN_SECONDS: result.seconds,
-    }
-    return _reply(msg, site, metrics, ArrayRecord(new_weights))
+        MetricKey.TRAINED: 1,
+    })  # fmt: skip
+    return _reply(msg, site, metrics, ArrayRecord(outcome.weights))
 
 
 @app.evaluate()

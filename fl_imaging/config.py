@@ -379,6 +379,18 @@ def validate(plan: RunPlan) -> list[str]:
         )
     if plan.strategy.proximal_mu < 0:
         problems.append(f"strategy.proximal_mu must be >= 0, got {plan.strategy.proximal_mu}")
+    private = [s.name for s in plan.federation.sites if s.privacy.epsilon is not None]
+    if private and plan.strategy.proximal_mu > 0:
+        problems.append(
+            f"strategy.proximal_mu={plan.strategy.proximal_mu} with private sites {private}: "
+            f"DP-SGD clips per-sample gradients, which cannot include FedProx's proximal "
+            f"term; use strategy=fedavg for private sites"
+        )
+    if private and plan.model.norm == "batch":
+        problems.append(
+            f"model.norm=batch with private sites {private}: batch statistics mix patients, "
+            f"which DP-SGD forbids; use model.norm=instance"
+        )
     if plan.privacy.accountant not in KNOWN_ACCOUNTANTS:
         problems.append(
             f"privacy.accountant {plan.privacy.accountant!r} is unknown; "

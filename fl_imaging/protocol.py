@@ -55,6 +55,11 @@ class MetricKey(StrEnum):
     DICE_MEAN = "dice-mean"
     TRAIN_SECONDS = "train-seconds"
     STEPS = "steps"
+    # 1: the site trained and sent an update; 0: it did not (privacy budget exhausted)
+    TRAINED = "trained"
+    # cumulative DP epsilon of the site (inf: the site trains without DP)
+    EPSILON_SPENT = "epsilon-spent"
+    EPSILON_BUDGET = "epsilon-budget"
 
     @staticmethod
     def dice_of(label: int) -> str:

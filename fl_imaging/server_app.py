@@ -91,6 +91,12 @@ def site_rows(
         if MetricKey.TRAIN_SECONDS in metrics:
             row["steps"] = int(metrics[MetricKey.STEPS])
             row["train_seconds"] = float(metrics[MetricKey.TRAIN_SECONDS])
+        if MetricKey.EPSILON_SPENT in metrics:
+            # non-private sites report inf (no DP guarantee); recorded as null
+            row["epsilon_spent"] = float(metrics[MetricKey.EPSILON_SPENT])
+            row["epsilon_budget"] = float(metrics[MetricKey.EPSILON_BUDGET])
+        if MetricKey.TRAINED in metrics and not int(metrics[MetricKey.TRAINED]):
+            row["status"] = "budget_exhausted"
         rows.append(row)
     return sorted(rows, key=lambda r: r["site"]), failures
 
@@ -127,6 +133,9 @@ def run_federation(grid: Grid, plan: RunPlan, run: RunFolder, run_id: int) -> di
         "dice_mean_per_round": {},
         "best_round": None,
         "best_dice_mean": None,
+        # private sites only: cumulative epsilon reported after each round
+        "epsilon_spent_per_site": {},
+        "epsilon_budget_per_site": {},
     }
     node_sites: dict[int, str] = {}  # learnt from replies: sites name themselves
     meta = {
@@ -171,13 +180,29 @@ def run_federation(grid: Grid, plan: RunPlan, run: RunFolder, run_id: int) -> di
                     failure["error"],
                 )
             run.append_metrics(rows + failures)
-            if len(rows) < plan.strategy.min_sites:
+            for row in rows:
+                if "epsilon_spent" in row and math.isfinite(row["epsilon_spent"]):
+                    summary["epsilon_spent_per_site"][row["site"]] = row["epsilon_spent"]
+                    summary["epsilon_budget_per_site"][row["site"]] = row["epsilon_budget"]
+            exhausted = [r for r in rows if r.get("status") == "budget_exhausted"]
+            for row in exhausted:
+                logger.warning(
+                    "site %s: privacy budget exhausted (spent %.2f of %g); it sent no update",
+                    row["site"], row["epsilon_spent"], row["epsilon_budget"],
+                )  # fmt: skip
+            updated = len(rows) - len(exhausted)
+            if updated < plan.strategy.min_sites:
                 failed = {f["site"]: f["error"] for f in failures}
+                failed.update({r["site"]: "privacy budget exhausted" for r in exhausted})
                 raise FederationError(
-                    f"round {server_round}: only {len(rows)} sites returned an update "
-                    f"(strategy.min_sites={plan.strategy.min_sites}); failures: {failed}"
+                    f"round {server_round}: only {updated} sites returned an update "
+                    f"(strategy.min_sites={plan.strategy.min_sites}); others: {failed}"
                 )
-            new_arrays, _ = strategy.aggregate_train(server_round, replies)
+            # only real updates are aggregated (a site out of budget sends none)
+            new_arrays, _ = strategy.aggregate_train(
+                server_round,
+                [m for m in replies if not m.has_error() and RecordKey.ARRAYS in m.content],
+            )
             if new_arrays is None:
                 raise FederationError(f"round {server_round}: aggregation produced no model")
             arrays = new_arrays

@@ -8,15 +8,17 @@ label data.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader as TorchDataLoader
 
 from fl_imaging.config import ConfigError, RunPlan, SiteConfig
-from fl_imaging.data.loading import eval_loader, train_loader
+from fl_imaging.data.loading import eval_loader, private_train_loader, train_loader
 from fl_imaging.data.manifest import (
     TRAIN,
     VAL,
@@ -26,6 +28,9 @@ from fl_imaging.data.manifest import (
     require_valid,
 )
 from fl_imaging.models import build_model
+from fl_imaging.privacy.accounting import noise_for_budget
+from fl_imaging.privacy.dp_sgd import train_private
+from fl_imaging.privacy.ledger import NoisePlan, open_ledger, save_ledger
 from fl_imaging.protocol import NodeConfigKey
 from fl_imaging.training import EvalResult, TrainResult, evaluate, train_local
 
@@ -158,33 +163,61 @@ def _set_threads(plan: RunPlan) -> None:
         torch.set_num_threads(plan.train.threads)
 
 
+@dataclass(frozen=True)
+class PrivacyReport:
+    """A private site's spending after a round (what it may tell the server)."""
+
+    epsilon_spent: float  # cumulative over every round and run of this site
+    epsilon_budget: float
+    delta: float
+    noise_multiplier: float
+    exhausted: bool  # True: the round would have exceeded the budget, so the site did not train
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What a site's round produced; ``weights`` and ``result`` are None if it did not train."""
+
+    weights: dict[str, torch.Tensor] | None
+    result: TrainResult | None
+    privacy: PrivacyReport | None
+
+
+def site_delta(site: Site, plan: RunPlan, num_train: int) -> float:
+    """The site's delta: its own, else ``privacy.delta``, else 1 / (10 x training cases)."""
+    budget = site.config.privacy
+    if budget.delta is not None:
+        return budget.delta
+    if plan.privacy.delta is not None:
+        return plan.privacy.delta
+    return 1.0 / (10 * num_train)
+
+
 def train_round(
     site: Site,
     plan: RunPlan,
     weights: Mapping[str, torch.Tensor],
     *,
     server_round: int,
+    run_id: str = "",
     proximal_mu: float = 0.0,
     validate_data: bool = True,
-) -> tuple[dict[str, torch.Tensor], TrainResult]:
-    """Train the global ``weights`` on the site's training cases; return new weights.
+) -> RoundOutcome:
+    """Train the global ``weights`` on the site's training cases.
+
+    A site with a privacy budget trains with DP-SGD (:func:`_train_private`); it
+    does not train at all when the round would take it past its budget.
 
     Args:
         site: the resolved site.
-        plan: the run plan (model, data and training settings).
+        plan: the run plan (model, data, training and privacy settings).
         weights: global model state dict.
         server_round: round number (seeds this round's augmentation and shuffling).
+        run_id: the federated run's id (a private site plans its noise once per run).
         proximal_mu: FedProx proximal-term weight sent by the server (0: plain FedAvg).
         validate_data: read every training case once and check it first (errors
             name the case and file).
     """
-    if site.config.privacy.epsilon is not None:
-        # Never train a site that asked for a privacy budget without the noise it expects.
-        raise ConfigError(
-            f"site {site.name}: federation.sites[{site.name}].privacy.epsilon is set, but "
-            f"DP-SGD training is not available in this version; remove the budget to train "
-            f"this site without differential privacy"
-        )
     _set_threads(plan)
     manifest = load_site_manifest(site, plan)
     cases = manifest.split(TRAIN)
@@ -194,17 +227,96 @@ def train_round(
     model.load_state_dict(weights)
     seed = plan.seed * 1_000_003 + server_round * 1009 + site.index
     batch_size = site.config.batch_size or plan.train.batch_size
+    epochs = site.config.local_epochs or plan.train.local_epochs
+    prefix = f"[{site.name} r{server_round}] "
+    if site.config.privacy.epsilon is not None:
+        loader = private_train_loader(cases, plan.data, batch_size=batch_size, seed=seed)
+        return _train_private(site, plan, model, loader, epochs, server_round, run_id, prefix)
     loader = train_loader(cases, plan.data, batch_size=batch_size, seed=seed)
     result = train_local(
         model,
         loader,
-        epochs=site.config.local_epochs or plan.train.local_epochs,
+        epochs=epochs,
         lr=plan.train.lr,
         weight_decay=plan.train.weight_decay,
         proximal_mu=proximal_mu,
-        log_prefix=f"[{site.name} r{server_round}] ",
+        log_prefix=prefix,
     )
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, result
+    new_weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return RoundOutcome(new_weights, result, None)
+
+
+def _train_private(
+    site: Site,
+    plan: RunPlan,
+    model: torch.nn.Module,
+    loader: TorchDataLoader,
+    epochs: int,
+    server_round: int,
+    run_id: str,
+    prefix: str,
+) -> RoundOutcome:
+    """DP-SGD round: plan the run's noise once, refuse if over budget, train, record."""
+    budget = site.config.privacy
+    epsilon = float(budget.epsilon)  # type: ignore[arg-type]
+    delta = site_delta(site, plan, len(loader.dataset))
+    max_grad_norm = budget.max_grad_norm or plan.privacy.max_grad_norm
+    accountant = plan.privacy.accountant
+    ledger = open_ledger(
+        site.state_dir, site=site.name, epsilon=epsilon, delta=delta, accountant=accountant
+    )
+    sample_rate = 1.0 / len(loader)  # what Opacus' Poisson sampler will use
+    steps = epochs * len(loader)
+
+    def exhausted(sigma: float) -> RoundOutcome:
+        spent = ledger.epsilon_spent
+        logger.warning(
+            "%sprivacy budget exhausted (spent %.2f of %g): not training", prefix, spent, epsilon
+        )
+        return RoundOutcome(None, None, PrivacyReport(spent, epsilon, delta, sigma, True))
+
+    plan_stale = (
+        ledger.plan is None
+        or ledger.plan.run_id != run_id
+        or ledger.plan.sample_rate != sample_rate
+        or ledger.plan.steps_per_round != steps
+    )
+    if plan_stale:
+        rounds_left = max(plan.rounds - server_round + 1, 1)
+        try:
+            sigma = noise_for_budget(
+                history=ledger.history, epsilon=epsilon, delta=delta, sample_rate=sample_rate,
+                steps=steps * rounds_left, accountant=accountant,
+            )  # fmt: skip
+        except ValueError:
+            return exhausted(float("nan"))
+        ledger.plan = NoisePlan(run_id, sigma, sample_rate, steps, server_round, rounds_left)
+        save_ledger(site.state_dir, ledger)
+        logger.info(
+            "%splanned DP-SGD: noise %.3f, q %.4f, %d steps/round over %d rounds for "
+            "epsilon %g (delta %g), %.3f already spent",
+            prefix, sigma, sample_rate, steps, rounds_left, epsilon, delta, ledger.epsilon_spent,
+        )  # fmt: skip
+    sigma = ledger.plan.noise_multiplier  # type: ignore[union-attr]
+    if ledger.epsilon_after(sigma, sample_rate, steps) > epsilon:
+        return exhausted(sigma)
+    weights, result, history = train_private(
+        model, loader, noise_multiplier=sigma, max_grad_norm=max_grad_norm, epochs=epochs,
+        lr=plan.train.lr, weight_decay=plan.train.weight_decay, accountant=accountant,
+        history=ledger.history, grad_sample_mode=plan.privacy.grad_sample_mode,
+        log_prefix=prefix,
+    )  # fmt: skip
+    ledger.history = history
+    spent = ledger.epsilon_spent
+    ledger.rounds.append(
+        {
+            "run_id": run_id, "round": server_round, "steps": result.steps,
+            "accounted_steps": steps, "noise_multiplier": sigma, "sample_rate": sample_rate,
+            "max_grad_norm": max_grad_norm, "epsilon_spent": spent, "time": time.time(),
+        }
+    )  # fmt: skip
+    save_ledger(site.state_dir, ledger)
+    return RoundOutcome(weights, result, PrivacyReport(spent, epsilon, delta, sigma, False))
 
 
 def evaluate_round(

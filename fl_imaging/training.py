@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from monai.data import DataLoader, decollate_batch
@@ -56,37 +57,64 @@ def segmentation_loss() -> DiceCELoss:
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
+def _pair(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image, label)`` from a MONAI dict batch or an ``(image, label)`` tuple batch."""
+    if isinstance(batch, dict):
+        return batch["image"], batch["label"]
+    image, label = batch
+    return image, label
+
+
 def train_local(
     model: nn.Module,
     loader: DataLoader,
     *,
     epochs: int,
-    lr: float,
+    lr: float = 1e-3,
     weight_decay: float = 0.0,
     proximal_mu: float = 0.0,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_empty_batch: Callable[[], None] | None = None,
     log_prefix: str = "",
 ) -> TrainResult:
-    """Train ``model`` in place on ``loader`` for ``epochs`` epochs with Adam.
+    """Train ``model`` in place on ``loader`` for ``epochs`` epochs.
 
-    The optimiser is created afresh each round: its moments describe the previous
-    global model, not the one just received. With ``proximal_mu > 0`` (FedProx) the
-    loss gains ``mu/2 * ||w - w_start||^2``, ``w_start`` being the received weights.
+    Args:
+        model: the network (or Opacus' wrapper of it).
+        loader: batches ``{"image": [B, C, X, Y, Z], "label": [B, 1, X, Y, Z]}`` or
+            ``(image, label)`` tuples (Opacus' Poisson loader); B may be 0.
+        epochs: passes over ``loader``.
+        lr: Adam learning rate when no ``optimizer`` is given.
+        weight_decay: Adam weight decay when no ``optimizer`` is given.
+        proximal_mu: FedProx: adds ``mu/2 * ||w - w_start||^2`` to the loss, ``w_start``
+            being the received weights.
+        optimizer: a ready optimizer (e.g. Opacus' DP optimizer); default: a new Adam.
+            A new one each round: old moments describe the previous global model.
+        on_empty_batch: called instead of a step for an empty batch (DP-SGD accounts
+            for it); empty batches are skipped when None.
+        log_prefix: prefix of the per-epoch log lines (site and round).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if proximal_mu < 0:
         raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
+    if optimizer is None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     loss_fn = segmentation_loss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
     start = time.perf_counter()
     total, steps = 0.0, 0
     for epoch in range(1, epochs + 1):
         epoch_loss, epoch_steps = 0.0, 0
         for batch in loader:
+            image, label = _pair(batch)
+            if image.shape[0] == 0:
+                if on_empty_batch is not None:
+                    on_empty_batch()
+                continue
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(batch["image"]), batch["label"])
+            loss = loss_fn(model(image), label)
             if anchor:
                 drift = sum(
                     (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)

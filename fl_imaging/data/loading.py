@@ -28,6 +28,8 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
+from torch.utils.data import DataLoader as TorchDataLoader
+from torch.utils.data import Dataset as TorchDataset
 
 from fl_imaging.config import DataConfig
 from fl_imaging.data.manifest import Case
@@ -89,6 +91,21 @@ def eval_transforms(data: DataConfig) -> Compose:
     return Compose(preprocessing(data))
 
 
+def train_dataset(cases: Sequence[Case], data: DataConfig, *, seed: int) -> CacheDataset:
+    """Training cases with preprocessing cached in memory and random patches per access."""
+    if not cases:
+        raise ValueError("no training cases")
+    transform = train_transforms(data)
+    transform.set_random_state(seed=seed)
+    return CacheDataset(
+        [c.as_monai_dict() for c in cases],
+        transform=transform,
+        cache_rate=1.0,
+        num_workers=0,
+        progress=False,
+    )
+
+
 def train_loader(
     cases: Sequence[Case], data: DataConfig, *, batch_size: int, seed: int
 ) -> DataLoader:
@@ -97,25 +114,48 @@ def train_loader(
     The deterministic preprocessing is cached in memory for the loader's lifetime
     (every local epoch of a round), the random part is redrawn per epoch from ``seed``.
     """
-    if not cases:
-        raise ValueError("no training cases")
-    transform = train_transforms(data)
-    transform.set_random_state(seed=seed)
-    dataset = CacheDataset(
-        [c.as_monai_dict() for c in cases],
-        transform=transform,
-        cache_rate=1.0,
-        num_workers=0,
-        progress=False,
-    )
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        dataset,
+        train_dataset(cases, data, seed=seed),
         batch_size=batch_size,
         shuffle=True,
         num_workers=0,
         generator=generator,
         drop_last=False,
+    )
+
+
+class ImageLabelPairs(TorchDataset):
+    """``(image, label)`` tuples of a MONAI training dataset (what Opacus' loader handles)."""
+
+    def __init__(self, dataset: CacheDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        item = self.dataset[index]
+        if isinstance(item, list):  # patch samplers return a list of num_samples=1 patches
+            item = item[0]
+        return item["image"], item["label"]
+
+
+def private_train_loader(
+    cases: Sequence[Case], data: DataConfig, *, batch_size: int, seed: int
+) -> TorchDataLoader:
+    """A plain loader of ``(image, label)`` patches for Opacus to turn into Poisson sampling.
+
+    ``len(loader)`` is the number of steps per epoch and ``1 / len(loader)`` the
+    sampling rate Opacus will use; plan privacy with exactly these.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return TorchDataLoader(
+        ImageLabelPairs(train_dataset(cases, data, seed=seed)),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=0,
+        generator=generator,
     )
 
 

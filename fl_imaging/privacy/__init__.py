@@ -1,0 +1,1 @@
+"""Differential privacy at the site: budget planning, accounting, the persistent ledger, DP-SGD."""
