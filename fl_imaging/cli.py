@@ -158,6 +158,67 @@ def _stop_superlink(args: argparse.Namespace) -> int:
     return 0
 
 
+def _privacy_sites(args: argparse.Namespace) -> list[tuple[str, Path, float | None]]:
+    from fl_imaging.config import compose
+    from fl_imaging.site import configured_sites
+
+    experiment, overrides = _split_experiment(args.overrides)
+    if not any(o.startswith("paths.root=") for o in overrides):
+        overrides.append(f"paths.root={Path.cwd()}")
+    plan = compose(experiment, overrides)
+    return [(s.name, s.state_dir, s.config.privacy.epsilon) for s in configured_sites(plan)]
+
+
+def _privacy_status(args: argparse.Namespace) -> int:
+    from fl_imaging.privacy.ledger import ledger_path, read_ledger
+
+    print(f"{'site':<20} {'budget':>8} {'spent':>8} {'left':>8} {'delta':>9} rounds  ledger")
+    for name, state_dir, configured in _privacy_sites(args):
+        ledger = read_ledger(state_dir)
+        if ledger is None:
+            budget = "no DP" if configured is None else f"{configured:g}"
+            print(f"{name:<20} {budget:>8} {'0':>8} {'-':>8} {'-':>9} {0:>6}  (none yet)")
+            continue
+        spent = ledger.epsilon_spent
+        print(
+            f"{name:<20} {ledger.epsilon_budget:>8g} {spent:>8.3f} "
+            f"{max(ledger.epsilon_budget - spent, 0):>8.3f} {ledger.delta:>9.2g} "
+            f"{len(ledger.rounds):>6}  {ledger_path(state_dir)}"
+        )
+    return 0
+
+
+def _privacy_reset(args: argparse.Namespace) -> int:
+    import getpass
+
+    from fl_imaging.privacy.ledger import read_ledger, reset_ledger
+
+    sites = {name: state_dir for name, state_dir, _ in _privacy_sites(args)}
+    if args.site not in sites:
+        print(f"error: unknown site {args.site!r}; configured: {', '.join(sites)}", file=sys.stderr)
+        return 2
+    state_dir = sites[args.site]
+    ledger = read_ledger(state_dir)
+    if ledger is None:
+        print(f"site {args.site}: no privacy ledger in {state_dir}; nothing to reset")
+        return 0
+    print(
+        f"site {args.site}: spent epsilon {ledger.epsilon_spent:.3f} of {ledger.epsilon_budget:g} "
+        f"over {len(ledger.rounds)} rounds. Resetting lets the site spend its budget again on "
+        f"the same patients: only do this for new data or a new privacy policy."
+    )
+    if not args.yes:
+        answer = input(f"Type the site name ({args.site}) to confirm: ").strip()
+        if answer != args.site:
+            print("not reset")
+            return 1
+    archive = reset_ledger(state_dir, operator=getpass.getuser(), reason=args.reason)
+    print(
+        f"reset; old ledger kept as {archive}, audit trail in {state_dir / 'privacy_audit.jsonl'}"
+    )
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from fl_imaging.reporting import write_report
 
@@ -245,6 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app", type=Path, default=PROJECT_ROOT, help="the app folder")
     p.set_defaults(func=_stop_superlink)
 
+    privacy = sub.add_parser("privacy", help="per-site privacy ledgers: status, reset")
+    psub = privacy.add_subparsers(dest="privacy_command", required=True)
+    p = psub.add_parser("status", help="epsilon spent and left per site")
+    p.add_argument("overrides", nargs="*", help="experiment=NAME and Hydra overrides")
+    p.set_defaults(func=_privacy_status)
+    p = psub.add_parser("reset", help="archive a site's ledger (asks to confirm, audited)")
+    p.add_argument("--site", required=True)
+    p.add_argument("--reason", default="", help="recorded in the audit trail")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("overrides", nargs="*", help="experiment=NAME and Hydra overrides")
+    p.set_defaults(func=_privacy_reset)
+
     p = sub.add_parser("report", help="(re)write report.md and dice.png of a run folder")
     p.add_argument("run_dir", type=Path)
     p.set_defaults(func=_report)
@@ -266,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ConfigError, ManifestError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        # LedgerError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -28,7 +28,7 @@ from fl_imaging.data.manifest import (
     require_valid,
 )
 from fl_imaging.models import build_model
-from fl_imaging.privacy.accounting import noise_for_budget
+from fl_imaging.privacy.accounting import EXHAUSTED_FRACTION, noise_for_budget
 from fl_imaging.privacy.dp_sgd import train_private
 from fl_imaging.privacy.ledger import NoisePlan, open_ledger, save_ledger
 from fl_imaging.protocol import NodeConfigKey
@@ -275,6 +275,8 @@ def _train_private(
         )
         return RoundOutcome(None, None, PrivacyReport(spent, epsilon, delta, sigma, True))
 
+    if epsilon - ledger.epsilon_spent < EXHAUSTED_FRACTION * epsilon:
+        return exhausted(float("nan"))
     plan_stale = (
         ledger.plan is None
         or ledger.plan.run_id != run_id

@@ -20,6 +20,13 @@ def tiny_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return generate_federation(out, num_sites=3, total_cases=18, fov_mm=32.0, seed=0)
 
 
+@pytest.fixture(scope="session")
+def dp_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three synthetic hospitals with 80 tiny cases each: DP-SGD needs many patients."""
+    out = tmp_path_factory.mktemp("dp_sites")
+    return generate_federation(out, num_sites=3, total_cases=240, skew=0.0, fov_mm=32.0, seed=0)
+
+
 def tiny_overrides(manifests: list[Path], root: Path) -> list[str]:
     """Overrides that shrink the real demo config to tiny data, model and rounds."""
     sites = [f"federation.sites.{i}.manifest={m}" for i, m in enumerate(manifests)]

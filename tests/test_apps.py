@@ -242,3 +242,48 @@ def test_too_few_sites_left_stops_with_the_failing_site_named(
     # what was written before the failure is intact
     assert json.loads((run.path / "summary.json").read_text())["rounds_completed"] == 0
     assert (run.path / "checkpoints" / "last.pt").is_file()
+
+
+def test_private_run_trains_and_reports_epsilon_per_site(
+    dp_sites: list[Path], tmp_path: Path, task_identity: None
+) -> None:
+    overrides = [
+        *tiny_overrides(dp_sites, tmp_path), "model=unet_small", "rounds=3",
+        "train.local_epochs=2", "train.batch_size=16", "train.lr=0.01",
+        "federation.sites.0.privacy.epsilon=8",
+        "federation.sites.1.privacy.epsilon=8", "federation.sites.2.privacy.epsilon=1",
+        "privacy.delta=1e-3",
+    ]  # fmt: skip
+    plan = compose("demo", overrides)
+    run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
+    summary = server_app.run_federation(LocalGrid(overrides), plan, run, run_id=1)
+
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    dice = {r: sum(x["dice_mean"] for x in rows if x["split"] == "val" and x["round"] == r) / 3
+            for r in (0, 3)}  # fmt: skip
+    assert dice[3] > dice[0]
+    budgets = {"hospital_a": 8.0, "hospital_b": 8.0, "hospital_c": 1.0}
+    train = [r for r in rows if r["split"] == "train"]
+    for row in train:
+        assert 0 < row["epsilon_spent"] <= budgets[row["site"]]
+    for site, budget in budgets.items():
+        spent = [r["epsilon_spent"] for r in train if r["site"] == site]
+        assert spent == sorted(spent) and len(spent) == 3
+        assert 0.95 * budget <= summary["epsilon_spent_per_site"][site] <= budget
+
+
+def test_a_site_out_of_budget_sends_no_update_and_the_run_goes_on(
+    tiny_sites: list[Path], tmp_path: Path, task_identity: None
+) -> None:
+    private = [*tiny_overrides(tiny_sites, tmp_path), "rounds=1",
+               "federation.sites.2.privacy.epsilon=1", "privacy.delta=1e-3"]  # fmt: skip
+    plan = compose("demo", private)
+    first = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
+    server_app.run_federation(LocalGrid(private), plan, first, run_id=1)  # spends it all
+    second = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
+    summary = server_app.run_federation(LocalGrid(private), plan, second, run_id=2)
+
+    rows = [json.loads(line) for line in (second.path / "metrics.jsonl").read_text().splitlines()]
+    [refused] = [r for r in rows if r.get("status") == "budget_exhausted"]
+    assert refused["site"] == "hospital_c" and refused["epsilon_spent"] <= 1.0
+    assert summary["rounds_completed"] == 1  # the other two sites carried the round

@@ -17,6 +17,9 @@ History = list[tuple[float, float, int]]
 
 # the accountant's own search tolerance for a planned epsilon (absolute)
 EPSILON_TOLERANCE = 0.01
+# a site with less than this fraction of its budget left counts as exhausted: what
+# remains would only buy updates drowned in noise
+EXHAUSTED_FRACTION = 0.01
 _MAX_SIGMA = 1e3
 
 
