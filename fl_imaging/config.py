@@ -84,6 +84,20 @@ class FederationConfig:
 
 
 @dataclass
+class CentralDPConfig:
+    """Flower's server-side DP (fixed clipping) for the aggregate.
+
+    The server clips each site's update and noises the aggregate: a user-level
+    guarantee that trusts the server, unlike DP-SGD at the sites (sample-level).
+    """
+
+    # None: off. Noise std = noise_multiplier x clipping_norm / number of sites
+    noise_multiplier: float | None = None
+    # L2 bound on each site's update (new weights - global weights)
+    clipping_norm: float = 1.0
+
+
+@dataclass
 class PrivacyConfig:
     """How private sites run DP-SGD (each site's budget lives in its federation entry)."""
 
@@ -94,6 +108,7 @@ class PrivacyConfig:
     # defaults for sites whose budget leaves them out
     delta: float | None = None
     max_grad_norm: float = 1.0
+    central: CentralDPConfig = field(default_factory=CentralDPConfig)
 
 
 @dataclass
@@ -390,6 +405,14 @@ def validate(plan: RunPlan) -> list[str]:
         problems.append(
             f"model.norm=batch with private sites {private}: batch statistics mix patients, "
             f"which DP-SGD forbids; use model.norm=instance"
+        )
+    central = plan.privacy.central
+    if central.noise_multiplier is not None and (
+        central.noise_multiplier <= 0 or central.clipping_norm <= 0
+    ):
+        problems.append(
+            "privacy.central.noise_multiplier and privacy.central.clipping_norm must be > 0 "
+            f"(got {central.noise_multiplier}, {central.clipping_norm})"
         )
     if plan.privacy.accountant not in KNOWN_ACCOUNTANTS:
         problems.append(

@@ -119,31 +119,74 @@ def dice_table(rows: Iterable[Mapping[str, Any]]) -> tuple[list[int], dict[str, 
     return rounds, dict(table)
 
 
-def write_report(run_dir: Path) -> Path:
-    """Write ``report.md`` and ``dice.png`` (validation Dice per round per site)."""
+def epsilon_table(
+    rows: Iterable[Mapping[str, Any]],
+) -> tuple[list[int], dict[str, dict[int, float]]]:
+    """Cumulative DP epsilon of private sites as ``(rounds, {site: {round: epsilon}})``."""
+    table: dict[str, dict[int, float]] = defaultdict(dict)
+    for row in rows:
+        eps = row.get("epsilon_spent")
+        if row.get("split") == "train" and isinstance(eps, int | float) and math.isfinite(eps):
+            table[row["site"]][int(row["round"])] = float(eps)
+    rounds = sorted({r for per_site in table.values() for r in per_site})
+    return rounds, dict(table)
+
+
+def _line_plot(
+    table: Mapping[str, Mapping[int, float]],
+    path: Path,
+    ylabel: str,
+    title: str,
+    budgets: Mapping[str, float] | None = None,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds, table = dice_table(read_metrics(run_dir))
-    sites = sorted(table)
-    summary_path = run_dir / SUMMARY_FILE
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for site in sites:
+    for site in sorted(table):
         xs = sorted(table[site])
-        ax.plot(xs, [table[site][r] for r in xs], marker="o", label=site)
+        (line,) = ax.plot(xs, [table[site][r] for r in xs], marker="o", label=site)
+        if budgets and site in budgets:
+            ax.axhline(budgets[site], color=line.get_color(), linestyle="--", linewidth=0.8)
     ax.set_xlabel("round")
-    ax.set_ylabel("validation mean foreground Dice")
-    ax.set_ylim(0, 1)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(f"{run_dir.name}")
+    ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(run_dir / "dice.png")
+    fig.savefig(path)
     plt.close(fig)
+
+
+def _table_lines(
+    rounds: list[int], table: Mapping[str, Mapping[int, float]], mean: bool
+) -> list[str]:
+    sites = sorted(table)
+    lines = ["| round | " + " | ".join(sites) + (" | mean |" if mean else " |")]
+    lines.append("|---" * (len(sites) + 1 + int(mean)) + "|")
+    for r in rounds:
+        values = [table[s].get(r) for s in sites]
+        cells = " | ".join(_fmt(v) for v in values)
+        if mean:
+            present = [v for v in values if v is not None]
+            cells += f" | {_fmt(sum(present) / len(present) if present else None)}"
+        lines.append(f"| {r} | {cells} |")
+    return lines
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``report.md``, ``dice.png`` and, for private runs, ``epsilon.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+    rows = read_metrics(run_dir)
+    rounds, table = dice_table(rows)
+    summary_path = run_dir / SUMMARY_FILE
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    _line_plot(table, run_dir / "dice.png", "validation mean foreground Dice", run_dir.name)
 
     lines = [f"# Run {run_dir.name}", ""]
     if summary:
@@ -156,14 +199,18 @@ def write_report(run_dir: Path) -> Path:
             "",
         ]
     lines += ["## Validation mean Dice per round", ""]
-    lines.append("| round | " + " | ".join(sites) + " | mean |")
-    lines.append("|---" * (len(sites) + 2) + "|")
-    for r in rounds:
-        values = [table[s].get(r) for s in sites]
-        present = [v for v in values if v is not None]
-        mean = sum(present) / len(present) if present else None
-        lines.append(f"| {r} | " + " | ".join(_fmt(v) for v in values) + f" | {_fmt(mean)} |")
+    lines += _table_lines(rounds, table, mean=True)
     lines += ["", "![Dice per round](dice.png)", ""]
+    eps_rounds, eps = epsilon_table(rows)
+    if eps:
+        budgets = summary.get("epsilon_budget_per_site") or {}
+        _line_plot(eps, run_dir / "epsilon.png", "cumulative DP epsilon (dashed: budget)",
+                   "privacy spent per site", budgets)  # fmt: skip
+        lines += ["## DP epsilon spent per site (cumulative, DP-SGD at the site)", ""]
+        lines += _table_lines(eps_rounds, eps, mean=False)
+        if budgets:
+            lines += ["", "Budgets: " + ", ".join(f"{k} {v:g}" for k, v in sorted(budgets.items()))]
+        lines += ["", "![epsilon per round](epsilon.png)", ""]
     path = run_dir / "report.md"
     _atomic_write_bytes(path, "\n".join(lines).encode())
     return path

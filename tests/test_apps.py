@@ -287,3 +287,21 @@ def test_a_site_out_of_budget_sends_no_update_and_the_run_goes_on(
     [refused] = [r for r in rows if r.get("status") == "budget_exhausted"]
     assert refused["site"] == "hospital_c" and refused["epsilon_spent"] <= 1.0
     assert summary["rounds_completed"] == 1  # the other two sites carried the round
+
+
+def test_central_dp_noises_the_aggregate(
+    overrides: list[str], tmp_path: Path, task_identity: None
+) -> None:
+    def final_weights(extra: list[str], name: str) -> dict[str, torch.Tensor]:
+        plan = compose("demo", [*overrides, "rounds=1", *extra])
+        run = RunFolder.create(tmp_path / name, plan.name, plan_to_yaml(plan))
+        server_app.run_federation(LocalGrid([*overrides, "rounds=1", *extra]), plan, run, 1)
+        return torch.load(run.path / "checkpoints" / "last.pt", weights_only=False)["state_dict"]
+
+    plain = final_weights([], "plain")
+    again = final_weights([], "again")
+    noised = final_weights(["privacy.central.noise_multiplier=0.5",
+                            "privacy.central.clipping_norm=1.0"], "central")  # fmt: skip
+    # training is deterministic (up to the order Flower samples the sites in)
+    assert all(torch.allclose(plain[k], again[k], atol=1e-6) for k in plain)
+    assert any(not torch.allclose(plain[k], noised[k], atol=1e-3) for k in plain)

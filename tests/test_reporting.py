@@ -49,3 +49,27 @@ def test_report_tabulates_every_round_and_site(tmp_path: Path) -> None:
     assert "| 0 | 0.100 | 0.300 | 0.200 |" in text
     assert "| 1 | 0.600 | 0.800 | 0.700 |" in text
     assert (run.path / "dice.png").stat().st_size > 1000
+
+
+def test_report_adds_epsilon_table_and_plot_for_private_sites(tmp_path: Path) -> None:
+    run = RunFolder.create(tmp_path, "x", "")
+    run.append_metrics(
+        [
+            {"round": 1, "site": "a", "split": "train", "epsilon_spent": 2.5},
+            {"round": 1, "site": "b", "split": "train", "epsilon_spent": float("inf")},
+            {"round": 2, "site": "a", "split": "train", "epsilon_spent": 3.5},
+            {"round": 2, "site": "a", "split": "val", "dice_mean": 0.5},
+        ]
+    )
+    run.write_summary({"epsilon_budget_per_site": {"a": 4.0}})
+    text = write_report(run.path).read_text()
+    assert "| 1 | 2.500 |" in text and "| 2 | 3.500 |" in text
+    assert "Budgets: a 4" in text
+    assert (run.path / "epsilon.png").is_file()
+
+
+def test_report_of_a_non_private_run_has_no_epsilon_section(tmp_path: Path) -> None:
+    run = RunFolder.create(tmp_path, "x", "")
+    run.append_metrics([{"round": 1, "site": "b", "split": "train", "epsilon_spent": None}])
+    assert "epsilon" not in write_report(run.path).read_text()
+    assert not (run.path / "epsilon.png").exists()
