@@ -153,7 +153,8 @@ def _line_plot(
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if table:
+        ax.legend()
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
