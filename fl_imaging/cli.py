@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fl_imaging.config import split_experiment
 from fl_imaging.logs import setup_logging
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -106,20 +107,10 @@ def _partition(args: argparse.Namespace) -> int:
     return 0
 
 
-def _split_experiment(items: Sequence[str]) -> tuple[str, list[str]]:
-    experiment, overrides = "demo", []
-    for item in items:
-        if item.startswith("experiment="):
-            experiment = item.split("=", 1)[1]
-        else:
-            overrides.append(item)
-    return experiment, overrides
-
-
 def _run(args: argparse.Namespace) -> int:
     from fl_imaging.launch import run_simulation
 
-    experiment, overrides = _split_experiment(args.overrides)
+    experiment, overrides = split_experiment(args.overrides)
     outcome = run_simulation(experiment, overrides, project_root=args.app)
     print(f"run {outcome.run_id}: {outcome.status} in {outcome.seconds:.0f} s")
     print(f"run folder: {outcome.run_dir}")
@@ -132,7 +123,7 @@ def _check_config(args: argparse.Namespace) -> int:
     from fl_imaging.config import compose_dictconfig, to_plan, validate
     from fl_imaging.site import check_sites
 
-    experiment, overrides = _split_experiment(args.overrides)
+    experiment, overrides = split_experiment(args.overrides)
     if not any(o.startswith("paths.root=") for o in overrides):
         overrides.append(f"paths.root={Path.cwd()}")
     cfg = compose_dictconfig(experiment, overrides)
@@ -162,7 +153,7 @@ def _privacy_sites(args: argparse.Namespace) -> list[tuple[str, Path, float | No
     from fl_imaging.config import compose
     from fl_imaging.site import configured_sites
 
-    experiment, overrides = _split_experiment(args.overrides)
+    experiment, overrides = split_experiment(args.overrides)
     if not any(o.startswith("paths.root=") for o in overrides):
         overrides.append(f"paths.root={Path.cwd()}")
     plan = compose(experiment, overrides)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -249,6 +250,17 @@ def conf_dir() -> Path:
             f"no config.yaml in {path}; set {CONF_DIR_ENV} to the project's conf/ folder"
         )
     return path
+
+
+def split_experiment(items: Sequence[str], default: str = "demo") -> tuple[str, list[str]]:
+    """Separate ``experiment=NAME`` from the other Hydra overrides of a command line."""
+    experiment, overrides = default, []
+    for item in items:
+        if item.startswith("experiment="):
+            experiment = item.split("=", 1)[1]
+        else:
+            overrides.append(item)
+    return experiment, overrides
 
 
 def split_overrides(overrides: str | list[str] | tuple[str, ...] | None) -> list[str]:

@@ -129,24 +129,8 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def run_status(run_id: str, env: dict[str, str], cwd: Path) -> str:
-    """Flower's status string for ``run_id`` (``flwr list --format json``)."""
-    out = subprocess.run(
-        ["flwr", "list", "--run-id", run_id, "--format", "json"],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    try:
-        runs = json.loads(out.stdout)["runs"]
-        return str(next(r["status"] for r in runs if str(r["run-id"]) == run_id))
-    except (ValueError, KeyError, StopIteration):
-        return f"unknown ({out.stdout.strip()[-200:]} {out.stderr.strip()[-200:]})"
-
-
-def _unfinished_runs(env: dict[str, str], cwd: Path, exclude: str) -> list[str]:
+def list_runs(env: dict[str, str], cwd: Path) -> list[dict[str, object]]:
+    """The local SuperLink's runs (``flwr list --format json``); empty if it cannot tell."""
     out = subprocess.run(
         ["flwr", "list", "--format", "json"],
         env=env,
@@ -156,12 +140,24 @@ def _unfinished_runs(env: dict[str, str], cwd: Path, exclude: str) -> list[str]:
         check=False,
     )
     try:
-        runs = json.loads(out.stdout)["runs"]
-    except (ValueError, KeyError):
+        return list(json.loads(out.stdout)["runs"])
+    except (ValueError, KeyError, TypeError):
+        logger.warning("`flwr list` gave no run list: %s %s", out.stdout[-200:], out.stderr[-200:])
         return []
+
+
+def run_status(run_id: str, env: dict[str, str], cwd: Path) -> str:
+    """Flower's status string for ``run_id`` (e.g. ``finished:completed``)."""
+    for run in list_runs(env, cwd):
+        if str(run["run-id"]) == run_id:
+            return str(run["status"])
+    return "unknown"
+
+
+def _unfinished_runs(env: dict[str, str], cwd: Path, exclude: str) -> list[str]:
     return [
         str(r["run-id"])
-        for r in runs
+        for r in list_runs(env, cwd)
         if str(r["run-id"]) != exclude and not str(r["status"]).startswith("finished")
     ]
 

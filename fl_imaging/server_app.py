@@ -144,20 +144,23 @@ def run_federation(grid: Grid, plan: RunPlan, run: RunFolder, run_id: int) -> di
         "modalities": list(plan.data.modalities),
     }
 
-    def evaluate_round(server_round: int) -> list[dict[str, Any]]:
-        replies = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
-            timeout=plan.strategy.round_timeout,
-        )
-        rows, failures = site_rows(replies, server_round, "val", labels, node_sites)
+    def exchange(
+        server_round: int, split: str, messages: Iterable[Message]
+    ) -> tuple[list[Message], list[dict[str, Any]], list[dict[str, Any]]]:
+        """Send, collect, log failures and record every site's row in metrics.jsonl."""
+        replies = list(grid.send_and_receive(messages, timeout=plan.strategy.round_timeout))
+        rows, failures = site_rows(replies, server_round, split, labels, node_sites)
         for failure in failures:
             logger.warning(
-                "round %d evaluate failed at %s: %s",
-                server_round,
-                failure["site"],
+                "round %d %s failed at %s: %s", server_round, split, failure["site"],
                 failure["error"],
-            )
+            )  # fmt: skip
         run.append_metrics(rows + failures)
+        return replies, rows, failures
+
+    def evaluate_round(server_round: int) -> list[dict[str, Any]]:
+        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+        _, rows, _ = exchange(server_round, "val", messages)
         if rows:
             logger.info(_round_line(server_round, rows, labels))
         return rows
@@ -165,21 +168,8 @@ def run_federation(grid: Grid, plan: RunPlan, run: RunFolder, run_id: int) -> di
     for server_round in range(0, plan.rounds + 1):
         if server_round > 0:
             logger.info("round %d/%d: training at %d sites", server_round, plan.rounds, num_sites)
-            replies = list(
-                grid.send_and_receive(
-                    strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
-                    timeout=plan.strategy.round_timeout,
-                )
-            )
-            rows, failures = site_rows(replies, server_round, "train", labels, node_sites)
-            for failure in failures:
-                logger.warning(
-                    "round %d training failed at %s: %s",
-                    server_round,
-                    failure["site"],
-                    failure["error"],
-                )
-            run.append_metrics(rows + failures)
+            messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+            replies, rows, failures = exchange(server_round, "train", messages)
             for row in rows:
                 if "epsilon_spent" in row and math.isfinite(row["epsilon_spent"]):
                     summary["epsilon_spent_per_site"][row["site"]] = row["epsilon_spent"]

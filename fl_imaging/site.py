@@ -22,6 +22,7 @@ from fl_imaging.data.loading import eval_loader, private_train_loader, train_loa
 from fl_imaging.data.manifest import (
     TRAIN,
     VAL,
+    Case,
     Manifest,
     ManifestError,
     load_manifest,
@@ -158,9 +159,19 @@ def new_model(plan: RunPlan) -> torch.nn.Module:
     )
 
 
-def _set_threads(plan: RunPlan) -> None:
+def _prepare(
+    site: Site, plan: RunPlan, weights: Mapping[str, torch.Tensor], split: str, validate: bool
+) -> tuple[list[Case], torch.nn.Module]:
+    """The site's cases of ``split`` (checked when ``validate``) and the model with ``weights``."""
     if plan.train.threads > 0:
         torch.set_num_threads(plan.train.threads)
+    manifest = load_site_manifest(site, plan)
+    cases = manifest.split(split)
+    if validate:
+        require_valid(manifest, cases)
+    model = new_model(plan)
+    model.load_state_dict(weights)
+    return cases, model
 
 
 @dataclass(frozen=True)
@@ -218,13 +229,7 @@ def train_round(
         validate_data: read every training case once and check it first (errors
             name the case and file).
     """
-    _set_threads(plan)
-    manifest = load_site_manifest(site, plan)
-    cases = manifest.split(TRAIN)
-    if validate_data:
-        require_valid(manifest, cases)
-    model = new_model(plan)
-    model.load_state_dict(weights)
+    cases, model = _prepare(site, plan, weights, TRAIN, validate_data)
     seed = plan.seed * 1_000_003 + server_round * 1009 + site.index
     batch_size = site.config.batch_size or plan.train.batch_size
     epochs = site.config.local_epochs or plan.train.local_epochs
@@ -329,13 +334,7 @@ def evaluate_round(
     validate_data: bool = True,
 ) -> EvalResult:
     """Dice of the global ``weights`` on the site's validation cases."""
-    _set_threads(plan)
-    manifest = load_site_manifest(site, plan)
-    cases = manifest.split(VAL)
-    if validate_data:
-        require_valid(manifest, cases)
-    model = new_model(plan)
-    model.load_state_dict(weights)
+    cases, model = _prepare(site, plan, weights, VAL, validate_data)
     return evaluate(
         model,
         eval_loader(cases, plan.data),

@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from fl_imaging.config import conf_dir, register_schema
+from fl_imaging.config import conf_dir, register_schema, split_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +34,6 @@ CSV_FIELDS = (
     "job", "overrides", "status", "site", "final_dice", "epsilon_spent", "rounds",
     "minutes", "run_dir", "error",
 )  # fmt: skip
-
-
-def _split(overrides: Sequence[str]) -> tuple[str, list[str]]:
-    experiment, rest = "demo", []
-    for item in overrides:
-        if item.startswith("experiment="):
-            experiment = item.split("=", 1)[1]
-        else:
-            rest.append(item)
-    return experiment, rest
 
 
 def run_job(cfg: DictConfig, project_root: Path) -> float:
@@ -59,7 +49,7 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
     task = list(hydra_cfg.overrides.task)
-    experiment, overrides = _split(task)
+    experiment, overrides = split_experiment(task)
     result: dict[str, Any] = {"job": hydra_cfg.job.num, "overrides": " ".join(task)}
     started = time.monotonic()
     try:
