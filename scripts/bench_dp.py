@@ -4,7 +4,7 @@ Measures, for each patch size (default 32^3 and 64^3) and batch size B (default 
 
 * the non-private training step: forward, MONAI DiceCELoss, backward, Adam step;
 * the DP-SGD step for each Opacus grad-sample mode (``functorch``, ``hooks``, ``ew``,
-  and ``ghost`` on request): the same step through ``PrivacyEngine.make_private`` with
+  ``ghost``): the same step through ``PrivacyEngine.make_private`` with
   ``noise_multiplier=1.0``, ``max_grad_norm=1.0`` (per-sample clipping + noise).
 
 Step time is the median over ``--steps`` timed steps after one warm-up step. Peak
@@ -22,14 +22,14 @@ DiceCELoss cannot give a per-sample loss of shape [B]); it equals DiceCELoss in 
 Output: one JSON document on stdout (progress on stderr), with ``ratio`` = DP step
 time / non-private step time; the target for the default mode is <= 1.6 at 64^3.
 
-Run (from the repository root; about 3-4 minutes on 2 CPU cores)::
+Run (from the repository root; about 1.5 minutes on 2 idle CPU cores, several times
+that when other processes compete for them)::
 
     .venv/bin/python scripts/bench_dp.py > /tmp/bench_dp.json
 
 Options: ``--experiment hippocampus`` plus Hydra overrides as positional arguments
 (e.g. ``model=unet_small``), ``--sizes 32 64``, ``--batch-size 4``, ``--steps 5``,
-``--modes functorch hooks ew`` (add ``ghost`` to time ghost clipping too: supported,
-left out by default as the slowest), ``--threads 2``. ``ratio`` compares medians,
+``--modes functorch hooks ew ghost``, ``--threads 2``. ``ratio`` compares medians,
 ``ratio_min`` the fastest steps (steadier when other processes share the CPU).
 """
 
@@ -47,7 +47,7 @@ import warnings
 from dataclasses import asdict
 from typing import Any
 
-DEFAULT_MODES = ("functorch", "hooks", "ew")  # "ghost" works too: opt in (the slowest)
+DEFAULT_MODES = ("functorch", "hooks", "ew", "ghost")
 TARGET_RATIO = 1.6
 WARMUP_STEPS = 1
 CHILD_TIMEOUT_S = 600.0
