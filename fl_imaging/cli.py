@@ -9,6 +9,8 @@ Examples::
     fl-imaging check-config experiment=hippocampus strategy=fedprox
     fl-imaging run experiment=demo rounds=3               # flwr run . on a local simulation
     fl-imaging sweep -m experiment=demo strategy=fedavg,fedprox rounds=3
+    fl-imaging predict --checkpoint outputs/latest/checkpoints/best.pt --input scan.nii.gz \\
+        --output scan_seg.nii.gz
     fl-imaging report outputs/latest
 """
 
@@ -210,6 +212,28 @@ def _privacy_reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import nibabel as nib
+    import numpy as np
+
+    from fl_imaging.inference import dice_per_label, load_predictor, predict_file, scans_in
+
+    predictor = load_predictor(args.checkpoint)
+    scans = scans_in(args.input)
+    single = len(scans) == 1 and not args.input.is_dir()
+    for scan in scans:
+        out = args.output if single and not args.output.is_dir() else args.output / scan.name
+        pred = predict_file(predictor, scan, out)
+        line = f"{scan} -> {out}"
+        if args.label is not None:
+            label_path = args.label if single and args.label.is_file() else args.label / scan.name
+            label = np.asarray(nib.load(str(label_path)).dataobj).round().astype(np.int64)
+            dice = dice_per_label(pred, label, predictor.labels)
+            line += " | Dice " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
+        print(line)
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from fl_imaging.reporting import write_report
 
@@ -308,6 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("overrides", nargs="*", help="experiment=NAME and Hydra overrides")
     p.set_defaults(func=_privacy_reset)
+
+    p = sub.add_parser("predict", help="segment NIfTI scans with a run's checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True, help="e.g. RUN/checkpoints/best.pt")
+    p.add_argument("--input", type=Path, required=True, help="a NIfTI scan or a folder of them")
+    p.add_argument("--output", type=Path, required=True,
+                   help="output file (single scan) or folder (same file names)")  # fmt: skip
+    p.add_argument("--label", type=Path, default=None,
+                   help="ground truth (file, or folder of same names): report Dice")  # fmt: skip
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("report", help="(re)write report.md and dice.png of a run folder")
     p.add_argument("run_dir", type=Path)

@@ -39,18 +39,27 @@ KEYS = ("image", "label")
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
-def preprocessing(data: DataConfig) -> list[MapTransform]:
-    """Deterministic transforms shared by training, validation and inference."""
+def preprocessing(
+    data: DataConfig, keys: Sequence[str] = KEYS, *, track_meta: bool = False
+) -> list[MapTransform]:
+    """Deterministic transforms shared by training, validation and inference.
+
+    Args:
+        data: preprocessing settings.
+        keys: ``("image", "label")`` for training/validation, ``("image",)`` for inference.
+        track_meta: keep MONAI metadata (affine, applied operations) so that
+            ``Invertd`` can map predictions back to the scan's own voxel grid.
+    """
     low, high = data.intensity_percentiles
+    keys = list(keys)
     steps: list[MapTransform] = [
-        LoadImaged(keys=list(KEYS), reader="NibabelReader", image_only=True),
-        EnsureChannelFirstd(keys=list(KEYS)),
-        Orientationd(keys=list(KEYS), axcodes="RAS", labels=_RAS_LABELS),
+        LoadImaged(keys=keys, reader="NibabelReader", image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        Orientationd(keys=keys, axcodes="RAS", labels=_RAS_LABELS),
     ]
     if data.spacing is not None:
-        steps.append(
-            Spacingd(keys=list(KEYS), pixdim=tuple(data.spacing), mode=("bilinear", "nearest"))
-        )
+        modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+        steps.append(Spacingd(keys=keys, pixdim=tuple(data.spacing), mode=modes))
     steps += [
         ScaleIntensityRangePercentilesd(
             keys="image",
@@ -61,7 +70,7 @@ def preprocessing(data: DataConfig) -> list[MapTransform]:
             clip=True,
             channel_wise=True,
         ),
-        EnsureTyped(keys=list(KEYS), dtype=torch.float32, track_meta=False),
+        EnsureTyped(keys=keys, dtype=torch.float32, track_meta=track_meta),
     ]
     return steps
 

@@ -1,0 +1,168 @@
+"""Use a trained global model on new scans: NIfTI in, NIfTI label map out.
+
+The scan goes through the same preprocessing as in training (RAS orientation,
+optional resampling, percentile intensity scaling), MONAI sliding-window
+inference with the training patch size, and ``Invertd`` back to the scan's own
+voxel grid; the label map is written with the input's affine and header.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.metrics import DiceMetric
+from monai.transforms import AsDiscreted, Compose, Invertd
+from omegaconf import OmegaConf
+
+from fl_imaging.config import RunPlan, to_plan
+from fl_imaging.data.loading import preprocessing
+from fl_imaging.models import build_model
+
+logger = logging.getLogger(__name__)
+_NIFTI = (".nii.gz", ".nii")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable or does not match its own configuration."""
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A trained model with the run plan it was trained under."""
+
+    plan: RunPlan
+    model: torch.nn.Module
+    labels: dict[int, str]
+    modalities: list[str]
+
+
+def load_predictor(checkpoint: Path) -> Predictor:
+    """Load ``checkpoints/best.pt`` (or ``last.pt``) of a run folder.
+
+    Raises:
+        CheckpointError: not a checkpoint of this app, or its weights do not fit the
+            network its stored configuration describes.
+    """
+    try:
+        ckpt: dict[str, Any] = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{checkpoint}: cannot read checkpoint ({exc})") from exc
+    missing = {"state_dict", "config", "labels", "modalities"} - set(ckpt)
+    if missing:
+        raise CheckpointError(
+            f"{checkpoint}: not an fl-imaging checkpoint (missing {sorted(missing)})"
+        )
+    plan = to_plan(OmegaConf.create(ckpt["config"]), check=False)
+    labels = {int(k): str(v) for k, v in ckpt["labels"].items()}
+    modalities = [str(m) for m in ckpt["modalities"]]
+    model = build_model(plan.model, in_channels=len(modalities), out_channels=max(labels) + 1)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{checkpoint}: weights do not match the model its config describes "
+            f"({plan.model}): {str(exc).splitlines()[0]}"
+        ) from exc
+    model.eval()
+    return Predictor(plan, model, labels, modalities)
+
+
+def _channels(path: Path) -> tuple[int, nib.Nifti1Image]:
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for bad files
+        raise ValueError(f"{path}: not a readable NIfTI ({type(exc).__name__}: {exc})") from exc
+    shape = img.shape
+    if len(shape) == 3:
+        return 1, img
+    if len(shape) == 4:
+        return int(shape[3]), img
+    raise ValueError(f"{path}: expected a 3D scan or a 4D scan with channels last, got {shape}")
+
+
+@torch.no_grad()
+def predict_file(predictor: Predictor, image: Path, output: Path) -> np.ndarray:
+    """Segment one scan and write its label map; return the label array (input grid).
+
+    Raises:
+        ValueError: the scan is unreadable or has a different number of channels
+            than the model's modalities.
+    """
+    channels, img = _channels(image)
+    if channels != len(predictor.modalities):
+        raise ValueError(
+            f"{image}: has {channels} channel(s) but the model expects "
+            f"{len(predictor.modalities)} ({', '.join(predictor.modalities)}); multi-modal "
+            f"scans must be one 4D file with channels last in that order"
+        )
+    plan = predictor.plan
+    pre = Compose(preprocessing(plan.data, keys=("image",), track_meta=True))
+    data = pre({"image": str(image)})
+    logits = sliding_window_inference(
+        data["image"][None], roi_size=tuple(plan.data.patch_size), sw_batch_size=4,
+        predictor=predictor.model, overlap=0.25,
+    )  # fmt: skip
+    data["pred"] = logits[0]
+    post = Compose(
+        [
+            AsDiscreted(keys="pred", argmax=True),
+            Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=True),
+        ]
+    )
+    pred = post(data)["pred"]
+    labels = np.asarray(pred[0].cpu().numpy()).round().astype(np.uint8)
+    if labels.shape != tuple(img.shape[:3]):
+        raise RuntimeError(f"{image}: prediction shape {labels.shape} != scan {img.shape[:3]}")
+    header = img.header.copy()
+    header.set_data_dtype(np.uint8)
+    out = nib.Nifti1Image(labels, img.affine, header)
+    out.set_qform(img.get_qform(), code=int(img.header["qform_code"]))
+    out.set_sform(img.get_sform(), code=int(img.header["sform_code"]))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp{''.join(_suffix(output))}")
+    nib.save(out, str(tmp))
+    tmp.replace(output)
+    return labels
+
+
+def _suffix(path: Path) -> str:
+    return next((s for s in _NIFTI if path.name.endswith(s)), ".nii.gz")
+
+
+def dice_per_label(pred: np.ndarray, label: np.ndarray, labels: dict[int, str]) -> dict[str, float]:
+    """MONAI Dice of each foreground label between two integer label maps of one shape.
+
+    A label absent from both maps gets NaN (MONAI's ``ignore_empty``).
+    """
+    if pred.shape != label.shape:
+        raise ValueError(f"prediction shape {pred.shape} != label shape {label.shape}")
+    num_classes = max(labels) + 1
+    to_onehot = torch.nn.functional.one_hot
+    p = to_onehot(torch.as_tensor(pred, dtype=torch.long), num_classes).permute(3, 0, 1, 2)[None]
+    y = to_onehot(torch.as_tensor(label, dtype=torch.long), num_classes).permute(3, 0, 1, 2)[None]
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    values = metric(y_pred=p.float(), y=y.float())[0].tolist()
+    return {
+        labels[k]: float(v)
+        for k, v in zip(range(1, num_classes), values, strict=True)
+        if k in labels
+    }
+
+
+def scans_in(path: Path) -> list[Path]:
+    """One NIfTI file, or every NIfTI file in a folder (sorted)."""
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.name.endswith(_NIFTI))
+        if not found:
+            raise ValueError(f"{path}: no .nii or .nii.gz files")
+        return found
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file or folder")
+    return [path]
