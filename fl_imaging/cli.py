@@ -235,10 +235,22 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from fl_imaging.overlays import render_run_overlays
     from fl_imaging.reporting import write_report
 
-    print(write_report(Path(args.run_dir).resolve()))
+    run_dir = Path(args.run_dir).resolve()
+    overlays, note = ({}, "") if args.no_overlays else render_run_overlays(run_dir)
+    print(write_report(run_dir, overlays, note, _legend(run_dir)))
     return 0
+
+
+def _legend(run_dir: Path) -> list[tuple[str, str]]:
+    from omegaconf import OmegaConf
+
+    from fl_imaging.overlays import legend
+
+    labels = OmegaConf.load(run_dir / "config.yaml").data.labels
+    return list(legend({int(k): str(v) for k, v in labels.items()}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,8 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ground truth (file, or folder of same names): report Dice")  # fmt: skip
     p.set_defaults(func=_predict)
 
-    p = sub.add_parser("report", help="(re)write report.md and dice.png of a run folder")
+    p = sub.add_parser(
+        "report", help="(re)write a run's report: report/index.html (plots, overlays) + report.md"
+    )
     p.add_argument("run_dir", type=Path)
+    p.add_argument("--no-overlays", action="store_true", help="skip reading scans for overlays")
     p.set_defaults(func=_report)
     return parser
 

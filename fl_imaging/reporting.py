@@ -7,7 +7,7 @@ Contract (other tools rely on it)::
         metrics.jsonl     one JSON object per (round, site, split)
         summary.json      rounds_completed, sites, final_dice_mean, final_dice_per_site, ...
         checkpoints/last.pt, checkpoints/best.pt
-        report.md, dice.png
+        report.md, report/index.html (+ its PNGs), tensorboard/
     outputs/latest -> <YYYYmmdd-HHMMSS>-<name>
 
 Every file is written to a temporary name and renamed, so an interrupted run never
@@ -17,12 +17,13 @@ line and flushed.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -56,6 +58,7 @@ class RunFolder:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._writer: Any = None
         (path / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
 
     @classmethod
@@ -78,12 +81,34 @@ class RunFolder:
         return folder
 
     def append_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Append rows to ``metrics.jsonl`` (NaN/Inf become ``null``)."""
+        """Append rows to ``metrics.jsonl`` (NaN/Inf become ``null``) and to TensorBoard."""
+        rows = list(rows)
         with (self.path / METRICS_FILE).open("a") as fh:
             for row in rows:
                 fh.write(json.dumps(_json_safe(row), sort_keys=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        self._tensorboard(rows)
+
+    def _tensorboard(self, rows: list[Mapping[str, Any]]) -> None:
+        # `tensorboard --logdir outputs` shows every run side by side
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.path / TENSORBOARD_DIR))
+        for row in rows:
+            step, site, split = int(row["round"]), row["site"], row["split"]
+            for key in ("dice_mean", "loss", "epsilon_spent"):
+                value = row.get(key)
+                if isinstance(value, int | float) and math.isfinite(value):
+                    self._writer.add_scalar(f"{key}/{split}/{site}", value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """(Re)write ``summary.json``."""
@@ -177,17 +202,47 @@ def _table_lines(
     return lines
 
 
-def write_report(run_dir: Path) -> Path:
-    """Write ``report.md``, ``dice.png`` and, for private runs, ``epsilon.png``."""
-    import matplotlib
+def loss_table(rows: Iterable[Mapping[str, Any]], split: str) -> dict[str, dict[int, float]]:
+    """Loss per site and round for ``split`` (``train`` or ``val``)."""
+    table: dict[str, dict[int, float]] = defaultdict(dict)
+    for row in rows:
+        loss = row.get("loss")
+        if row.get("split") == split and isinstance(loss, int | float) and math.isfinite(loss):
+            table[f"{row['site']} ({split})"][int(row["round"])] = float(loss)
+    return dict(table)
 
-    matplotlib.use("Agg")
 
+REPORT_DIR = "report"
+
+
+def write_report(
+    run_dir: Path,
+    overlays: Mapping[str, Path] | None = None,
+    overlay_note: str = "",
+    legend: Sequence[tuple[str, str]] = (),
+) -> Path:
+    """Write ``report.md`` and ``report/index.html`` (with its PNGs) for a run folder.
+
+    Args:
+        run_dir: the run folder.
+        overlays: site -> PNG of prediction/ground-truth overlays inside ``report/``
+            (made where the data is, see :mod:`fl_imaging.overlays`).
+        overlay_note: shown instead of (or under) the overlays, e.g. why some are missing.
+        legend: ``(label name, colour)`` pairs of the overlays.
+
+    Returns:
+        The path of ``report/index.html``.
+    """
     rows = read_metrics(run_dir)
     rounds, table = dice_table(rows)
     summary_path = run_dir / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    _line_plot(table, run_dir / "dice.png", "validation mean foreground Dice", run_dir.name)
+    out = run_dir / REPORT_DIR
+    out.mkdir(exist_ok=True)
+    _line_plot(table, out / "dice.png", "validation mean foreground Dice", run_dir.name)
+    losses = {**loss_table(rows, "train"), **loss_table(rows, "val")}
+    _line_plot(losses, out / "loss.png", "DiceCE loss", "loss per site (train, val)")
+    images = [("Validation Dice per round", "dice.png"), ("Loss per round", "loss.png")]
 
     lines = [f"# Run {run_dir.name}", ""]
     if summary:
@@ -201,20 +256,114 @@ def write_report(run_dir: Path) -> Path:
         ]
     lines += ["## Validation mean Dice per round", ""]
     lines += _table_lines(rounds, table, mean=True)
-    lines += ["", "![Dice per round](dice.png)", ""]
+    lines += ["", f"![Dice per round]({REPORT_DIR}/dice.png)", ""]
     eps_rounds, eps = epsilon_table(rows)
+    eps_lines: list[str] = []
     if eps:
         budgets = summary.get("epsilon_budget_per_site") or {}
-        _line_plot(eps, run_dir / "epsilon.png", "cumulative DP epsilon (dashed: budget)",
+        _line_plot(eps, out / "epsilon.png", "cumulative DP epsilon (dashed: budget)",
                    "privacy spent per site", budgets)  # fmt: skip
+        images.append(("DP epsilon spent per site (DP-SGD at the site)", "epsilon.png"))
+        eps_lines = _table_lines(eps_rounds, eps, mean=False)
         lines += ["## DP epsilon spent per site (cumulative, DP-SGD at the site)", ""]
-        lines += _table_lines(eps_rounds, eps, mean=False)
+        lines += eps_lines
         if budgets:
             lines += ["", "Budgets: " + ", ".join(f"{k} {v:g}" for k, v in sorted(budgets.items()))]
-        lines += ["", "![epsilon per round](epsilon.png)", ""]
-    path = run_dir / "report.md"
-    _atomic_write_bytes(path, "\n".join(lines).encode())
-    return path
+        lines += ["", f"![epsilon per round]({REPORT_DIR}/epsilon.png)", ""]
+    if overlays:
+        lines += ["## Overlays (ground truth left, prediction right)", ""]
+        lines += [f"![{site}]({REPORT_DIR}/{p.name})" for site, p in sorted(overlays.items())]
+    if overlay_note:
+        lines += ["", overlay_note, ""]
+    _atomic_write_bytes(run_dir / "report.md", "\n".join(lines).encode())
+
+    config_path = run_dir / CONFIG_FILE
+    config_text = config_path.read_text() if config_path.is_file() else ""
+    page = _html_page(run_dir.name, summary, rounds, table, eps_rounds, eps, images,
+                      overlays or {}, overlay_note, legend, config_text)  # fmt: skip
+    index = out / "index.html"
+    _atomic_write_bytes(index, page.encode())
+    return index
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;
+text-align:right}th{background:#f3f3f3}.figs img{max-width:48%;margin:.5%}
+.overlay img{max-width:100%;image-rendering:pixelated}pre{background:#f7f7f7;padding:1em;
+overflow:auto;font-size:.85em}.swatch{display:inline-block;width:1em;height:1em;
+vertical-align:middle;margin:0 .3em 0 1em}.note{color:#555}
+"""
+
+
+def _html_table(rounds: list[int], table: Mapping[str, Mapping[int, float]], mean: bool) -> str:
+    sites = sorted(table)
+    head = "".join(f"<th>{html.escape(s)}</th>" for s in sites) + ("<th>mean</th>" if mean else "")
+    body = []
+    for r in rounds:
+        values = [table[s].get(r) for s in sites]
+        cells = "".join(f"<td>{_fmt(v)}</td>" for v in values)
+        if mean:
+            present = [v for v in values if v is not None]
+            cells += f"<td>{_fmt(sum(present) / len(present) if present else None)}</td>"
+        body.append(f"<tr><td>{r}</td>{cells}</tr>")
+    return f"<table><tr><th>round</th>{head}</tr>{''.join(body)}</table>"
+
+
+def _html_page(
+    name: str,
+    summary: Mapping[str, Any],
+    rounds: list[int],
+    table: Mapping[str, Mapping[int, float]],
+    eps_rounds: list[int],
+    eps: Mapping[str, Mapping[int, float]],
+    images: list[tuple[str, str]],
+    overlays: Mapping[str, Path],
+    overlay_note: str,
+    legend: Sequence[tuple[str, str]],
+    config_text: str,
+) -> str:
+    esc = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(name)}</title>",
+             f"<style>{_CSS}</style></head><body><h1>Run {esc(name)}</h1>"]  # fmt: skip
+    if summary:
+        final = summary.get("final_dice_per_site") or {}
+        spent = summary.get("epsilon_spent_per_site") or {}
+        parts.append(
+            f"<p>{summary.get('rounds_completed')} rounds, {_fmt(summary.get('minutes'))} min, "
+            f"status {esc(str(summary.get('status')))}; final mean Dice "
+            f"<b>{_fmt(summary.get('final_dice_mean'))}</b> (mean over sites); best round "
+            f"{summary.get('best_round')}.</p>"
+        )
+        rows = "".join(
+            f"<tr><td style='text-align:left'>{esc(site)}</td><td>{_fmt(dice)}</td>"
+            f"<td>{_fmt(spent.get(site))}</td></tr>"
+            for site, dice in sorted(final.items())
+        )
+        parts.append(
+            "<table><tr><th>site</th><th>final Dice</th><th>DP epsilon spent</th></tr>"
+            f"{rows}</table>"
+        )
+    parts.append("<h2>Plots</h2><div class='figs'>")
+    parts += [f"<img src='{esc(f)}' alt='{esc(t)}' title='{esc(t)}'>" for t, f in images]
+    parts.append("</div><h2>Validation mean Dice per round</h2>")
+    parts.append(_html_table(rounds, table, mean=True))
+    if eps:
+        parts.append("<h2>DP epsilon spent per site (cumulative)</h2>")
+        parts.append(_html_table(eps_rounds, eps, mean=False))
+    parts.append("<h2>Prediction vs ground truth (validation cases)</h2>")
+    if legend:
+        parts.append("<p>" + "".join(
+            f"<span class='swatch' style='background:{esc(c)}'></span>{esc(n)}" for n, c in legend
+        ) + " &mdash; in each pair: ground truth left, prediction right.</p>")  # fmt: skip
+    for site, png in sorted(overlays.items()):
+        parts.append(f"<h3>{esc(site)}</h3><div class='overlay'><img src='{esc(png.name)}' "
+                     f"alt='overlays {esc(site)}'></div>")  # fmt: skip
+    if overlay_note:
+        parts.append(f"<p class='note'>{esc(overlay_note)}</p>")
+    parts.append(f"<h2>Resolved configuration</h2><pre>{esc(config_text)}</pre></body></html>")
+    return "\n".join(parts)
 
 
 def _fmt(value: Any) -> str:

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
@@ -19,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_imaging.config import RunPlan, compose, plan_to_dict, plan_to_yaml
 from fl_imaging.logs import setup_logging
+from fl_imaging.overlays import legend, render_run_overlays
 from fl_imaging.protocol import MetricKey, RecordKey, RunConfigKey, SiteKey
 from fl_imaging.reporting import RunFolder, write_report
 from fl_imaging.site import new_model
@@ -213,6 +215,12 @@ def run_federation(grid: Grid, plan: RunPlan, run: RunFolder, run_id: int) -> di
         )
         summary["dice_mean_per_round"][str(server_round)] = dice_mean
         run.write_summary(summary)
+        elapsed = time.monotonic() - started
+        eta = elapsed / max(server_round, 1) * (plan.rounds - server_round) if server_round else 0
+        logger.info(
+            "round %d/%d done | %d/%d sites evaluated | mean Dice %.3f | %.0f s elapsed | "
+            "eta %.0f s", server_round, plan.rounds, len(rows), num_sites, dice_mean, elapsed, eta,
+        )  # fmt: skip
     summary["status"] = "finished"
     run.write_summary(summary)
     return summary
@@ -236,8 +244,9 @@ def main(grid: Grid, context: Context) -> None:
         run.write_summary({**(_read_json(partial) or {}), "status": "failed", "error": str(exc)})
         raise
     finally:
+        run.close()
         if (run.path / "metrics.jsonl").is_file():
-            write_report(run.path)
+            _write_report(run, plan)
     logger.info(
         "finished %d rounds in %.1f min: final mean Dice %.3f %s; results in %s",
         summary["rounds_completed"],
@@ -246,6 +255,19 @@ def main(grid: Grid, context: Context) -> None:
         {k: round(v, 3) for k, v in summary["final_dice_per_site"].items()},
         run.path,
     )
+
+
+def _write_report(run: RunFolder, plan: RunPlan) -> None:
+    overlays: dict[str, Path] = {}
+    note = ""
+    try:
+        # reads scans: only sites whose data is on this machine (simulation) get overlays
+        overlays, note = render_run_overlays(run.path)
+    except Exception as exc:  # the report must not cost the run its results
+        logger.warning("overlays skipped: %s", exc)
+        note = f"Overlays could not be drawn here: {exc}"
+    path = write_report(run.path, overlays, note, legend(dict(plan.data.labels)))
+    logger.info("report: %s", path)
 
 
 def _read_json(path: Any) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,14 @@ def test_flwr_run_trains_three_sites_and_writes_the_run_folder(
     assert outcome.ok, outcome.status
     assert outcome.run_dir is not None and outcome.run_dir.parent == tmp_path / "outputs"
     run_dir = outcome.run_dir
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "report.md", "dice.png"):
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "report.md"):
         assert (run_dir / name).is_file(), name
+    page = (run_dir / "report" / "index.html").read_text()
+    sources = re.findall(r"<img src='([^']+)'", page)
+    assert all((run_dir / "report" / src).is_file() for src in sources)
+    for site in ("hospital_a", "hospital_b", "hospital_c"):  # overlays per site
+        assert f"overlays_{site}.png" in sources
+    assert any((run_dir / "tensorboard").iterdir())
     assert (run_dir / "checkpoints" / "last.pt").is_file()
     assert (run_dir / "checkpoints" / "best.pt").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from fl_imaging.reporting import RunFolder, dice_table, read_metrics, write_report
@@ -45,10 +47,11 @@ def test_report_tabulates_every_round_and_site(tmp_path: Path) -> None:
         for r, s, d in [(0, "a", 0.1), (0, "b", 0.3), (1, "a", 0.6), (1, "b", 0.8)]
     )
     run.write_summary({"rounds_completed": 1, "final_dice_mean": 0.7})
-    text = write_report(run.path).read_text()
+    write_report(run.path)
+    text = (run.path / "report.md").read_text()
     assert "| 0 | 0.100 | 0.300 | 0.200 |" in text
     assert "| 1 | 0.600 | 0.800 | 0.700 |" in text
-    assert (run.path / "dice.png").stat().st_size > 1000
+    assert (run.path / "report" / "dice.png").stat().st_size > 1000
 
 
 def test_report_adds_epsilon_table_and_plot_for_private_sites(tmp_path: Path) -> None:
@@ -62,14 +65,44 @@ def test_report_adds_epsilon_table_and_plot_for_private_sites(tmp_path: Path) ->
         ]
     )
     run.write_summary({"epsilon_budget_per_site": {"a": 4.0}})
-    text = write_report(run.path).read_text()
+    write_report(run.path)
+    text = (run.path / "report.md").read_text()
     assert "| 1 | 2.500 |" in text and "| 2 | 3.500 |" in text
     assert "Budgets: a 4" in text
-    assert (run.path / "epsilon.png").is_file()
+    assert (run.path / "report" / "epsilon.png").is_file()
 
 
 def test_report_of_a_non_private_run_has_no_epsilon_section(tmp_path: Path) -> None:
     run = RunFolder.create(tmp_path, "x", "")
     run.append_metrics([{"round": 1, "site": "b", "split": "train", "epsilon_spent": None}])
-    assert "epsilon" not in write_report(run.path).read_text()
-    assert not (run.path / "epsilon.png").exists()
+    write_report(run.path)
+    assert "epsilon" not in (run.path / "report.md").read_text()
+    assert not (run.path / "report" / "epsilon.png").exists()
+
+
+def test_html_report_is_offline_and_references_existing_images(tmp_path: Path) -> None:
+    run = RunFolder.create(tmp_path, "x", "rounds: 1\n")
+    run.append_metrics(
+        {"round": r, "site": "a", "split": split, "dice_mean": 0.1 * r, "loss": 1.0 - 0.1 * r}
+        for r in (0, 1)
+        for split in ("train", "val")
+    )
+    index = write_report(run.path, legend=[("oedema", "#ffd23f")])
+    page = index.read_text()
+    sources = re.findall(r"<img src='([^']+)'", page)
+    assert {"dice.png", "loss.png"} <= set(sources)
+    assert all((index.parent / src).is_file() for src in sources)
+    assert "http://" not in page and "https://" not in page  # opens offline
+    assert "rounds: 1" in page and "oedema" in page  # resolved config and legend
+
+
+def test_tensorboard_gets_round_scalars(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = RunFolder.create(tmp_path, "x", "")
+    run.append_metrics([{"round": 2, "site": "a", "split": "val", "dice_mean": 0.7, "loss": 0.3}])
+    run.close()
+    events = EventAccumulator(str(run.path / "tensorboard"))
+    events.Reload()
+    [scalar] = events.Scalars("dice_mean/val/a")
+    assert (scalar.step, scalar.value) == (2, pytest.approx(0.7))
