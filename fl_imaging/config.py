@@ -154,6 +154,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     threads: int = 1
+    # site progress lines: "epoch" (one per local epoch) or "round" (one per round,
+    # quieter with many sites)
+    progress: str = "epoch"
 
 
 @dataclass
@@ -384,6 +387,8 @@ def validate(plan: RunPlan) -> list[str]:
         problems.append(f"train.batch_size must be >= 1, got {plan.train.batch_size}")
     if plan.train.lr <= 0:
         problems.append(f"train.lr must be > 0, got {plan.train.lr}")
+    if plan.train.progress not in ("epoch", "round"):
+        problems.append(f"train.progress must be 'epoch' or 'round', got {plan.train.progress!r}")
     if plan.train.threads < 0:
         problems.append(f"train.threads must be >= 0, got {plan.train.threads}")
     problems += _site_problems(plan)

@@ -246,6 +246,7 @@ def train_round(
         weight_decay=plan.train.weight_decay,
         proximal_mu=proximal_mu,
         log_prefix=prefix,
+        log_epochs=plan.train.progress == "epoch",
     )
     new_weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return RoundOutcome(new_weights, result, None)
@@ -311,7 +312,7 @@ def _train_private(
         model, loader, noise_multiplier=sigma, max_grad_norm=max_grad_norm, epochs=epochs,
         lr=plan.train.lr, weight_decay=plan.train.weight_decay, accountant=accountant,
         history=ledger.history, grad_sample_mode=plan.privacy.grad_sample_mode,
-        log_prefix=prefix,
+        log_prefix=prefix, log_epochs=plan.train.progress == "epoch",
     )  # fmt: skip
     ledger.history = history
     spent = ledger.epsilon_spent

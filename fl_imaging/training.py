@@ -76,6 +76,7 @@ def train_local(
     optimizer: torch.optim.Optimizer | None = None,
     on_empty_batch: Callable[[], None] | None = None,
     log_prefix: str = "",
+    log_epochs: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place on ``loader`` for ``epochs`` epochs.
 
@@ -93,6 +94,7 @@ def train_local(
         on_empty_batch: called instead of a step for an empty batch (DP-SGD accounts
             for it); empty batches are skipped when None.
         log_prefix: prefix of the per-epoch log lines (site and round).
+        log_epochs: log each epoch at INFO (else DEBUG).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -126,13 +128,15 @@ def train_local(
             epoch_steps += 1
         total += epoch_loss
         steps += epoch_steps
-        logger.debug(
-            "%sepoch %d/%d loss %.4f (%d steps)",
+        logger.log(
+            logging.INFO if log_epochs else logging.DEBUG,
+            "%sepoch %d/%d loss %.4f (%d steps, %.1f s)",
             log_prefix,
             epoch,
             epochs,
             epoch_loss / max(epoch_steps, 1),
             epoch_steps,
+            time.perf_counter() - start,
         )
     return TrainResult(
         loss=total / max(steps, 1),

@@ -50,6 +50,7 @@ def train_private(
     history: Sequence[Sequence[float]],
     grad_sample_mode: str = "functorch",
     log_prefix: str = "",
+    log_epochs: bool = False,
 ) -> tuple[dict[str, torch.Tensor], TrainResult, History]:
     """Train ``model`` with DP-SGD for ``epochs`` epochs; return weights, result, history.
 
@@ -67,6 +68,7 @@ def train_private(
         history: the site's accountant history before this round.
         grad_sample_mode: Opacus per-sample-gradient mode.
         log_prefix: prefix of the log lines.
+        log_epochs: log each epoch at INFO.
 
     Returns:
         ``(state_dict, result, history)``; ``history`` includes this round's steps,
@@ -99,6 +101,7 @@ def train_private(
         optimizer=dp_optimizer,
         on_empty_batch=account_empty_batch,
         log_prefix=log_prefix,
+        log_epochs=log_epochs,
     )
     weights = {k: v.detach().cpu() for k, v in dp_model._module.state_dict().items()}
     return weights, result, list(engine.accountant.history)
