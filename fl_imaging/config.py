@@ -29,6 +29,7 @@ KNOWN_STRATEGIES = ("fedavg", "fedprox")
 KNOWN_ACCOUNTANTS = ("rdp", "prv", "gdp")
 KNOWN_GRAD_SAMPLE_MODES = ("functorch", "hooks", "ew")
 KNOWN_NORMS = ("instance", "batch")
+KNOWN_ACTS = ("relu", "prelu")
 
 
 class ConfigError(ValueError):
@@ -121,6 +122,9 @@ class ModelConfig:
     strides: list[int] = field(default_factory=lambda: [2, 2])
     num_res_units: int = 1
     norm: str = "instance"
+    # MONAI's default prelu, or relu: DP-SGD steps are ~10-15% faster with relu (prelu
+    # weights need per-sample gradients of their own)
+    act: str = "prelu"
     dropout: float = 0.0
 
 
@@ -341,6 +345,8 @@ def validate(plan: RunPlan) -> list[str]:
         problems.append(f"model.name {plan.model.name!r} is unknown; choose one of {KNOWN_MODELS}")
     if plan.model.norm not in KNOWN_NORMS:
         problems.append(f"model.norm {plan.model.norm!r} is unknown; choose one of {KNOWN_NORMS}")
+    if plan.model.act not in KNOWN_ACTS:
+        problems.append(f"model.act {plan.model.act!r} is unknown; choose one of {KNOWN_ACTS}")
     if len(plan.model.channels) != len(plan.model.strides) + 1:
         problems.append(
             f"model.channels ({len(plan.model.channels)} entries) must have one more entry "

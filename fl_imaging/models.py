@@ -33,6 +33,8 @@ def build_model(model: ModelConfig, *, in_channels: int, out_channels: int) -> n
         raise ValueError(f"model.name {model.name!r} is unknown; choose 'unet'")
     if model.norm not in _NORMS:
         raise ValueError(f"model.norm {model.norm!r} is unknown; choose one of {sorted(_NORMS)}")
+    if model.act not in ("relu", "prelu"):
+        raise ValueError(f"model.act {model.act!r} is unknown; choose 'relu' or 'prelu'")
     if in_channels < 1 or out_channels < 2:
         raise ValueError(
             f"need in_channels >= 1 and out_channels >= 2, got {in_channels}, {out_channels}"
@@ -45,5 +47,6 @@ def build_model(model: ModelConfig, *, in_channels: int, out_channels: int) -> n
         strides=tuple(model.strides),
         num_res_units=model.num_res_units,
         norm=_NORMS[model.norm],
+        act=model.act,
         dropout=model.dropout,
     )

@@ -261,7 +261,7 @@ def test_private_run_trains_and_reports_epsilon_per_site(
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     dice = {r: sum(x["dice_mean"] for x in rows if x["split"] == "val" and x["round"] == r) / 3
             for r in (0, 3)}  # fmt: skip
-    assert dice[3] > dice[0]
+    assert dice[3] > dice[0], dice
     budgets = {"hospital_a": 8.0, "hospital_b": 8.0, "hospital_c": 1.0}
     train = [r for r in rows if r["split"] == "train"]
     for row in train:
