@@ -124,6 +124,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
     from fl_imaging.config import compose_dictconfig, to_plan, validate
     from fl_imaging.site import check_sites
+    from fl_imaging.strategies import strategy_problems
 
     experiment, overrides = split_experiment(args.overrides)
     if not any(o.startswith("paths.root=") for o in overrides):
@@ -131,7 +132,7 @@ def _check_config(args: argparse.Namespace) -> int:
     cfg = compose_dictconfig(experiment, overrides)
     plan = to_plan(cfg, check=False)
     print(OmegaConf.to_yaml(cfg, resolve=True))
-    problems = validate(plan) + check_sites(plan)
+    problems = validate(plan) + check_sites(plan) + strategy_problems(plan)
     if problems:
         print(f"{len(problems)} problem(s):")
         for problem in problems:

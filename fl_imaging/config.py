@@ -25,7 +25,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 CONF_DIR_ENV = "FL_IMAGING_CONF"
 KNOWN_MODELS = ("unet",)
-KNOWN_STRATEGIES = ("fedavg", "fedprox")
+KNOWN_STRATEGIES = (
+    "fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm",
+    "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
+)  # fmt: skip
 KNOWN_ACCOUNTANTS = ("rdp", "prv", "gdp")
 KNOWN_GRAD_SAMPLE_MODES = ("functorch", "hooks", "ew")
 KNOWN_NORMS = ("instance", "batch")
@@ -173,6 +176,9 @@ class StrategyConfig:
     min_sites: int = 2
     # FedProx: weight of the proximal term (mu/2)||w - w_global||^2 in each site's loss
     proximal_mu: float = 0.0
+    # further keyword arguments of the Flower strategy (e.g. eta, beta_1 for fedadam,
+    # server_momentum for fedavgm, beta for fedtrimmedavg, num_malicious_nodes for krum)
+    params: dict[str, Any] = field(default_factory=dict)
     connect_timeout: float = 120.0
     round_timeout: float = 3600.0
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from fl_imaging.config import ConfigError, RunPlan, compose, split_overrides
 from fl_imaging.site import check_sites
+from fl_imaging.strategies import strategy_problems
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ def run_simulation(
         items.append(f"paths.root={project_root}")
     if plan is None:
         plan = compose(experiment, items)  # fail fast, before any process starts
-    problems = check_sites(plan)
+    problems = check_sites(plan) + strategy_problems(plan)
     if problems:
         raise ConfigError("the configured sites are not usable:\n  - " + "\n  - ".join(problems))
     sim = plan.federation.simulation

@@ -3,13 +3,35 @@
 from __future__ import annotations
 
 from flwr.serverapp.strategy import (
+    Bulyan,
     DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
     FedAvg,
+    FedAvgM,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
     Strategy,
 )
 
-from fl_imaging.config import RunPlan
+from fl_imaging.config import ConfigError, RunPlan
+
+# strategy.name -> Flower Message-API strategy (all aggregate what FedAvg's sampling sends)
+STRATEGIES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,  # server-side optimisers: FedOpt family
+    "fedyogi": FedYogi,
+    "fedavgm": FedAvgM,
+    "fedmedian": FedMedian,  # robust aggregators
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+    "multikrum": MultiKrum,
+    "bulyan": Bulyan,
+}
 
 
 def build_strategy(plan: RunPlan) -> Strategy:
@@ -35,15 +57,33 @@ def build_strategy(plan: RunPlan) -> Strategy:
 
 
 def _base_strategy(plan: RunPlan) -> FedAvg:
-    common = {
+    cls = STRATEGIES.get(plan.strategy.name)
+    if cls is None:
+        raise ConfigError(
+            f"strategy.name {plan.strategy.name!r} is unknown; choose one of {sorted(STRATEGIES)}"
+        )
+    kwargs: dict[str, object] = {
         "fraction_train": plan.strategy.fraction_train,
         "fraction_evaluate": plan.strategy.fraction_evaluate,
         "min_train_nodes": plan.strategy.min_sites,
         "min_evaluate_nodes": plan.strategy.min_sites,
         "min_available_nodes": len(plan.federation.sites),
+        **plan.strategy.params,
     }
-    if plan.strategy.name == "fedavg":
-        return FedAvg(**common)
-    if plan.strategy.name == "fedprox":
-        return FedProx(proximal_mu=plan.strategy.proximal_mu, **common)
-    raise ValueError(f"strategy.name {plan.strategy.name!r} is unknown")
+    if cls is FedProx:
+        kwargs["proximal_mu"] = plan.strategy.proximal_mu
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(
+            f"strategy.params {dict(plan.strategy.params)} do not fit {cls.__name__}: {exc}"
+        ) from exc
+
+
+def strategy_problems(plan: RunPlan) -> list[str]:
+    """Problems building the configured strategy (e.g. ``strategy.params`` it does not take)."""
+    try:
+        build_strategy(plan)
+    except (ConfigError, ValueError) as exc:
+        return [str(exc)]
+    return []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,15 @@ def tiny_overrides(manifests: list[Path], root: Path) -> list[str]:
 def tiny_plan(tiny_sites: list[Path], tmp_path: Path) -> RunPlan:
     """The real ``demo`` experiment shrunk to the tiny hospitals, writing under tmp_path."""
     return compose("demo", tiny_overrides(tiny_sites, tmp_path))
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    # Flower's strategies stamp the run id on each message they create; the
+    # ServerApp process sets it, a bare test process must do so itself.
+    from flwr.supercore.task_identity import TaskIdentity
+
+    previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous

@@ -4,8 +4,6 @@ server's round loop driven through an in-process grid that calls those handlers.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -13,14 +11,9 @@ import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
-    Context,
-    Error,
-    Message,
     MessageType,
-    Metadata,
     RecordDict,
 )
-from flwr.serverapp import Grid
 
 from fl_imaging import client_app, server_app
 from fl_imaging.config import RunPlan, compose, plan_to_yaml
@@ -28,31 +21,7 @@ from fl_imaging.protocol import MetricKey, RecordKey
 from fl_imaging.reporting import RunFolder
 from fl_imaging.site import new_model
 from tests.conftest import tiny_overrides
-
-
-def make_message(content: RecordDict, message_type: str, dst: int) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"m{time.monotonic_ns()}",
-        src_node_id=0,
-        dst_node_id=dst,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600,
-        message_type=message_type,
-    )
-    return Message(metadata=metadata, content=content)
-
-
-def context_for(partition_id: int, overrides: list[str]) -> Context:
-    return Context(
-        run_id=1,
-        node_id=partition_id + 1,
-        node_config={"partition-id": partition_id, "num-partitions": 3},
-        state=RecordDict(),
-        run_config={"experiment": "demo", "overrides": " ".join(overrides)},
-    )
+from tests.local_grid import LocalGrid, context_for, make_message
 
 
 @pytest.fixture
@@ -95,66 +64,6 @@ def test_evaluate_reply_holds_per_class_dice(overrides: list[str]) -> None:
     assert set(metrics.keys()) == {"num-examples", "loss", "dice-mean", "dice-1", "dice-2"}
     assert RecordKey.ARRAYS not in reply.content
     assert 0.0 <= metrics["dice-mean"] <= 1.0
-
-
-class LocalGrid(Grid):
-    """Delivers messages to this process's ClientApp handlers (one Context per node)."""
-
-    def __init__(self, overrides: list[str], num_nodes: int = 3) -> None:
-        self.contexts = {i + 1: context_for(i, overrides) for i in range(num_nodes)}
-        self.received: list[Message] = []
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            handler = (
-                client_app.train
-                if msg.metadata.message_type == MessageType.TRAIN
-                else (client_app.evaluate)
-            )
-            try:
-                replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
-            except Exception as exc:  # as Flower does: the exception becomes an error reply
-                replies.append(Message(Error(code=1, reason=str(exc)), reply_to=msg))
-        self.received.extend(replies)
-        return replies
-
-    # The loop under test uses only the two methods above.
-    def set_run(self, run_id: int) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    @property
-    def run(self):  # pragma: no cover
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # pragma: no cover
-        raise NotImplementedError
-
-    def get_nodes(self):  # pragma: no cover
-        raise NotImplementedError
-
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-
-@pytest.fixture
-def task_identity() -> Iterable[None]:
-    # Flower's strategies stamp the run id on each message they create; the
-    # ServerApp process sets it, a bare test process must do so itself.
-    from flwr.supercore.task_identity import TaskIdentity
-
-    previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
 
 
 def test_server_loop_writes_the_run_folder_contract(

@@ -1,0 +1,84 @@
+"""An in-process Flower grid for tests: messages go straight to this process's handlers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Context, Error, Message, MessageType, Metadata, RecordDict
+from flwr.serverapp import Grid
+
+from fl_imaging import client_app
+
+
+def make_message(content: RecordDict, message_type: str, dst: int) -> Message:
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{time.monotonic_ns()}",
+        src_node_id=0,
+        dst_node_id=dst,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600,
+        message_type=message_type,
+    )
+    return Message(metadata=metadata, content=content)
+
+
+def context_for(partition_id: int, overrides: list[str]) -> Context:
+    return Context(
+        run_id=1,
+        node_id=partition_id + 1,
+        node_config={"partition-id": partition_id, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={"experiment": "demo", "overrides": " ".join(overrides)},
+    )
+
+
+class LocalGrid(Grid):
+    """Delivers messages to this process's ClientApp handlers (one Context per node)."""
+
+    def __init__(self, overrides: list[str], num_nodes: int = 3) -> None:
+        self.contexts = {i + 1: context_for(i, overrides) for i in range(num_nodes)}
+        self.received: list[Message] = []
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            handler = (
+                client_app.train
+                if msg.metadata.message_type == MessageType.TRAIN
+                else (client_app.evaluate)
+            )
+            try:
+                replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
+            except Exception as exc:  # as Flower does: the exception becomes an error reply
+                replies.append(Message(Error(code=1, reason=str(exc)), reply_to=msg))
+        self.received.extend(replies)
+        return replies
+
+    # The loop under test uses only the two methods above.
+    def set_run(self, run_id: int) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def run(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # pragma: no cover
+        raise NotImplementedError
+
+    def get_nodes(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def push_messages(self, messages):  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
