@@ -176,6 +176,10 @@ class StrategyConfig:
     min_sites: int = 2
     # FedProx: weight of the proximal term (mu/2)||w - w_global||^2 in each site's loss
     proximal_mu: float = 0.0
+    # reject an update farther from the global model than this many times the round's
+    # median distance (null: no norm screening; malformed or non-finite updates are
+    # always rejected)
+    screen_norm_factor: float | None = 10.0
     # further keyword arguments of the Flower strategy (e.g. eta, beta_1 for fedadam,
     # server_momentum for fedavgm, beta for fedtrimmedavg, num_malicious_nodes for krum)
     params: dict[str, Any] = field(default_factory=dict)
@@ -421,6 +425,9 @@ def validate(plan: RunPlan) -> list[str]:
         problems.append(
             f"strategy.proximal_mu must be > 0 for fedprox, got {plan.strategy.proximal_mu}"
         )
+    factor = plan.strategy.screen_norm_factor
+    if factor is not None and factor <= 1:
+        problems.append(f"strategy.screen_norm_factor must be > 1 or null, got {factor}")
     if plan.strategy.proximal_mu < 0:
         problems.append(f"strategy.proximal_mu must be >= 0, got {plan.strategy.proximal_mu}")
     private = [s.name for s in plan.federation.sites if s.privacy.epsilon is not None]

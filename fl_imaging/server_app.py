@@ -23,6 +23,7 @@ from fl_imaging.logs import setup_logging
 from fl_imaging.overlays import legend, render_run_overlays
 from fl_imaging.protocol import MetricKey, RecordKey, RunConfigKey, SiteKey
 from fl_imaging.reporting import RunFolder, write_report
+from fl_imaging.screening import screen_updates
 from fl_imaging.site import new_model
 from fl_imaging.strategies import build_strategy
 
@@ -176,6 +177,12 @@ def run_federation(grid: Grid, plan: RunPlan, run: RunFolder, run_id: int) -> di
                 if "epsilon_spent" in row and math.isfinite(row["epsilon_spent"]):
                     summary["epsilon_spent_per_site"][row["site"]] = row["epsilon_spent"]
                     summary["epsilon_budget_per_site"][row["site"]] = row["epsilon_budget"]
+            replies, rejected = _screen(replies, arrays, node_sites, plan, server_round)
+            if rejected:
+                run.append_metrics(rejected)
+                summary["rejected_updates"] = summary.get("rejected_updates", 0) + len(rejected)
+                rejected_sites = {r["site"] for r in rejected}
+                rows = [r for r in rows if r["site"] not in rejected_sites]
             exhausted = [r for r in rows if r.get("status") == "budget_exhausted"]
             for row in exhausted:
                 logger.warning(
@@ -186,6 +193,7 @@ def run_federation(grid: Grid, plan: RunPlan, run: RunFolder, run_id: int) -> di
             if updated < plan.strategy.min_sites:
                 failed = {f["site"]: f["error"] for f in failures}
                 failed.update({r["site"]: "privacy budget exhausted" for r in exhausted})
+                failed.update({r["site"]: r["reason"] for r in rejected})
                 raise FederationError(
                     f"round {server_round}: only {updated} sites returned an update "
                     f"(strategy.min_sites={plan.strategy.min_sites}); others: {failed}"
@@ -255,6 +263,34 @@ def main(grid: Grid, context: Context) -> None:
         {k: round(v, 3) for k, v in summary["final_dice_per_site"].items()},
         run.path,
     )
+
+
+def _screen(
+    replies: list[Message],
+    arrays: ArrayRecord,
+    node_sites: dict[int, str],
+    plan: RunPlan,
+    server_round: int,
+) -> tuple[list[Message], list[dict[str, Any]]]:
+    """Drop replies whose update fails screening; return kept replies and rejection rows."""
+    reference = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
+    updates = {}
+    for msg in replies:
+        if not msg.has_error() and RecordKey.ARRAYS in msg.content:
+            record = msg.content[RecordKey.ARRAYS]
+            site = node_sites.get(msg.metadata.src_node_id, f"node {msg.metadata.src_node_id}")
+            updates[site] = dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
+    reasons = screen_updates(reference, updates, norm_factor=plan.strategy.screen_norm_factor)
+    rows = []
+    for site, reason in sorted(reasons.items()):
+        logger.warning("round %d: rejected the update of site %s: %s", server_round, site, reason)
+        rows.append({"round": server_round, "site": site, "split": "train",
+                     "status": "rejected", "reason": reason})  # fmt: skip
+    kept = [
+        m for m in replies
+        if node_sites.get(m.metadata.src_node_id, f"node {m.metadata.src_node_id}") not in reasons
+    ]  # fmt: skip
+    return kept, rows
 
 
 def _write_report(run: RunFolder, plan: RunPlan) -> None:
