@@ -203,6 +203,9 @@ class RunPlan:
     name: str = "run"
     rounds: int = 5
     seed: int = 0
+    # continue a stopped run: "latest" or a run folder; its model, data and sites must
+    # match this configuration (rounds may grow)
+    resume: str | None = None
     federation: FederationConfig = field(default_factory=FederationConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

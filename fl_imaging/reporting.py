@@ -80,6 +80,30 @@ class RunFolder:
         os.replace(tmp_link, link)
         return folder
 
+    @classmethod
+    def reopen(cls, path: Path, outputs: Path) -> RunFolder:
+        """An existing run folder (to resume it); ``outputs/latest`` points at it again."""
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{path}: not a run folder (no {CONFIG_FILE})")
+        folder = cls(path)
+        link = outputs / LATEST
+        if path.parent == outputs and link.resolve() != path:
+            tmp_link = outputs / f".{LATEST}.{os.getpid()}"
+            tmp_link.unlink(missing_ok=True)
+            tmp_link.symlink_to(path.name)
+            os.replace(tmp_link, link)
+        return folder
+
+    def truncate_metrics(self, last_round: int) -> int:
+        """Drop ``metrics.jsonl`` rows after ``last_round`` (a round cut short); return how many."""
+        path = self.path / METRICS_FILE
+        if not path.is_file():
+            return 0
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if int(json.loads(line)["round"]) <= last_round]
+        _atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+        return len(lines) - len(kept)
+
     def append_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Append rows to ``metrics.jsonl`` (NaN/Inf become ``null``) and to TensorBoard."""
         rows = list(rows)

@@ -12,20 +12,30 @@ import logging
 import math
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
+from omegaconf import OmegaConf
 
-from fl_imaging.config import RunPlan, compose, plan_to_dict, plan_to_yaml
+from fl_imaging.config import ConfigError, RunPlan, compose, plan_to_dict, plan_to_yaml, to_plan
 from fl_imaging.logs import setup_logging
 from fl_imaging.overlays import legend, render_run_overlays
 from fl_imaging.protocol import MetricKey, RecordKey, RunConfigKey, SiteKey
-from fl_imaging.reporting import RunFolder, write_report
+from fl_imaging.reporting import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    LATEST,
+    SUMMARY_FILE,
+    RunFolder,
+    write_report,
+)
 from fl_imaging.screening import screen_updates
 from fl_imaging.site import new_model
-from fl_imaging.strategies import build_strategy
+from fl_imaging.strategies import build_strategy, restore_strategy_state, strategy_state
 
 app = ServerApp()
 logger = logging.getLogger("fl_imaging.server")
@@ -118,14 +128,61 @@ def _round_line(server_round: int, rows: list[dict[str, Any]], labels: dict[int,
     return f"round {server_round} Dice: mean {mean:.3f} | " + " | ".join(parts)
 
 
-def run_federation(grid: Grid, plan: RunPlan, run: RunFolder, run_id: int) -> dict[str, Any]:
-    """Train ``plan.rounds`` rounds; write metrics, checkpoints and summary into ``run``."""
+@dataclass(frozen=True)
+class ResumeState:
+    """Where a stopped run left off (from its ``checkpoints/last.pt`` and ``summary.json``)."""
+
+    last_round: int
+    state_dict: dict[str, Any]
+    strategy_state: dict[str, Any]
+    summary: dict[str, Any]
+
+
+def load_resume_state(run: RunFolder, plan: RunPlan) -> ResumeState:
+    """Read a run folder's last completed round; refuse one trained under another setup.
+
+    Raises:
+        ConfigError: the folder's model, data or sites differ from ``plan``, or it has
+            no completed round to continue from.
+    """
+    stored = to_plan(OmegaConf.load(run.path / CONFIG_FILE), check=False)
+    old, new = plan_to_dict(stored), plan_to_dict(plan)
+    for key in ("model", "data"):
+        if old[key] != new[key]:
+            raise ConfigError(
+                f"cannot resume {run.path}: its {key} config differs ({old[key]} vs {new[key]})"
+            )
+    if stored.site_names != plan.site_names:
+        raise ConfigError(
+            f"cannot resume {run.path}: it was run with sites {stored.site_names}, "
+            f"not {plan.site_names}"
+        )
+    last = run.path / CHECKPOINT_DIR / "last.pt"
+    if not last.is_file():
+        raise ConfigError(f"cannot resume {run.path}: no completed round (no {last.name})")
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    summary = _read_json(run.path / SUMMARY_FILE) or {}
+    return ResumeState(
+        int(ckpt["round"]), ckpt["state_dict"], ckpt.get("strategy_state", {}), summary
+    )
+
+
+def run_federation(
+    grid: Grid, plan: RunPlan, run: RunFolder, run_id: int, resume: ResumeState | None = None
+) -> dict[str, Any]:
+    """Train up to ``plan.rounds`` rounds; write metrics, checkpoints and summary into ``run``.
+
+    With ``resume``, continue after its last completed round: rows of a round that was
+    cut short are dropped from ``metrics.jsonl`` and that round runs again, so every
+    completed round appears exactly once.
+    """
     labels = dict(plan.data.labels)
     num_sites = len(plan.federation.sites)
     started = time.monotonic()
     wait_for_sites(grid, num_sites, plan.strategy.connect_timeout)
     strategy = build_strategy(plan)
     arrays = ArrayRecord(new_model(plan).state_dict())
+    first_round, minutes_before = 0, 0.0
     summary: dict[str, Any] = {
         "name": plan.name,
         "run_id": run_id,
@@ -140,6 +197,20 @@ def run_federation(grid: Grid, plan: RunPlan, run: RunFolder, run_id: int) -> di
         "epsilon_spent_per_site": {},
         "epsilon_budget_per_site": {},
     }
+    if resume is not None:
+        arrays = ArrayRecord(resume.state_dict)
+        restore_strategy_state(strategy, resume.strategy_state)
+        dropped = run.truncate_metrics(resume.last_round)
+        summary.update({k: v for k, v in resume.summary.items() if k in summary or k in (
+            "final_dice_mean", "final_dice_per_site", "rejected_updates")})  # fmt: skip
+        summary.update(status="running", run_id=run_id, rounds_planned=plan.rounds)
+        summary.setdefault("resumed_after_rounds", []).append(resume.last_round)
+        first_round = resume.last_round + 1
+        minutes_before = float(resume.summary.get("minutes", 0.0))
+        logger.info(
+            "resuming %s after round %d (%d rows of the unfinished round dropped)",
+            run.path, resume.last_round, dropped,
+        )  # fmt: skip
     node_sites: dict[int, str] = {}  # learnt from replies: sites name themselves
     meta = {
         "config": plan_to_dict(plan),
@@ -168,7 +239,7 @@ def run_federation(grid: Grid, plan: RunPlan, run: RunFolder, run_id: int) -> di
             logger.info(_round_line(server_round, rows, labels))
         return rows
 
-    for server_round in range(0, plan.rounds + 1):
+    for server_round in range(first_round, plan.rounds + 1):
         if server_round > 0:
             logger.info("round %d/%d: training at %d sites", server_round, plan.rounds, num_sites)
             messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
@@ -210,7 +281,10 @@ def run_federation(grid: Grid, plan: RunPlan, run: RunFolder, run_id: int) -> di
         dice_per_site = {r["site"]: r["dice_mean"] for r in rows}
         dice_mean = _mean(dice_per_site.values())
         state_dict = arrays.to_torch_state_dict()
-        run.save_checkpoint("last", state_dict, round=server_round, dice_mean=dice_mean, **meta)
+        run.save_checkpoint(
+            "last", state_dict, round=server_round, dice_mean=dice_mean,
+            strategy_state=strategy_state(strategy), **meta,
+        )  # fmt: skip
         best = summary["best_dice_mean"]
         if math.isfinite(dice_mean) and (best is None or dice_mean > best):
             summary["best_round"], summary["best_dice_mean"] = server_round, dice_mean
@@ -219,12 +293,13 @@ def run_federation(grid: Grid, plan: RunPlan, run: RunFolder, run_id: int) -> di
             rounds_completed=server_round,
             final_dice_mean=dice_mean,
             final_dice_per_site=dice_per_site,
-            minutes=(time.monotonic() - started) / 60,
+            minutes=minutes_before + (time.monotonic() - started) / 60,
         )
         summary["dice_mean_per_round"][str(server_round)] = dice_mean
         run.write_summary(summary)
         elapsed = time.monotonic() - started
-        eta = elapsed / max(server_round, 1) * (plan.rounds - server_round) if server_round else 0
+        done = server_round - first_round + 1
+        eta = elapsed / done * (plan.rounds - server_round) if server_round else 0
         logger.info(
             "round %d/%d done | %d/%d sites evaluated | mean Dice %.3f | %.0f s elapsed | "
             "eta %.0f s", server_round, plan.rounds, len(rows), num_sites, dice_mean, elapsed, eta,
@@ -242,10 +317,17 @@ def main(grid: Grid, context: Context) -> None:
         str(context.run_config.get(RunConfigKey.EXPERIMENT, "")),
         str(context.run_config.get(RunConfigKey.OVERRIDES, "")),
     )
-    run = RunFolder.create(plan.resolve_path(plan.paths.outputs), plan.name, plan_to_yaml(plan))
+    outputs = plan.resolve_path(plan.paths.outputs)
+    resume = None
+    if plan.resume:
+        target = outputs / LATEST if plan.resume == "latest" else plan.resolve_path(plan.resume)
+        run = RunFolder.reopen(target.resolve(), outputs)
+        resume = load_resume_state(run, plan)
+    else:
+        run = RunFolder.create(outputs, plan.name, plan_to_yaml(plan))
     logger.info("run folder: %s", run.path)
     try:
-        summary = run_federation(grid, plan, run, context.run_id)
+        summary = run_federation(grid, plan, run, context.run_id, resume)
     except Exception as exc:
         logger.error("run failed: %s", exc)
         partial = run.path / "summary.json"

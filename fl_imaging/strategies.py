@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flwr.serverapp.strategy import (
     Bulyan,
     DifferentialPrivacyServerSideFixedClipping,
@@ -87,3 +89,27 @@ def strategy_problems(plan: RunPlan) -> list[str]:
     except (ConfigError, ValueError) as exc:
         return [str(exc)]
     return []
+
+
+# Flower strategy attributes that carry server-optimiser state across rounds
+_STATE_ATTRS = ("m_t", "v_t", "momentum_vector")
+
+
+def _inner(strategy: Strategy) -> Strategy:
+    # the central-DP wrapper keeps the aggregating strategy in `.strategy`
+    return getattr(strategy, "strategy", strategy)
+
+
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """Server-optimiser state worth checkpointing (FedOpt moments, FedAvgM momentum)."""
+    inner = _inner(strategy)
+    return {a: getattr(inner, a) for a in _STATE_ATTRS if getattr(inner, a, None) is not None}
+
+
+def restore_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
+    """Put checkpointed server-optimiser state back into a freshly built strategy."""
+    inner = _inner(strategy)
+    for name, value in state.items():
+        if name not in _STATE_ATTRS:
+            raise ValueError(f"unknown strategy state {name!r} in checkpoint")
+        setattr(inner, name, value)

@@ -1,0 +1,84 @@
+"""Checkpoint and resume: a killed run continues after its last completed round."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Message, MessageType
+
+from fl_imaging import server_app
+from fl_imaging.config import ConfigError, compose, plan_to_yaml
+from fl_imaging.reporting import RunFolder
+from tests.conftest import tiny_overrides
+from tests.local_grid import LocalGrid
+
+
+class Killed(RuntimeError):
+    """Stands for the server process dying."""
+
+
+class DyingGrid(LocalGrid):
+    """Dies while round ``die_at`` is being evaluated (after its training rows were written)."""
+
+    def __init__(self, overrides: list[str], die_at: int) -> None:
+        super().__init__(overrides)
+        self.die_at = die_at
+        self.trained_rounds = 0
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            self.trained_rounds += 1
+        elif self.trained_rounds == self.die_at:
+            raise Killed("server killed")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def read_rows(run: RunFolder) -> list[dict]:
+    return [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_killed_run_resumes_without_losing_or_repeating_rounds(
+    tiny_sites: list[Path], tmp_path: Path, task_identity: None
+) -> None:
+    overrides = [*tiny_overrides(tiny_sites, tmp_path), "rounds=3", "strategy=fedadam"]
+    plan = compose("demo", overrides)
+    run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
+    with pytest.raises(Killed):
+        server_app.run_federation(DyingGrid(overrides, die_at=2), plan, run, run_id=1)
+    assert {(r["round"], r["split"]) for r in read_rows(run)} >= {(2, "train")}  # cut short
+    checkpoint = torch.load(run.path / "checkpoints" / "last.pt", weights_only=False)
+    assert checkpoint["round"] == 1 and set(checkpoint["strategy_state"]) == {"m_t", "v_t"}
+
+    resumed_plan = compose("demo", [*overrides, "resume=latest"])
+    reopened = RunFolder.reopen((tmp_path / "outputs" / "latest").resolve(), tmp_path / "outputs")
+    state = server_app.load_resume_state(reopened, resumed_plan)
+    assert state.last_round == 1
+    summary = server_app.run_federation(LocalGrid(overrides), resumed_plan, reopened, 2, state)
+
+    rows = read_rows(reopened)
+    keys = [(r["round"], r["site"], r["split"]) for r in rows]
+    assert len(keys) == len(set(keys))  # nothing repeated
+    assert {(k[0], k[2]) for k in keys} == {(0, "val")} | {
+        (r, s) for r in (1, 2, 3) for s in ("train", "val")
+    }  # nothing lost
+    assert summary["rounds_completed"] == 3 and summary["resumed_after_rounds"] == [1]
+    assert sorted(summary["dice_mean_per_round"]) == ["0", "1", "2", "3"]
+
+
+def test_resuming_with_another_model_is_refused(
+    tiny_sites: list[Path], tmp_path: Path, task_identity: None
+) -> None:
+    overrides = [*tiny_overrides(tiny_sites, tmp_path), "rounds=1"]
+    plan = compose("demo", overrides)
+    run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
+    server_app.run_federation(LocalGrid(overrides), plan, run, run_id=1)
+    other = compose("demo", [*overrides, "model=unet_small", "resume=latest"])
+    with pytest.raises(ConfigError, match="model config differs"):
+        server_app.load_resume_state(run, other)
