@@ -1,0 +1,62 @@
+"""A hostile site against FedAvg and a robust aggregator (screening off, to test aggregation)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+from flwr.app import ArrayRecord, Message, MessageType
+
+from fl_imaging import server_app
+from fl_imaging.config import compose, plan_to_yaml
+from fl_imaging.reporting import RunFolder
+from tests.conftest import tiny_overrides
+from tests.local_grid import LocalGrid
+
+
+class HostileGrid(LocalGrid):
+    """hospital_a (node 1) sends global - 10 x (its honest update) every round."""
+
+    def __init__(self, overrides: list[str]) -> None:
+        super().__init__(overrides)
+        self.global_state: dict = {}
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            self.global_state = messages[0].content["arrays"].to_torch_state_dict()
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if reply.metadata.src_node_id == 1 and reply.metadata.message_type == MessageType.TRAIN:
+                honest = reply.content["arrays"].to_torch_state_dict()
+                reply.content["arrays"] = ArrayRecord(
+                    {k: g - 10 * (honest[k] - g) for k, g in self.global_state.items()}
+                )
+        return replies
+
+
+def final_dice(grid_cls: type[LocalGrid], strategy: str, sites: list[Path], root: Path) -> float:
+    overrides = [*tiny_overrides(sites, root), "model=unet_small", "rounds=3",
+                 "train.local_epochs=2", f"strategy={strategy}",
+                 "strategy.screen_norm_factor=null"]  # fmt: skip
+    plan = compose("demo", overrides)
+    run = RunFolder.create(root / strategy / grid_cls.__name__, plan.name, plan_to_yaml(plan))
+    summary = server_app.run_federation(grid_cls(overrides), plan, run, run_id=1)
+    return float(summary["final_dice_mean"])
+
+
+@pytest.mark.parametrize("robust", ["fedmedian"])
+def test_robust_aggregation_shrugs_off_a_hostile_site_fedavg_does_not(
+    robust: str, tiny_sites: list[Path], tmp_path: Path, task_identity: None
+) -> None:
+    honest_robust = final_dice(LocalGrid, robust, tiny_sites, tmp_path)
+    attacked_robust = final_dice(HostileGrid, robust, tiny_sites, tmp_path)
+    honest_avg = final_dice(LocalGrid, "fedavg", tiny_sites, tmp_path)
+    attacked_avg = final_dice(HostileGrid, "fedavg", tiny_sites, tmp_path)
+    print(f"{robust}: honest {honest_robust:.3f} attacked {attacked_robust:.3f}; "
+          f"fedavg: honest {honest_avg:.3f} attacked {attacked_avg:.3f}")  # fmt: skip
+    assert abs(attacked_robust - honest_robust) <= 0.05
+    assert attacked_avg < honest_avg - 0.1
