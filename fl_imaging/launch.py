@@ -239,8 +239,7 @@ def run_simulation(
             text=True,
             bufsize=1,
         ) as proc:
-            assert proc.stdout is not None
-            for line in proc.stdout:
+            for line in proc.stdout or ():
                 sys.stdout.write(line)
                 sys.stdout.flush()
                 if not run_id and (match := _RUN_ID.search(line)):
