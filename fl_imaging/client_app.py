@@ -70,6 +70,7 @@ def train(msg: Message, context: Context) -> Message:
         server_round=server_round,
         run_id=str(context.run_id),
         proximal_mu=float(config.get(ConfigKey.PROXIMAL_MU, 0.0)),
+        epochs=int(config.get(ConfigKey.FINETUNE_EPOCHS, 0)) or None,
         validate_data=_first_time(context, "train"),
     )
     privacy = outcome.privacy

@@ -180,6 +180,9 @@ class StrategyConfig:
     # median distance (null: no norm screening; malformed or non-finite updates are
     # always rejected)
     screen_norm_factor: float | None = 10.0
+    # after the last round: each site fine-tunes the global model this many local epochs,
+    # then every model (global and fine-tuned) is evaluated at every site (0: skip)
+    cross_site_epochs: int = 1
     # further keyword arguments of the Flower strategy (e.g. eta, beta_1 for fedadam,
     # server_momentum for fedavgm, beta for fedtrimmedavg, num_malicious_nodes for krum)
     params: dict[str, Any] = field(default_factory=dict)
@@ -427,6 +430,10 @@ def validate(plan: RunPlan) -> list[str]:
     if plan.strategy.name == "fedprox" and plan.strategy.proximal_mu <= 0:
         problems.append(
             f"strategy.proximal_mu must be > 0 for fedprox, got {plan.strategy.proximal_mu}"
+        )
+    if plan.strategy.cross_site_epochs < 0:
+        problems.append(
+            f"strategy.cross_site_epochs must be >= 0, got {plan.strategy.cross_site_epochs}"
         )
     factor = plan.strategy.screen_norm_factor
     if factor is not None and factor <= 1:

@@ -39,6 +39,8 @@ class ConfigKey(StrEnum):
 
     SERVER_ROUND = "server-round"  # injected by Flower's strategies
     PROXIMAL_MU = "proximal-mu"  # sent by Flower's FedProx
+    # > 0: a short local fine-tune of this many epochs (cross-site evaluation), no FedProx
+    FINETUNE_EPOCHS = "finetune-epochs"
 
 
 class SiteKey(StrEnum):

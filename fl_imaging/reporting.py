@@ -237,6 +237,38 @@ def loss_table(rows: Iterable[Mapping[str, Any]], split: str) -> dict[str, dict[
 
 
 REPORT_DIR = "report"
+CROSS_SITE_FILE = "cross_site.json"
+
+
+def write_cross_site(run_dir: Path, matrix: Mapping[str, Any]) -> Path:
+    """Save the cross-site Dice matrix as ``cross_site.json`` and ``report/cross_site.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    text = json.dumps(_json_safe(dict(matrix)), indent=2) + "\n"
+    _atomic_write_bytes(run_dir / CROSS_SITE_FILE, text.encode())
+    models, sites = list(matrix["models"]), list(matrix["sites"])
+    values = [[matrix["dice"].get(m, {}).get(s, float("nan")) for s in sites] for m in models]
+    fig, ax = plt.subplots(figsize=(1.6 * len(sites) + 3, 0.5 * len(models) + 1.5), dpi=100)
+    image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(sites)), sites, rotation=20, ha="right")
+    ax.set_yticks(range(len(models)), models)
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            if math.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center",
+                        color="white" if v < 0.5 else "black")  # fmt: skip
+    ax.set_xlabel("validation data of site")
+    ax.set_title("cross-site mean Dice (model x site)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    (run_dir / REPORT_DIR).mkdir(exist_ok=True)
+    path = run_dir / REPORT_DIR / "cross_site.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def write_report(
@@ -281,6 +313,15 @@ def write_report(
     lines += ["## Validation mean Dice per round", ""]
     lines += _table_lines(rounds, table, mean=True)
     lines += ["", f"![Dice per round]({REPORT_DIR}/dice.png)", ""]
+    cross_path = run_dir / CROSS_SITE_FILE
+    if cross_path.is_file() and (out / "cross_site.png").is_file():
+        images.append(("Cross-site Dice: models x sites' validation data", "cross_site.png"))
+        lines += [
+            "## Cross-site Dice (model x site)",
+            "",
+            f"![cross-site]({REPORT_DIR}/cross_site.png)",
+            "",
+        ]
     eps_rounds, eps = epsilon_table(rows)
     eps_lines: list[str] = []
     if eps:

@@ -17,20 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
 from fl_imaging.config import ConfigError, RunPlan, compose, plan_to_dict, plan_to_yaml, to_plan
 from fl_imaging.logs import setup_logging
 from fl_imaging.overlays import legend, render_run_overlays
-from fl_imaging.protocol import MetricKey, RecordKey, RunConfigKey, SiteKey
+from fl_imaging.protocol import ConfigKey, MetricKey, RecordKey, RunConfigKey, SiteKey
 from fl_imaging.reporting import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     LATEST,
     SUMMARY_FILE,
     RunFolder,
+    write_cross_site,
     write_report,
 )
 from fl_imaging.screening import screen_updates
@@ -304,9 +305,58 @@ def run_federation(
             "round %d/%d done | %d/%d sites evaluated | mean Dice %.3f | %.0f s elapsed | "
             "eta %.0f s", server_round, plan.rounds, len(rows), num_sites, dice_mean, elapsed, eta,
         )  # fmt: skip
+    if plan.strategy.cross_site_epochs > 0 and first_round <= plan.rounds:
+        matrix = cross_site_evaluation(grid, plan, arrays, node_sites, plan.rounds)
+        write_cross_site(run.path, matrix)
+        summary["finetuned_dice_per_site"] = {
+            site: matrix["dice"][f"{site} fine-tuned"].get(site)
+            for site in plan.site_names
+            if f"{site} fine-tuned" in matrix["dice"]
+        }
     summary["status"] = "finished"
     run.write_summary(summary)
     return summary
+
+
+def cross_site_evaluation(
+    grid: Grid, plan: RunPlan, arrays: ArrayRecord, node_sites: dict[int, str], last_round: int
+) -> dict[str, Any]:
+    """Fine-tune the global model briefly at each site, then evaluate every model at every site.
+
+    Only models travel between sites (through the server), never data. A private site
+    whose budget is spent sends no fine-tuned model. Returns
+    ``{"models": [...], "sites": [...], "dice": {model: {site: mean Dice}}}``.
+    """
+    nodes = list(grid.get_node_ids())
+    config = ConfigRecord(
+        {
+            ConfigKey.SERVER_ROUND: last_round,
+            ConfigKey.FINETUNE_EPOCHS: plan.strategy.cross_site_epochs,
+        }
+    )
+
+    def to_all(record: ArrayRecord, message_type: str, cfg: ConfigRecord) -> list[Message]:
+        content = RecordDict({RecordKey.ARRAYS: record, RecordKey.CONFIG: cfg})
+        messages = [Message(content, message_type=message_type, dst_node_id=n) for n in nodes]
+        return list(grid.send_and_receive(messages, timeout=plan.strategy.round_timeout))
+
+    finetuned: dict[str, ArrayRecord] = {}
+    for reply in to_all(arrays, MessageType.TRAIN, config):
+        if reply.has_error() or RecordKey.ARRAYS not in reply.content:
+            continue  # failed, or a private site with no budget left
+        site = str(reply.content[RecordKey.SITE][SiteKey.NAME])
+        node_sites[reply.metadata.src_node_id] = site
+        finetuned[f"{site} fine-tuned"] = reply.content[RecordKey.ARRAYS]
+    models = {"global": arrays, **dict(sorted(finetuned.items()))}
+    dice: dict[str, dict[str, float]] = {}
+    for name, record in models.items():
+        dice[name] = {}
+        for reply in to_all(record, MessageType.EVALUATE, ConfigRecord()):
+            if not reply.has_error():
+                site = str(reply.content[RecordKey.SITE][SiteKey.NAME])
+                dice[name][site] = float(reply.content[RecordKey.METRICS][MetricKey.DICE_MEAN])
+        logger.info("cross-site: %s -> %s", name, {k: round(v, 3) for k, v in dice[name].items()})
+    return {"models": list(models), "sites": plan.site_names, "dice": dice}
 
 
 @app.main()

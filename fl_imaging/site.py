@@ -212,6 +212,7 @@ def train_round(
     server_round: int,
     run_id: str = "",
     proximal_mu: float = 0.0,
+    epochs: int | None = None,
     validate_data: bool = True,
 ) -> RoundOutcome:
     """Train the global ``weights`` on the site's training cases.
@@ -226,13 +227,14 @@ def train_round(
         server_round: round number (seeds this round's augmentation and shuffling).
         run_id: the federated run's id (a private site plans its noise once per run).
         proximal_mu: FedProx proximal-term weight sent by the server (0: plain FedAvg).
+        epochs: local epochs instead of the configured ones (a short fine-tune).
         validate_data: read every training case once and check it first (errors
             name the case and file).
     """
     cases, model = _prepare(site, plan, weights, TRAIN, validate_data)
     seed = plan.seed * 1_000_003 + server_round * 1009 + site.index
     batch_size = site.config.batch_size or plan.train.batch_size
-    epochs = site.config.local_epochs or plan.train.local_epochs
+    epochs = epochs or site.config.local_epochs or plan.train.local_epochs
     prefix = f"[{site.name} r{server_round}] "
     if site.config.privacy.epsilon is not None:
         loader = private_train_loader(cases, plan.data, batch_size=batch_size, seed=seed)

@@ -96,6 +96,12 @@ def test_server_loop_writes_the_run_folder_contract(
     assert last["round"] == 2 and best["round"] == on_disk["best_round"]
     assert last["state_dict"].keys() == new_model(plan).state_dict().keys()
     assert (run.path / "config.yaml").read_text() == plan_to_yaml(plan)
+    # cross-site evaluation: the global and each site's fine-tuned model at every site
+    cross = json.loads((run.path / "cross_site.json").read_text())
+    assert cross["models"] == ["global"] + [f"{s} fine-tuned" for s in sorted(plan.site_names)]
+    assert all(0 <= cross["dice"][m][s] <= 1 for m in cross["models"] for s in plan.site_names)
+    assert set(on_disk["finetuned_dice_per_site"]) == set(plan.site_names)
+    assert (run.path / "report" / "cross_site.png").is_file()
     # nothing but weights, numbers and the site name came back from the sites
     for reply in grid.received:
         assert set(reply.content.keys()) <= {"arrays", "metrics", "site"}
