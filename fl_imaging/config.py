@@ -180,6 +180,8 @@ class StrategyConfig:
     # median distance (null: no norm screening; malformed or non-finite updates are
     # always rejected)
     screen_norm_factor: float | None = 10.0
+    # FedBN: each site keeps its normalisation layers (weights and statistics) local
+    local_norm: bool = False
     # after the last round: each site fine-tunes the global model this many local epochs,
     # then every model (global and fine-tuned) is evaluated at every site (0: skip)
     cross_site_epochs: int = 1

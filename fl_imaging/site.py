@@ -159,10 +159,32 @@ def new_model(plan: RunPlan) -> torch.nn.Module:
     )
 
 
+LOCAL_NORM_FILE = "local_norm.pt"
+_NORM_TYPES = (
+    torch.nn.modules.batchnorm._BatchNorm,
+    torch.nn.modules.instancenorm._InstanceNorm,
+    torch.nn.GroupNorm,
+    torch.nn.LayerNorm,
+)
+
+
+def norm_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict keys of the model's normalisation layers (weights and running statistics)."""
+    keys = set()
+    for name, module in model.named_modules():
+        if isinstance(module, _NORM_TYPES):
+            keys |= {f"{name}.{k}" for k in module.state_dict()}
+    return keys
+
+
 def _prepare(
     site: Site, plan: RunPlan, weights: Mapping[str, torch.Tensor], split: str, validate: bool
 ) -> tuple[list[Case], torch.nn.Module]:
-    """The site's cases of ``split`` (checked when ``validate``) and the model with ``weights``."""
+    """The site's cases of ``split`` (checked when ``validate``) and the model with ``weights``.
+
+    With ``strategy.local_norm`` (FedBN) the site's own normalisation tensors, kept in
+    its state folder, replace the global ones.
+    """
     if plan.train.threads > 0:
         torch.set_num_threads(plan.train.threads)
     manifest = load_site_manifest(site, plan)
@@ -170,8 +192,24 @@ def _prepare(
     if validate:
         require_valid(manifest, cases)
     model = new_model(plan)
+    weights = dict(weights)
+    local = site.state_dir / LOCAL_NORM_FILE
+    if plan.strategy.local_norm and local.is_file():
+        weights.update(torch.load(local, map_location="cpu", weights_only=True))
     model.load_state_dict(weights)
     return cases, model
+
+
+def _keep_local_norm(site: Site, plan: RunPlan, weights: Mapping[str, torch.Tensor]) -> None:
+    """FedBN: store the site's normalisation tensors after training (atomically)."""
+    if not plan.strategy.local_norm:
+        return
+    keys = norm_keys(new_model(plan))
+    site.state_dir.mkdir(parents=True, exist_ok=True)
+    path = site.state_dir / LOCAL_NORM_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({k: v for k, v in weights.items() if k in keys}, tmp)
+    tmp.replace(path)
 
 
 @dataclass(frozen=True)
@@ -251,6 +289,7 @@ def train_round(
         log_epochs=plan.train.progress == "epoch",
     )
     new_weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _keep_local_norm(site, plan, new_weights)
     return RoundOutcome(new_weights, result, None)
 
 
@@ -316,6 +355,7 @@ def _train_private(
         history=ledger.history, grad_sample_mode=plan.privacy.grad_sample_mode,
         log_prefix=prefix, log_epochs=plan.train.progress == "epoch",
     )  # fmt: skip
+    _keep_local_norm(site, plan, weights)
     ledger.history = history
     spent = ledger.epsilon_spent
     ledger.rounds.append(

@@ -133,3 +133,22 @@ def test_modality_count_disagreeing_with_config_names_the_site(tiny_plan: RunPla
     site = resolve_site({"partition-id": 0}, tiny_plan)
     with pytest.raises(ConfigError, match=r"site hospital_a.*1 modalities"):
         evaluate_round(site, tiny_plan, new_model(tiny_plan).state_dict())
+
+
+@pytest.mark.parametrize("local_norm", [True, False])
+def test_fedbn_keeps_normalisation_layers_at_the_site(local_norm: bool, tiny_plan: RunPlan) -> None:
+    from fl_imaging.site import LOCAL_NORM_FILE, norm_keys
+
+    tiny_plan.model.norm = "batch"
+    tiny_plan.strategy.local_norm = local_norm
+    site = resolve_site({"partition-id": 0}, tiny_plan)
+    first = train_round(site, tiny_plan, new_model(tiny_plan).state_dict(), server_round=1)
+    assert first.weights is not None
+    keys = norm_keys(new_model(tiny_plan))
+    assert keys and (site.state_dir / LOCAL_NORM_FILE).is_file() == local_norm
+    # a global model with absurd batch statistics: FedBN sites ignore them
+    poisoned = {k: (v + 100 if k.endswith("running_mean") else v) for k, v in first.weights.items()}
+    second = train_round(site, tiny_plan, poisoned, server_round=2).weights
+    assert second is not None
+    means = [float(second[k].abs().max()) for k in keys if k.endswith("running_mean")]
+    assert (max(means) < 10) == local_norm
