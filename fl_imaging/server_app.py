@@ -223,8 +223,17 @@ def run_federation(
         server_round: int, split: str, messages: Iterable[Message]
     ) -> tuple[list[Message], list[dict[str, Any]], list[dict[str, Any]]]:
         """Send, collect, log failures and record every site's row in metrics.jsonl."""
+        messages = list(messages)
         replies = list(grid.send_and_receive(messages, timeout=plan.strategy.round_timeout))
         rows, failures = site_rows(replies, server_round, split, labels, node_sites)
+        silent = {m.metadata.dst_node_id for m in messages} - {
+            r.metadata.src_node_id for r in replies
+        }
+        failures += [
+            {"round": server_round, "site": node_sites.get(n, f"node {n}"), "split": split,
+             "error": f"no reply within strategy.round_timeout={plan.strategy.round_timeout:g} s"}
+            for n in sorted(silent)
+        ]  # fmt: skip
         for failure in failures:
             logger.warning(
                 "round %d %s failed at %s: %s", server_round, split, failure["site"],

@@ -11,6 +11,8 @@ import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
+    Error,
+    Message,
     MessageType,
     RecordDict,
 )
@@ -220,3 +222,41 @@ def test_central_dp_noises_the_aggregate(
     # training is deterministic (up to the order Flower samples the sites in)
     assert all(torch.allclose(plain[k], again[k], atol=1e-6) for k in plain)
     assert any(not torch.allclose(plain[k], noised[k], atol=1e-3) for k in plain)
+
+
+class FlakyGrid(LocalGrid):
+    """hospital_b (node 2) raises in round 2 and hospital_c (node 3) never answers it."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        train_round_2 = [
+            m for m in messages
+            if m.metadata.message_type == MessageType.TRAIN
+            and int(m.content["config"]["server-round"]) == 2
+        ]  # fmt: skip
+        if not train_round_2:
+            return super().send_and_receive(messages, timeout=timeout)
+        replies = super().send_and_receive(
+            [m for m in messages if m.metadata.dst_node_id == 1], timeout=timeout
+        )
+        crash = next(m for m in messages if m.metadata.dst_node_id == 2)
+        return [*replies, Message(Error(code=1, reason="site crashed"), reply_to=crash)]
+
+
+def test_a_crashing_and_a_silent_site_are_recorded_and_min_sites_decides(
+    overrides: list[str], tmp_path: Path, task_identity: None
+) -> None:
+    plan = compose("demo", [*overrides, "strategy.min_sites=1"])
+    run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
+    summary = server_app.run_federation(FlakyGrid(overrides), plan, run, run_id=1)
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    failed = {(r["site"], r["error"]) for r in rows if "error" in r and r["round"] == 2}
+    assert ("hospital_b", "site crashed") in failed
+    assert any(site == "hospital_c" and "no reply" in err for site, err in failed)
+    assert summary["rounds_completed"] == 2  # one update was enough with min_sites=1
+
+    strict = compose("demo", overrides)  # min_sites=2: round 2 cannot go on
+    run2 = RunFolder.create(tmp_path / "outputs2", strict.name, plan_to_yaml(strict))
+    with pytest.raises(server_app.FederationError, match=r"round 2: only 1 sites.*hospital_b"):
+        server_app.run_federation(FlakyGrid(overrides), strict, run2, run_id=1)
+    assert json.loads((run2.path / "summary.json").read_text())["rounds_completed"] == 1
