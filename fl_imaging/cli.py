@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fl_imaging.config import split_experiment
+from fl_imaging.config import split_experiment, with_root
 from fl_imaging.logs import setup_logging
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -127,8 +127,7 @@ def _check_config(args: argparse.Namespace) -> int:
     from fl_imaging.strategies import strategy_problems
 
     experiment, overrides = split_experiment(args.overrides)
-    if not any(o.startswith("paths.root=") for o in overrides):
-        overrides.append(f"paths.root={Path.cwd()}")
+    overrides = with_root(overrides, Path.cwd())
     cfg = compose_dictconfig(experiment, overrides)
     plan = to_plan(cfg, check=False)
     print(OmegaConf.to_yaml(cfg, resolve=True))
@@ -157,8 +156,7 @@ def _privacy_sites(args: argparse.Namespace) -> list[tuple[str, Path, float | No
     from fl_imaging.site import configured_sites
 
     experiment, overrides = split_experiment(args.overrides)
-    if not any(o.startswith("paths.root=") for o in overrides):
-        overrides.append(f"paths.root={Path.cwd()}")
+    overrides = with_root(overrides, Path.cwd())
     plan = compose(experiment, overrides)
     return [(s.name, s.state_dir, s.config.privacy.epsilon) for s in configured_sites(plan)]
 

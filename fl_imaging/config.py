@@ -288,6 +288,14 @@ def split_experiment(items: Sequence[str], default: str = "demo") -> tuple[str, 
     return experiment, overrides
 
 
+def with_root(overrides: Sequence[str], root: Path) -> list[str]:
+    """``overrides`` plus ``paths.root=<root>`` unless they set ``paths.root`` themselves."""
+    items = list(overrides)
+    if not any(o.startswith("paths.root=") for o in items):
+        items.append(f"paths.root={root}")
+    return items
+
+
 def split_overrides(overrides: str | list[str] | tuple[str, ...] | None) -> list[str]:
     """Turn a Hydra override string (``"a=1 b='x y'"``) or list into a list of overrides."""
     if overrides is None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
 from monai.transforms import AsDiscreted, Compose, Invertd
 from omegaconf import OmegaConf
 
@@ -144,9 +145,9 @@ def dice_per_label(pred: np.ndarray, label: np.ndarray, labels: dict[int, str]) 
     if pred.shape != label.shape:
         raise ValueError(f"prediction shape {pred.shape} != label shape {label.shape}")
     num_classes = max(labels) + 1
-    to_onehot = torch.nn.functional.one_hot
-    p = to_onehot(torch.as_tensor(pred, dtype=torch.long), num_classes).permute(3, 0, 1, 2)[None]
-    y = to_onehot(torch.as_tensor(label, dtype=torch.long), num_classes).permute(3, 0, 1, 2)[None]
+    # MONAI one-hot of [1, 1, X, Y, Z] label maps -> [1, C, X, Y, Z]
+    p = one_hot(torch.as_tensor(pred, dtype=torch.long)[None, None], num_classes, dim=1)
+    y = one_hot(torch.as_tensor(label, dtype=torch.long)[None, None], num_classes, dim=1)
     metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
     values = metric(y_pred=p.float(), y=y.float())[0].tolist()
     return {

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fl_imaging.config import ConfigError, RunPlan, compose, split_overrides
+from fl_imaging.config import ConfigError, RunPlan, compose, split_overrides, with_root
 from fl_imaging.site import check_sites
 from fl_imaging.strategies import strategy_problems
 
@@ -190,9 +190,7 @@ def run_simulation(
         LaunchError: ``flwr run`` could not start the run.
     """
     project_root = project_root.resolve()
-    items = split_overrides(overrides)
-    if not any(o.startswith("paths.root=") for o in items):
-        items.append(f"paths.root={project_root}")
+    items = with_root(split_overrides(overrides), project_root)
     if plan is None:
         plan = compose(experiment, items)  # fail fast, before any process starts
     problems = check_sites(plan) + strategy_problems(plan)

@@ -150,6 +150,14 @@ class RunFolder:
         return path
 
 
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """A run's ``summary.json``; empty when the run wrote none yet (or it is unreadable)."""
+    try:
+        return dict(json.loads((run_dir / SUMMARY_FILE).read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """All rows of a run's ``metrics.jsonl``."""
     path = run_dir / METRICS_FILE
@@ -291,8 +299,7 @@ def write_report(
     """
     rows = read_metrics(run_dir)
     rounds, table = dice_table(rows)
-    summary_path = run_dir / SUMMARY_FILE
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_summary(run_dir)
     out = run_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
     _line_plot(table, out / "dice.png", "validation mean foreground Dice", run_dir.name)

@@ -29,8 +29,8 @@ from fl_imaging.reporting import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     LATEST,
-    SUMMARY_FILE,
     RunFolder,
+    read_summary,
     write_cross_site,
     write_report,
 )
@@ -162,7 +162,7 @@ def load_resume_state(run: RunFolder, plan: RunPlan) -> ResumeState:
     if not last.is_file():
         raise ConfigError(f"cannot resume {run.path}: no completed round (no {last.name})")
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
-    summary = _read_json(run.path / SUMMARY_FILE) or {}
+    summary = read_summary(run.path)
     return ResumeState(
         int(ckpt["round"]), ckpt["state_dict"], ckpt.get("strategy_state", {}), summary
     )
@@ -389,8 +389,7 @@ def main(grid: Grid, context: Context) -> None:
         summary = run_federation(grid, plan, run, context.run_id, resume)
     except Exception as exc:
         logger.error("run failed: %s", exc)
-        partial = run.path / "summary.json"
-        run.write_summary({**(_read_json(partial) or {}), "status": "failed", "error": str(exc)})
+        run.write_summary({**read_summary(run.path), "status": "failed", "error": str(exc)})
         raise
     finally:
         run.close()
@@ -445,12 +444,3 @@ def _write_report(run: RunFolder, plan: RunPlan) -> None:
         note = f"Overlays could not be drawn here: {exc}"
     path = write_report(run.path, overlays, note, legend(dict(plan.data.labels)))
     logger.info("report: %s", path)
-
-
-def _read_json(path: Any) -> dict[str, Any] | None:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

@@ -24,6 +24,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from fl_imaging.config import conf_dir, register_schema, split_experiment
+from fl_imaging.reporting import read_summary
 
 logger = logging.getLogger(__name__)
 
@@ -74,16 +75,9 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
     tmp = job_dir / f".{JOB_RESULT}.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, job_dir / JOB_RESULT)
-    summary = _read_json(Path(result["run_dir"]) / "summary.json") if result["run_dir"] else None
-    value = (summary or {}).get("final_dice_mean")
+    summary = read_summary(Path(result["run_dir"])) if result["run_dir"] else {}
+    value = summary.get("final_dice_mean")
     return float(value) if isinstance(value, int | float) else math.nan
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def summary_rows(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -93,18 +87,18 @@ def summary_rows(sweep_dir: Path) -> list[dict[str, Any]]:
                      if p.parent.name.isdigit() else p.parent.name)  # fmt: skip
     for path in results:
         job = json.loads(path.read_text())
-        summary = _read_json(Path(job["run_dir"]) / "summary.json") if job.get("run_dir") else None
+        summary = read_summary(Path(job["run_dir"])) if job.get("run_dir") else {}
         status = job.get("status", "failed")
         if summary and summary.get("status") != "finished" and status.endswith("completed"):
             status = f"run {summary.get('status')}"
         base = {
             "job": job["job"], "overrides": job["overrides"], "status": status,
             "minutes": round(float(job.get("minutes", 0.0)), 2), "run_dir": job.get("run_dir", ""),
-            "error": job.get("error") or (summary or {}).get("error", ""),
+            "error": job.get("error") or summary.get("error", ""),
         }  # fmt: skip
         if not summary or not summary.get("final_dice_per_site"):
             rows.append({**base, "site": "", "final_dice": "", "epsilon_spent": "",
-                         "rounds": (summary or {}).get("rounds_completed", 0)})  # fmt: skip
+                         "rounds": summary.get("rounds_completed", 0)})  # fmt: skip
             continue
         spent = summary.get("epsilon_spent_per_site") or {}
         for site, dice in summary["final_dice_per_site"].items():

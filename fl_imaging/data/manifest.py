@@ -99,11 +99,6 @@ class Manifest:
         """Number of output classes, background included."""
         return max(self.labels) + 1
 
-    @property
-    def foreground_labels(self) -> dict[int, str]:
-        """Declared labels without the background (0)."""
-        return {k: v for k, v in sorted(self.labels.items()) if k != 0}
-
     def split(self, name: str) -> list[Case]:
         """Cases of one split (``"train"`` or ``"val"``), in manifest order."""
         if name not in (TRAIN, VAL):
