@@ -32,6 +32,7 @@ class NodeConfigKey(StrEnum):
     SITE = "site"  # deployment: the site's name in federation.sites
     DATA_ROOT = "data-root"  # deployment: overrides the configured data root
     STATE_DIR = "state-dir"  # deployment: overrides the configured state folder
+    MANIFEST = "manifest"  # deployment: the site's own manifest file (overrides the configured)
 
 
 class ConfigKey(StrEnum):

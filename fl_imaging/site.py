@@ -53,8 +53,9 @@ class Site:
 def resolve_site(node_config: Mapping[str, Any], plan: RunPlan) -> Site:
     """Which configured site this node is.
 
-    Deployment: ``node_config["site"]`` names it, and ``data-root`` / ``state-dir``
-    may override where its data and state live. Simulation: ``partition-id`` is
+    Deployment: ``node_config["site"]`` names it, and ``manifest`` / ``data-root`` /
+    ``state-dir`` may override where its manifest, data and state live (a hospital
+    knows its own paths; the server's config need not). Simulation: ``partition-id`` is
     the site's position in ``federation.sites``.
 
     Raises:
@@ -79,10 +80,11 @@ def resolve_site(node_config: Mapping[str, Any], plan: RunPlan) -> Site:
         )
     data_root = node_config.get(NodeConfigKey.DATA_ROOT)
     state_dir = node_config.get(NodeConfigKey.STATE_DIR)
+    manifest = node_config.get(NodeConfigKey.MANIFEST) or cfg.manifest
     return Site(
         name=cfg.name,
         index=plan.site_names.index(cfg.name),
-        manifest=plan.resolve_path(cfg.manifest),
+        manifest=plan.resolve_path(str(manifest)),
         data_root=plan.resolve_path(str(data_root)) if data_root else plan.site_data_root(cfg),
         state_dir=plan.resolve_path(str(state_dir)) if state_dir else plan.site_state_dir(cfg),
         config=cfg,

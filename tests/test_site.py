@@ -29,6 +29,16 @@ def test_deployment_site_name_and_data_root_override(tiny_plan: RunPlan, tmp_pat
     assert site.state_dir == tmp_path / "s"
 
 
+def test_deployment_manifest_override_is_the_hospitals_own_file(
+    tiny_plan: RunPlan, tiny_sites: list[Path]
+) -> None:
+    configured = resolve_site({"site": "hospital_a"}, tiny_plan)
+    assert configured.manifest == tiny_sites[0]
+    own = resolve_site({"site": "hospital_a", "manifest": str(tiny_sites[2])}, tiny_plan)
+    assert own.manifest == tiny_sites[2]
+    assert own.data_root == configured.data_root
+
+
 def test_unknown_site_name_lists_the_known_ones(tiny_plan: RunPlan) -> None:
     with pytest.raises(ConfigError, match=r"unknown site 'hospital_x'.*hospital_a"):
         resolve_site({"site": "hospital_x"}, tiny_plan)
