@@ -193,6 +193,25 @@ class StrategyConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """How sites encode their update (trained - received global weights) for the server.
+
+    The server decodes every update back into full weights before screening and
+    aggregation (``fl_imaging.compression``); the global model goes down uncompressed.
+    """
+
+    # none | fp16 | int8 | topk
+    codec: str = "none"
+    # int8: blockwise (one float32 scale per block_size elements) or per_tensor
+    scales: str = "blockwise"
+    block_size: int = 256
+    # topk: fraction of each tensor's entries sent (largest magnitude), in (0, 1]
+    topk_fraction: float = 0.1
+    # keep what was not sent at the site (context.state) and add it to the next update
+    error_feedback: bool = False
+
+
+@dataclass
 class PathsConfig:
     """Where run folders and site state go; relative paths resolve against ``root``."""
 
@@ -217,6 +236,7 @@ class RunPlan:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     def resolve_path(self, path: str | Path) -> Path:
@@ -484,7 +504,23 @@ def validate(plan: RunPlan) -> list[str]:
         problems.append(f"privacy.max_grad_norm must be > 0, got {plan.privacy.max_grad_norm}")
     if plan.privacy.delta is not None and not 0 < plan.privacy.delta < 1:
         problems.append(f"privacy.delta must be in (0, 1), got {plan.privacy.delta}")
+    problems += _compression_problems(plan.compression)
     return problems
+
+
+def _compression_problems(cfg: CompressionConfig) -> list[str]:
+    from fl_imaging.compression import CompressionError, codec_of
+
+    try:
+        codec_of(cfg)
+    except CompressionError as exc:
+        return [f"compression.{exc}"]
+    if cfg.error_feedback and cfg.codec == "none":
+        return [
+            "compression.error_feedback=true does nothing with codec none (nothing is "
+            "dropped); set compression.error_feedback=false or choose a lossy codec"
+        ]
+    return []
 
 
 def _site_problems(plan: RunPlan) -> list[str]:

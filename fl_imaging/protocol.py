@@ -15,6 +15,11 @@ class RecordKey(StrEnum):
     METRICS = "metrics"
     # ConfigRecord a site adds to each reply: its name (never any voxel data)
     SITE = "site"
+    # a training reply's encoded update (ArrayRecord of "<tensor>::<part>" arrays) and
+    # its codec header (ConfigRecord, keys in CodecKey); the server decodes them into
+    # full weights under ARRAYS before screening and aggregation
+    UPDATE = "update"
+    CODEC = "codec"
 
 
 class RunConfigKey(StrEnum):
@@ -42,6 +47,15 @@ class ConfigKey(StrEnum):
     PROXIMAL_MU = "proximal-mu"  # sent by Flower's FedProx
     # > 0: a short local fine-tune of this many epochs (cross-site evaluation), no FedProx
     FINETUNE_EPOCHS = "finetune-epochs"
+
+
+class CodecKey(StrEnum):
+    """Keys of the ``codec`` ConfigRecord: how a site's update is encoded."""
+
+    NAME = "name"  # none, fp16, int8, topk
+    SCALES = "scales"  # int8: per_tensor or blockwise
+    BLOCK_SIZE = "block-size"  # int8 blockwise: elements per scale
+    TOPK_FRACTION = "topk-fraction"  # topk: fraction of each tensor's entries sent
 
 
 class SiteKey(StrEnum):
