@@ -150,6 +150,10 @@ class DataConfig:
     flip_axes: list[int] = field(default_factory=lambda: [0])
     # validation fraction for manifests that mark no validation cases
     val_fraction: float = 0.2
+    # where a site keeps its preprocessed cases between rounds: "disk" (MONAI
+    # PersistentDataset in the site's state folder: NIfTI files are read and resampled
+    # once, not every round) or "memory" (re-read every round, nothing written)
+    cache: str = "disk"
 
 
 @dataclass
@@ -433,6 +437,8 @@ def validate(plan: RunPlan) -> list[str]:
         problems.append(f"data.flip_axes must be spatial axes 0, 1, 2; got {plan.data.flip_axes}")
     if not 0 <= plan.data.val_fraction < 1:
         problems.append(f"data.val_fraction must be in [0, 1), got {plan.data.val_fraction}")
+    if plan.data.cache not in ("disk", "memory"):
+        problems.append(f"data.cache must be 'disk' or 'memory', got {plan.data.cache!r}")
     if plan.train.local_epochs < 1:
         problems.append(f"train.local_epochs must be >= 1, got {plan.train.local_epochs}")
     if plan.train.batch_size < 1:

@@ -18,7 +18,12 @@ import torch
 from torch.utils.data import DataLoader as TorchDataLoader
 
 from fl_imaging.config import ConfigError, RunPlan, SiteConfig
-from fl_imaging.data.loading import eval_loader, private_train_loader, train_loader
+from fl_imaging.data.loading import (
+    eval_loader,
+    preprocessing_key,
+    private_train_loader,
+    train_loader,
+)
 from fl_imaging.data.manifest import (
     TRAIN,
     VAL,
@@ -161,6 +166,20 @@ def new_model(plan: RunPlan) -> torch.nn.Module:
     )
 
 
+CACHE_DIR = "cache"
+
+
+def cache_dir(site: Site, plan: RunPlan, split: str) -> Path | None:
+    """The site's disk cache of preprocessed ``split`` cases (None: ``data.cache=memory``).
+
+    One folder per preprocessing setting, inside the site's state folder: cached
+    volumes never leave the site, and a changed setting never reads stale volumes.
+    """
+    if plan.data.cache != "disk":
+        return None
+    return site.state_dir / CACHE_DIR / f"{split}-{preprocessing_key(plan.data, split)}"
+
+
 LOCAL_NORM_FILE = "local_norm.pt"
 _NORM_TYPES = (
     torch.nn.modules.batchnorm._BatchNorm,
@@ -277,9 +296,14 @@ def train_round(
     epochs = epochs or site.config.local_epochs or plan.train.local_epochs
     prefix = f"[{site.name} r{server_round}] "
     if site.config.privacy.epsilon is not None:
-        loader = private_train_loader(cases, plan.data, batch_size=batch_size, seed=seed)
+        loader = private_train_loader(
+            cases, plan.data, batch_size=batch_size, seed=seed,
+            cache_dir=cache_dir(site, plan, TRAIN),
+        )  # fmt: skip
         return _train_private(site, plan, model, loader, epochs, server_round, run_id, prefix)
-    loader = train_loader(cases, plan.data, batch_size=batch_size, seed=seed)
+    loader = train_loader(
+        cases, plan.data, batch_size=batch_size, seed=seed, cache_dir=cache_dir(site, plan, TRAIN)
+    )
     result = train_local(
         model,
         loader,
@@ -382,7 +406,7 @@ def evaluate_round(
     cases, model = _prepare(site, plan, weights, VAL, validate_data)
     return evaluate(
         model,
-        eval_loader(cases, plan.data),
+        eval_loader(cases, plan.data, cache_dir=cache_dir(site, plan, VAL)),
         num_classes=max(plan.data.labels) + 1,
         roi_size=plan.data.patch_size,
     )

@@ -9,10 +9,15 @@ intensity jitter; validation keeps whole volumes (sliding-window inference).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
-from monai.data import CacheDataset, DataLoader
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -100,32 +105,85 @@ def eval_transforms(data: DataConfig) -> Compose:
     return Compose(preprocessing(data))
 
 
-def train_dataset(cases: Sequence[Case], data: DataConfig, *, seed: int) -> CacheDataset:
-    """Training cases with preprocessing cached in memory and random patches per access."""
+# bump when the preprocessing code changes meaning, so that old disk caches are not reused
+_CACHE_VERSION = 1
+
+
+def preprocessing_key(data: DataConfig, split: str) -> str:
+    """Short hash of every setting that shapes the cached (deterministic) preprocessing.
+
+    The disk cache of a split lives in a folder named after it, so changing the
+    spacing, intensity percentiles, patch size or modalities never reuses stale volumes.
+    """
+    settings = {
+        "version": _CACHE_VERSION,
+        "split": split,
+        "modalities": list(data.modalities),
+        "spacing": None if data.spacing is None else list(data.spacing),
+        "intensity_percentiles": list(data.intensity_percentiles),
+        "patch_size": list(data.patch_size) if split == "train" else None,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _case_hash(item: Mapping[str, Any]) -> bytes:
+    """Cache key of one case: its file paths plus their size and modification time.
+
+    MONAI's default key hashes only the paths; a scan replaced in place would then be
+    served from a stale cache.
+    """
+    files: list[Any] = [str(item.get("case", ""))]
+    for key in KEYS:
+        paths = item.get(key, [])
+        for path in paths if isinstance(paths, list) else [paths]:
+            stat = os.stat(path)
+            files.append([key, str(path), stat.st_size, stat.st_mtime_ns])
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest().encode()
+
+
+def _dataset(cases: Sequence[Case], transform: Compose, cache_dir: Path | None) -> Dataset:
+    """Preprocessed cases: cached on disk in ``cache_dir`` when given, else in memory.
+
+    The disk cache (MONAI ``PersistentDataset``) keeps the deterministic part of
+    ``transform`` across rounds and runs, so a site reads and resamples its NIfTI files
+    once; random augmentation is still drawn per access. It stays in the site's state
+    folder, on the site's own disk.
+    """
+    items = [c.as_monai_dict() for c in cases]
+    if cache_dir is None:
+        return CacheDataset(items, transform=transform, cache_rate=1.0, num_workers=0,
+                            progress=False)  # fmt: skip
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return PersistentDataset(items, transform=transform, cache_dir=cache_dir, hash_func=_case_hash)
+
+
+def train_dataset(
+    cases: Sequence[Case], data: DataConfig, *, seed: int, cache_dir: Path | None = None
+) -> Dataset:
+    """Training cases, preprocessing cached (disk or memory), random patches per access."""
     if not cases:
         raise ValueError("no training cases")
     transform = train_transforms(data)
     transform.set_random_state(seed=seed)
-    return CacheDataset(
-        [c.as_monai_dict() for c in cases],
-        transform=transform,
-        cache_rate=1.0,
-        num_workers=0,
-        progress=False,
-    )
+    return _dataset(cases, transform, cache_dir)
 
 
 def train_loader(
-    cases: Sequence[Case], data: DataConfig, *, batch_size: int, seed: int
+    cases: Sequence[Case],
+    data: DataConfig,
+    *,
+    batch_size: int,
+    seed: int,
+    cache_dir: Path | None = None,
 ) -> DataLoader:
     """Shuffled loader of random training patches ``[B, C, *patch_size]``.
 
-    The deterministic preprocessing is cached in memory for the loader's lifetime
-    (every local epoch of a round), the random part is redrawn per epoch from ``seed``.
+    The deterministic preprocessing is cached (in ``cache_dir`` across rounds, else in
+    memory for the loader's lifetime), the random part is redrawn per epoch from ``seed``.
     """
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        train_dataset(cases, data, seed=seed),
+        train_dataset(cases, data, seed=seed, cache_dir=cache_dir),
         batch_size=batch_size,
         shuffle=True,
         num_workers=0,
@@ -137,7 +195,7 @@ def train_loader(
 class ImageLabelPairs(TorchDataset):
     """``(image, label)`` tuples of a MONAI training dataset (what Opacus' loader handles)."""
 
-    def __init__(self, dataset: CacheDataset) -> None:
+    def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -151,7 +209,12 @@ class ImageLabelPairs(TorchDataset):
 
 
 def private_train_loader(
-    cases: Sequence[Case], data: DataConfig, *, batch_size: int, seed: int
+    cases: Sequence[Case],
+    data: DataConfig,
+    *,
+    batch_size: int,
+    seed: int,
+    cache_dir: Path | None = None,
 ) -> TorchDataLoader:
     """A plain loader of ``(image, label)`` patches for Opacus to turn into Poisson sampling.
 
@@ -160,7 +223,7 @@ def private_train_loader(
     """
     generator = torch.Generator().manual_seed(seed)
     return TorchDataLoader(
-        ImageLabelPairs(train_dataset(cases, data, seed=seed)),
+        ImageLabelPairs(train_dataset(cases, data, seed=seed, cache_dir=cache_dir)),
         batch_size=batch_size,
         shuffle=True,
         num_workers=0,
@@ -168,15 +231,11 @@ def private_train_loader(
     )
 
 
-def eval_loader(cases: Sequence[Case], data: DataConfig) -> DataLoader:
+def eval_loader(
+    cases: Sequence[Case], data: DataConfig, *, cache_dir: Path | None = None
+) -> DataLoader:
     """Loader of whole preprocessed volumes, one case per batch (shapes differ)."""
     if not cases:
         raise ValueError("no validation cases")
-    dataset = CacheDataset(
-        [c.as_monai_dict() for c in cases],
-        transform=eval_transforms(data),
-        cache_rate=1.0,
-        num_workers=0,
-        progress=False,
-    )
+    dataset = _dataset(cases, eval_transforms(data), cache_dir)
     return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)

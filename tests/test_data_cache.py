@@ -1,0 +1,90 @@
+"""A site preprocesses its NIfTI files once and keeps them in its own state folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fl_imaging.config import ConfigError, RunPlan, compose
+from fl_imaging.data.manifest import TRAIN, VAL, Case
+from fl_imaging.site import (
+    Site,
+    cache_dir,
+    evaluate_round,
+    load_site_manifest,
+    new_model,
+    resolve_site,
+    train_round,
+)
+from tests.conftest import tiny_overrides
+
+
+def _cases(site: Site, plan: RunPlan, split: str) -> list[Case]:
+    return list(load_site_manifest(site, plan).split(split))
+
+
+def _cached(folder: Path | None) -> set[str]:
+    assert folder is not None
+    return {p.name for p in folder.glob("*.pt")}
+
+
+def test_cache_lives_in_the_site_state_folder_per_split(tiny_plan: RunPlan) -> None:
+    site = resolve_site({"partition-id": 0}, tiny_plan)
+    weights = new_model(tiny_plan).state_dict()
+    train_round(site, tiny_plan, weights, server_round=1)
+    evaluate_round(site, tiny_plan, weights)
+    train_dir, val_dir = cache_dir(site, tiny_plan, TRAIN), cache_dir(site, tiny_plan, VAL)
+    assert train_dir is not None and train_dir.parent.parent == site.state_dir
+    assert len(_cached(train_dir)) == len(_cases(site, tiny_plan, TRAIN))
+    assert len(_cached(val_dir)) == len(_cases(site, tiny_plan, VAL))
+
+
+def test_disk_cache_trains_exactly_like_the_memory_cache(
+    tiny_sites: list[Path], tmp_path: Path
+) -> None:
+    losses = {}
+    for cache in ("memory", "disk"):
+        plan = compose(
+            "demo", [*tiny_overrides(tiny_sites, tmp_path / cache), f"data.cache={cache}"]
+        )
+        site = resolve_site({"partition-id": 1}, plan)
+        weights = new_model(plan).state_dict()
+        rounds = [train_round(site, plan, weights, server_round=r) for r in (1, 2)]
+        losses[cache] = [o.result.loss for o in rounds if o.result is not None]
+    assert losses["disk"] == pytest.approx(losses["memory"], rel=1e-5)
+    assert any((tmp_path / "disk" / "state").rglob("*.pt"))
+    assert not any((tmp_path / "memory").rglob("*.pt"))
+
+
+def test_a_changed_scan_is_preprocessed_again(tiny_plan: RunPlan) -> None:
+    site = resolve_site({"partition-id": 0}, tiny_plan)
+    weights = new_model(tiny_plan).state_dict()
+    evaluate_round(site, tiny_plan, weights)
+    before = _cached(cache_dir(site, tiny_plan, VAL))
+    evaluate_round(site, tiny_plan, weights, validate_data=False)
+    assert _cached(cache_dir(site, tiny_plan, VAL)) == before  # second read: from the cache
+    image = _cases(site, tiny_plan, VAL)[0].images[0]
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    try:
+        evaluate_round(site, tiny_plan, weights, validate_data=False)
+    finally:
+        os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = _cached(cache_dir(site, tiny_plan, VAL))
+    assert len(after - before) == 1
+
+
+def test_preprocessing_settings_get_their_own_cache(tiny_sites: list[Path], tmp_path: Path) -> None:
+    plans = [
+        compose("demo", [*tiny_overrides(tiny_sites, tmp_path), f"data.spacing=[{s},{s},{s}]"])
+        for s in (2.0, 3.0)
+    ]
+    dirs = [cache_dir(resolve_site({"partition-id": 0}, p), p, TRAIN) for p in plans]
+    assert dirs[0] != dirs[1]
+
+
+def test_unknown_cache_mode_is_a_config_error(tiny_sites: list[Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data\.cache"):
+        compose("demo", [*tiny_overrides(tiny_sites, tmp_path), "data.cache=ram"])
