@@ -13,8 +13,6 @@ from pathlib import Path
 
 import torch
 from monai.inferers import sliding_window_inference
-from torchvision.io import write_png
-from torchvision.utils import draw_segmentation_masks, make_grid
 
 from fl_imaging.config import RunPlan
 from fl_imaging.data.loading import eval_loader
@@ -46,6 +44,11 @@ def render_site_overlays(
     For each of the first ``max_cases`` validation cases: the axial slice with the
     most foreground. Returns ``out_png``; small images are upscaled to be readable.
     """
+    # Imported here: only drawing needs torchvision, and the deployment image
+    # (Dockerfile) has none, its server never holding scans to draw.
+    from torchvision.io import write_png
+    from torchvision.utils import draw_segmentation_masks, make_grid
+
     manifest = load_site_manifest(site, plan)
     cases = manifest.split(VAL)[:max_cases]
     num_classes = max(plan.data.labels) + 1
