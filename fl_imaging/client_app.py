@@ -1,6 +1,7 @@
 """Flower ClientApp: thin wiring between Flower messages and :mod:`fl_imaging.site`.
 
-A reply carries only model weights, a few numbers (loss, Dice, case counts) and
+A reply carries only the model update (encoded relative to the received global
+model, :mod:`fl_imaging.compression`), a few numbers (loss, Dice, case counts) and
 the site's name: never voxel or label data.
 """
 
@@ -12,16 +13,22 @@ import math
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_imaging.compression import codec_of, encode_update
 from fl_imaging.config import RunPlan, compose
 from fl_imaging.logs import setup_logging
 from fl_imaging.protocol import ConfigKey, MetricKey, RecordKey, RunConfigKey, SiteKey
 from fl_imaging.site import Site, evaluate_round, resolve_site, train_round
+from fl_imaging.wire import to_numpy, to_record, update_records
 
 app = ClientApp()
 logger = logging.getLogger("fl_imaging.client")
 
 # context.state key remembering that this site's data passed the full check in this run
 _CHECKED = "data-checked"
+# context.state key of the compression residual: what this site has not sent yet (error
+# feedback). context.state lives with the site for the whole run (SuperNode memory) and
+# no longer: a residual belongs to one run's sequence of global models.
+_RESIDUAL = "compression-residual"
 
 
 def _plan_and_site(context: Context) -> tuple[RunPlan, Site]:
@@ -43,17 +50,40 @@ def _first_time(context: Context, split: str) -> bool:
 
 
 def _reply(
-    msg: Message, site: Site, metrics: dict[str, float | int], arrays: ArrayRecord | None
+    msg: Message,
+    site: Site,
+    metrics: dict[str, float | int],
+    update: dict[str, ArrayRecord | ConfigRecord] | None = None,
 ) -> Message:
     content = RecordDict(
         {
             RecordKey.METRICS: MetricRecord(metrics),
             RecordKey.SITE: ConfigRecord({SiteKey.NAME: site.name}),
+            **(update or {}),
         }
     )
-    if arrays is not None:
-        content[RecordKey.ARRAYS] = arrays
     return Message(content=content, reply_to=msg)
+
+
+def _encode(
+    plan: RunPlan, context: Context, received: ArrayRecord, weights: dict, feedback: bool
+) -> dict[str, ArrayRecord | ConfigRecord]:
+    """The update ``weights - received`` encoded with the configured codec.
+
+    With ``compression.error_feedback`` and ``feedback`` (a round that is aggregated),
+    the residual in ``context.state`` is added first and replaced by what is left.
+    """
+    residual = None
+    if feedback and plan.compression.error_feedback:
+        stored = context.state.array_records.get(_RESIDUAL)
+        residual = to_numpy(stored) if stored is not None else {}
+    local = {name: tensor.detach().cpu().numpy() for name, tensor in weights.items()}
+    encoded, residual = encode_update(
+        local, to_numpy(received), codec_of(plan.compression), residual
+    )
+    if residual is not None:
+        context.state[_RESIDUAL] = to_record(residual)
+    return update_records(encoded)
 
 
 @app.train()
@@ -62,15 +92,16 @@ def train(msg: Message, context: Context) -> Message:
     plan, site = _plan_and_site(context)
     config = msg.content[RecordKey.CONFIG]
     server_round = int(config.get(ConfigKey.SERVER_ROUND, 0))
-    weights = msg.content[RecordKey.ARRAYS].to_torch_state_dict()
+    received = msg.content[RecordKey.ARRAYS]
+    finetune = int(config.get(ConfigKey.FINETUNE_EPOCHS, 0))
     outcome = train_round(
         site,
         plan,
-        weights,
+        received.to_torch_state_dict(),
         server_round=server_round,
         run_id=str(context.run_id),
         proximal_mu=float(config.get(ConfigKey.PROXIMAL_MU, 0.0)),
-        epochs=int(config.get(ConfigKey.FINETUNE_EPOCHS, 0)) or None,
+        epochs=finetune or None,
         validate_data=_first_time(context, "train"),
     )
     privacy = outcome.privacy
@@ -82,7 +113,7 @@ def train(msg: Message, context: Context) -> Message:
         # budget exhausted: the site says so and sends no update (keys match a normal reply)
         metrics.update({MetricKey.NUM_EXAMPLES: 0, MetricKey.LOSS: math.nan, MetricKey.STEPS: 0,
                         MetricKey.TRAIN_SECONDS: 0.0, MetricKey.TRAINED: 0})  # fmt: skip
-        return _reply(msg, site, metrics, None)
+        return _reply(msg, site, metrics)
     result = outcome.result
     logger.info(
         "[%s r%d] trained %d cases, %d steps, loss %.4f, %.1f s%s",
@@ -96,7 +127,9 @@ def train(msg: Message, context: Context) -> Message:
         MetricKey.TRAIN_SECONDS: result.seconds,
         MetricKey.TRAINED: 1,
     })  # fmt: skip
-    return _reply(msg, site, metrics, ArrayRecord(outcome.weights))
+    # a fine-tune (cross-site evaluation) is not aggregated: it leaves the residual alone
+    update = _encode(plan, context, received, outcome.weights, feedback=not finetune)
+    return _reply(msg, site, metrics, update)
 
 
 @app.evaluate()
@@ -111,4 +144,4 @@ def evaluate(msg: Message, context: Context) -> Message:
         MetricKey.DICE_MEAN: result.dice_mean,
     }
     metrics.update({MetricKey.dice_of(k): v for k, v in result.dice_per_class.items()})
-    return _reply(msg, site, metrics, None)
+    return _reply(msg, site, metrics)

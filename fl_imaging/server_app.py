@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
+from fl_imaging.compression import CompressionError, codec_of, decode_update
 from fl_imaging.config import ConfigError, RunPlan, compose, plan_to_dict, plan_to_yaml, to_plan
 from fl_imaging.logs import setup_logging
 from fl_imaging.overlays import legend, render_run_overlays
@@ -37,6 +38,7 @@ from fl_imaging.reporting import (
 from fl_imaging.screening import screen_updates
 from fl_imaging.site import new_model
 from fl_imaging.strategies import build_strategy, restore_strategy_state, strategy_state
+from fl_imaging.wire import message_bytes, read_update, to_numpy, to_record
 
 app = ServerApp()
 logger = logging.getLogger("fl_imaging.server")
@@ -68,15 +70,22 @@ def site_rows(
     split: str,
     labels: dict[int, str],
     node_sites: dict[int, str],
+    bytes_down: dict[int, int] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Metrics rows of the sites that replied, and rows describing failed replies.
 
     ``node_sites`` maps node ids to site names; it is learnt from every successful
     reply (a site names itself) and names the site of a later failed reply.
+    ``bytes_down`` (node id -> bytes of the message it was sent) and the size of each
+    reply are recorded as ``bytes_down`` / ``bytes_up``.
     """
     rows, failures = [], []
+    bytes_down = bytes_down or {}
     for msg in replies:
         node = msg.metadata.src_node_id
+        traffic = {"bytes_up": message_bytes(msg)}
+        if node in bytes_down:
+            traffic["bytes_down"] = bytes_down[node]
         if msg.has_error():
             failures.append(
                 {
@@ -84,6 +93,7 @@ def site_rows(
                     "site": node_sites.get(node, f"node {node}"),
                     "split": split,
                     "error": msg.error.reason,
+                    **traffic,
                 }
             )
             continue
@@ -111,6 +121,7 @@ def site_rows(
             row["epsilon_budget"] = float(metrics[MetricKey.EPSILON_BUDGET])
         if MetricKey.TRAINED in metrics and not int(metrics[MetricKey.TRAINED]):
             row["status"] = "budget_exhausted"
+        row.update(traffic)
         rows.append(row)
     return sorted(rows, key=lambda r: r["site"]), failures
 
@@ -197,6 +208,11 @@ def run_federation(
         # private sites only: cumulative epsilon reported after each round
         "epsilon_spent_per_site": {},
         "epsilon_budget_per_site": {},
+        # bytes of every message of a round (train and evaluate), summed over sites
+        "codec": plan.compression.codec,
+        "bytes_per_round": {},
+        "bytes_up_total": 0,
+        "bytes_down_total": 0,
     }
     if resume is not None:
         arrays = ArrayRecord(resume.state_dict)
@@ -213,6 +229,7 @@ def run_federation(
             run.path, resume.last_round, dropped,
         )  # fmt: skip
     node_sites: dict[int, str] = {}  # learnt from replies: sites name themselves
+    traffic: dict[str, int] = {}  # this round's bytes up and down (summary)
     meta = {
         "config": plan_to_dict(plan),
         "labels": labels,
@@ -224,16 +241,20 @@ def run_federation(
     ) -> tuple[list[Message], list[dict[str, Any]], list[dict[str, Any]]]:
         """Send, collect, log failures and record every site's row in metrics.jsonl."""
         messages = list(messages)
+        sent = {m.metadata.dst_node_id: message_bytes(m) for m in messages}
         replies = list(grid.send_and_receive(messages, timeout=plan.strategy.round_timeout))
-        rows, failures = site_rows(replies, server_round, split, labels, node_sites)
+        rows, failures = site_rows(replies, server_round, split, labels, node_sites, sent)
         silent = {m.metadata.dst_node_id for m in messages} - {
             r.metadata.src_node_id for r in replies
         }
         failures += [
             {"round": server_round, "site": node_sites.get(n, f"node {n}"), "split": split,
-             "error": f"no reply within strategy.round_timeout={plan.strategy.round_timeout:g} s"}
+             "error": f"no reply within strategy.round_timeout={plan.strategy.round_timeout:g} s",
+             "bytes_down": sent[n]}
             for n in sorted(silent)
         ]  # fmt: skip
+        for key in ("bytes_up", "bytes_down"):
+            traffic[key] = traffic.get(key, 0) + sum(r.get(key, 0) for r in rows + failures)
         for failure in failures:
             logger.warning(
                 "round %d %s failed at %s: %s", server_round, split, failure["site"],
@@ -250,6 +271,7 @@ def run_federation(
         return rows
 
     for server_round in range(first_round, plan.rounds + 1):
+        traffic.clear()
         if server_round > 0:
             logger.info("round %d/%d: training at %d sites", server_round, plan.rounds, num_sites)
             messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
@@ -258,7 +280,9 @@ def run_federation(
                 if "epsilon_spent" in row and math.isfinite(row["epsilon_spent"]):
                     summary["epsilon_spent_per_site"][row["site"]] = row["epsilon_spent"]
                     summary["epsilon_budget_per_site"][row["site"]] = row["epsilon_budget"]
+            replies, undecodable = _decode_updates(replies, arrays, node_sites, plan)
             replies, rejected = _screen(replies, arrays, node_sites, plan, server_round)
+            rejected = [{"round": server_round, **r} for r in undecodable] + rejected
             if rejected:
                 run.append_metrics(rejected)
                 summary["rejected_updates"] = summary.get("rejected_updates", 0) + len(rejected)
@@ -306,6 +330,11 @@ def run_federation(
             minutes=minutes_before + (time.monotonic() - started) / 60,
         )
         summary["dice_mean_per_round"][str(server_round)] = dice_mean
+        summary["bytes_per_round"][str(server_round)] = {
+            "up": traffic.get("bytes_up", 0), "down": traffic.get("bytes_down", 0)
+        }  # fmt: skip
+        for key in ("up", "down"):
+            summary[f"bytes_{key}_total"] = sum(r[key] for r in summary["bytes_per_round"].values())
         run.write_summary(summary)
         elapsed = time.monotonic() - started
         done = server_round - first_round + 1
@@ -350,7 +379,11 @@ def cross_site_evaluation(
         return list(grid.send_and_receive(messages, timeout=plan.strategy.round_timeout))
 
     finetuned: dict[str, ArrayRecord] = {}
-    for reply in to_all(arrays, MessageType.TRAIN, config):
+    # fine-tuned models come back encoded like any update (undecodable ones are left out)
+    replies, _ = _decode_updates(
+        to_all(arrays, MessageType.TRAIN, config), arrays, node_sites, plan
+    )
+    for reply in replies:
         if reply.has_error() or RecordKey.ARRAYS not in reply.content:
             continue  # failed, or a private site with no budget left
         site = str(reply.content[RecordKey.SITE][SiteKey.NAME])
@@ -403,6 +436,47 @@ def main(grid: Grid, context: Context) -> None:
         {k: round(v, 3) for k, v in summary["final_dice_per_site"].items()},
         run.path,
     )
+
+
+def _decode_updates(
+    replies: Iterable[Message], arrays: ArrayRecord, node_sites: dict[int, str], plan: RunPlan
+) -> tuple[list[Message], list[dict[str, Any]]]:
+    """Decode each training reply's encoded update into full weights (``global + delta``).
+
+    A decoded reply carries the site's weights under ``arrays`` (and no encoded
+    records), as Flower's strategies and the screening expect. A reply whose update
+    cannot be decoded, uses another codec than ``compression``, or carries raw
+    weights instead of an encoded update is dropped with a rejection row.
+    """
+    reference = to_numpy(arrays)
+    codec = codec_of(plan.compression)
+    kept, rejected = [], []
+    for msg in replies:
+        content = msg.content if not msg.has_error() else None
+        if content is None or (RecordKey.UPDATE not in content and RecordKey.ARRAYS not in content):
+            kept.append(msg)  # failed, or no update (privacy budget exhausted)
+            continue
+        try:
+            encoded = read_update(content)
+            if encoded.codec != codec:
+                raise CompressionError(
+                    f"update encoded as {encoded.codec}, the federation uses {codec}"
+                )
+            weights = decode_update(encoded, reference)
+        except CompressionError as exc:
+            node = msg.metadata.src_node_id
+            site = node_sites.get(node, f"node {node}")
+            logger.warning("rejected the update of site %s: %s", site, exc)
+            rejected.append({"site": site, "split": "train", "status": "rejected",
+                             "reason": f"undecodable update: {exc}"})  # fmt: skip
+            continue
+        msg.content = RecordDict({
+            RecordKey.ARRAYS: to_record(weights),
+            RecordKey.METRICS: content[RecordKey.METRICS],
+            RecordKey.SITE: content[RecordKey.SITE],
+        })  # fmt: skip
+        kept.append(msg)
+    return kept, rejected
 
 
 def _screen(

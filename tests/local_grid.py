@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-from flwr.app import Context, Error, Message, MessageType, Metadata, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, Context, Error, Message, MessageType, Metadata, RecordDict
 from flwr.serverapp import Grid
 
 from fl_imaging import client_app
+from fl_imaging.compression import Codec, decode_update, encode_update
+from fl_imaging.wire import read_update, to_numpy, update_records
 
 
 def make_message(content: RecordDict, message_type: str, dst: int) -> Message:
@@ -34,6 +37,20 @@ def context_for(partition_id: int, overrides: list[str]) -> Context:
         state=RecordDict(),
         run_config={"experiment": "demo", "overrides": " ".join(overrides)},
     )
+
+
+def sent_weights(reply: Message, received: ArrayRecord) -> dict[str, np.ndarray]:
+    """The weights a training reply's encoded update stands for (as the server decodes it)."""
+    return decode_update(read_update(reply.content), to_numpy(received))
+
+
+def send_weights(
+    reply: Message, weights: Mapping[str, np.ndarray], received: ArrayRecord, codec: Codec
+) -> None:
+    """Make a training reply carry ``weights``, encoded as a site encodes its update."""
+    encoded, _ = encode_update(weights, to_numpy(received), codec)
+    for key, record in update_records(encoded).items():
+        reply.content[key] = record
 
 
 class LocalGrid(Grid):

@@ -23,7 +23,7 @@ from fl_imaging.protocol import MetricKey, RecordKey
 from fl_imaging.reporting import RunFolder
 from fl_imaging.site import new_model
 from tests.conftest import tiny_overrides
-from tests.local_grid import LocalGrid, context_for, make_message
+from tests.local_grid import LocalGrid, context_for, make_message, sent_weights
 
 
 @pytest.fixture
@@ -44,12 +44,14 @@ def test_train_reply_holds_weights_metrics_and_site_name_only(overrides: list[st
     )
     reply = client_app.train(msg, context_for(0, overrides))
     content = reply.content
-    assert set(content.keys()) == {RecordKey.ARRAYS, RecordKey.METRICS, RecordKey.SITE}
-    # only the model's own tensors travel: same names and shapes as the global model
-    sent = content[RecordKey.ARRAYS].to_torch_state_dict()
+    assert set(content.keys()) == {
+        RecordKey.UPDATE, RecordKey.CODEC, RecordKey.METRICS, RecordKey.SITE
+    }  # fmt: skip
+    # only the model's own tensors travel (as an update): same names and shapes
+    sent = sent_weights(reply, arrays)
     expected = arrays.to_torch_state_dict()
     assert sent.keys() == expected.keys()
-    assert all(sent[k].shape == expected[k].shape for k in sent)
+    assert all(sent[k].shape == tuple(expected[k].shape) for k in sent)
     metrics = content[RecordKey.METRICS]
     assert metrics[MetricKey.NUM_EXAMPLES] > 0 and metrics[MetricKey.LOSS] > 0
     assert content[RecordKey.SITE]["name"] == "hospital_a"
@@ -104,9 +106,10 @@ def test_server_loop_writes_the_run_folder_contract(
     assert all(0 <= cross["dice"][m][s] <= 1 for m in cross["models"] for s in plan.site_names)
     assert set(on_disk["finetuned_dice_per_site"]) == set(plan.site_names)
     assert (run.path / "report" / "cross_site.png").is_file()
-    # nothing but weights, numbers and the site name came back from the sites
+    # nothing but updates, numbers and the site name came back from the sites (the server
+    # replaced each encoded update by the decoded weights)
     for reply in grid.received:
-        assert set(reply.content.keys()) <= {"arrays", "metrics", "site"}
+        assert set(reply.content.keys()) <= {"arrays", "update", "codec", "metrics", "site"}
 
 
 def test_server_gives_up_clearly_when_sites_do_not_connect(

@@ -7,15 +7,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord, Message, MessageType
+from flwr.app import Message, MessageType
 
 from fl_imaging import server_app
+from fl_imaging.compression import Codec
 from fl_imaging.config import compose, plan_to_yaml
 from fl_imaging.reporting import RunFolder
 from fl_imaging.screening import screen_updates, update_norm
+from fl_imaging.wire import to_numpy
 from tests.conftest import tiny_overrides
-from tests.local_grid import LocalGrid
+from tests.local_grid import LocalGrid, send_weights
 
 REF = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 
@@ -63,14 +64,13 @@ class PoisoningGrid(LocalGrid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
+        messages = list(messages)
         replies = list(super().send_and_receive(messages, timeout=timeout))
         for reply in replies:
             if reply.metadata.src_node_id == 1 and reply.metadata.message_type == MessageType.TRAIN:
-                record = reply.content["arrays"]
-                state = record.to_torch_state_dict()
-                reply.content["arrays"] = ArrayRecord(
-                    {k: torch.full_like(v, float("nan")) for k, v in state.items()}
-                )
+                received = messages[0].content["arrays"]
+                nan = {k: np.full_like(v, np.nan) for k, v in to_numpy(received).items()}
+                send_weights(reply, nan, received, Codec())
         return replies
 
 

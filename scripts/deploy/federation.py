@@ -1,0 +1,401 @@
+"""A real Flower deployment on this machine: one SuperLink and one SuperNode per hospital.
+
+Every component is a separate process talking over loopback, exactly as on separate
+machines: TLS on the SuperLink, SuperNode authentication (only registered hospital
+keys may join), each SuperNode told who it is through ``--node-config``
+(``site``, ``manifest``, ``data-root``, ``state-dir``: see ``fl_imaging/site.py``).
+Everything lives in one folder (``--dir``, default ``deploy/local``)::
+
+    certs/               CA, SuperLink certificate, per-hospital keys (make_certs.py)
+    flwr_home/           FLWR_HOME of the `flwr` CLI: config.toml names the connection
+    logs/<name>.log      one log per process (superlink, each hospital, each warm executor)
+    state/<site>/        each hospital's state (privacy ledger, caches)
+    deployment.json      ports and PIDs, so later commands find and stop what `up` started
+
+Commands (all print what they do)::
+
+    python scripts/deploy/federation.py up --sites hospital_a hospital_b hospital_c
+    python scripts/deploy/federation.py run --experiment demo --overrides "rounds=3"
+    python scripts/deploy/federation.py kill hospital_c      # crash one hospital (SIGKILL)
+    python scripts/deploy/federation.py node hospital_c      # (re)start its SuperNode
+    python scripts/deploy/federation.py node intruder --unregistered  # a key never registered
+    python scripts/deploy/federation.py down                 # stop everything, by PID
+
+``run`` is ``flwr run . <connection>`` with ``FLWR_HOME=<dir>/flwr_home``; it exits non-zero
+unless Flower reports the run ``finished:completed``.
+
+``--isolation warm`` (the default) starts each SuperNode with ``--isolation process`` and
+next to it a long-running executor (``warm_executor.py``) that has torch and MONAI imported
+already and forks one ClientApp process per message; ``--isolation subprocess`` is Flower's
+default (a fresh ``flwr-clientapp`` process per message, which imports everything again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from fl_imaging.config import split_overrides, with_root  # noqa: E402
+from fl_imaging.launch import run_status, stop_processes  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+CONNECTION = "fl-imaging-deployment"
+STATE_FILE = "deployment.json"
+_RUN_ID = re.compile(r"Successfully started run (\d+)")
+
+
+def log(msg: str) -> None:
+    """Progress on stderr (stdout is kept for results)."""
+    print(f"[deploy] {msg}", file=sys.stderr, flush=True)
+
+
+def deploy_env(folder: Path) -> dict[str, str]:
+    """Environment for every process: this venv first, offline runtime, the folder's FLWR_HOME."""
+    env = os.environ.copy()
+    env["FLWR_HOME"] = str(folder / "flwr_home")
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def load_state(folder: Path) -> dict:
+    path = folder / STATE_FILE
+    if not path.is_file():
+        sys.exit(f"no deployment in {folder} (run `federation.py up --dir {folder}` first)")
+    return json.loads(path.read_text())
+
+
+def save_state(folder: Path, state: dict) -> None:
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _wait_port(port: int, pid: int, what: str, log_file: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            sys.exit(f"{what} exited; see {log_file}:\n{log_file.read_text()[-2000:]}")
+        if not _free(port):
+            return
+        time.sleep(0.2)
+    sys.exit(f"{what} did not listen on port {port} within {timeout:.0f} s; see {log_file}")
+
+
+def spawn(cmd: Sequence[str], log_file: Path, env: dict[str, str]) -> int:
+    """Start ``cmd`` in its own session (so its children stop with it); return its PID."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log(f"$ {shlex.join(cmd)}  > {log_file}")
+    with log_file.open("ab") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=PROJECT_ROOT,
+            start_new_session=True,
+        )
+    return proc.pid
+
+
+def _tls_args(state: dict) -> list[str]:
+    return [] if state["insecure"] else ["--root-certificates", state["certs"] + "/ca.crt"]
+
+
+def write_connection(folder: Path, state: dict) -> None:
+    """``$FLWR_HOME/config.toml`` naming this SuperLink (Flower 1.42 connections)."""
+    home = folder / "flwr_home"
+    home.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[superlink]",
+        f'default = "{CONNECTION}"',
+        "",
+        f"[superlink.{CONNECTION}]",
+        f'address = "127.0.0.1:{state["port"]}"',
+    ]
+    if state["insecure"]:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{state["certs"]}/ca.crt"')
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def start_superlink(folder: Path, state: dict, env: dict[str, str]) -> int:
+    certs = state["certs"]
+    cmd = ["flower-superlink", "--disable-runtime-dependency-installation"]
+    if state["insecure"]:
+        cmd.append("--insecure")
+    else:
+        cmd += [
+            "--ssl-ca-certfile", f"{certs}/ca.crt",
+            "--ssl-certfile", f"{certs}/superlink.crt",
+            "--ssl-keyfile", f"{certs}/superlink.key",
+        ]  # fmt: skip
+        if state["auth"]:
+            cmd.append("--enable-supernode-auth")
+    cmd += ["--host", "127.0.0.1", "--port", str(state["port"])]
+    cmd += ["--database", str(folder / "superlink.db")]
+    log_file = folder / "logs" / "superlink.log"
+    pid = spawn(cmd, log_file, env)
+    _wait_port(state["port"], pid, "flower-superlink", log_file)
+    return pid
+
+
+def register(site: str, state: dict, env: dict[str, str]) -> None:
+    """``flwr supernode register <site>.pub``: the coordinator admits a hospital's key."""
+    key = f"{state['certs']}/supernodes/{site}.pub"
+    cmd = ["flwr", "supernode", "register", key, CONNECTION, "--name", site, "--format", "json"]
+    log(f"$ {shlex.join(cmd)}")
+    out = subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    if out.returncode != 0 or '"success": true' not in out.stdout:
+        sys.exit(f"could not register {site}: {out.stdout[-1000:]} {out.stderr[-1000:]}")
+
+
+def node_config(site: str, state: dict, folder: Path) -> str:
+    """The SuperNode's ``--node-config``: who it is and where its data and state are."""
+    items = {"site": site, "state-dir": str(folder / "state" / site)}
+    if state.get("data_dir"):
+        root = Path(state["data_dir"]) / site
+        items["data-root"] = str(root)
+        items["manifest"] = str(root / "dataset.json")
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
+
+
+def start_node(site: str, folder: Path, state: dict, env: dict[str, str], port: int) -> list[int]:
+    """Start ``site``'s SuperNode (and its warm executor); return their PIDs."""
+    certs = state["certs"]
+    isolation = "process" if state["isolation"] == "warm" else "subprocess"
+    cmd = [
+        "flower-supernode",
+        "--superlink", f"127.0.0.1:{state['port']}",
+        "--port", str(port),
+        "--isolation", isolation,
+        "--node-config", node_config(site, state, folder),
+        # give up (and exit) if the SuperLink stays unreachable, rather than retry forever
+        "--max-wait-time", "60",
+    ]  # fmt: skip
+    if state["insecure"]:
+        cmd.append("--insecure")
+    else:
+        cmd += _tls_args(state)
+        if state["auth"]:
+            cmd += ["--auth-supernode-private-key", f"{certs}/supernodes/{site}.key"]
+    log_file = folder / "logs" / f"{site}.log"
+    pids = [spawn(cmd, log_file, env)]
+    _wait_port(port, pids[0], f"flower-supernode {site}", log_file)
+    if isolation == "process":
+        executor = [
+            sys.executable,
+            str(HERE / "warm_executor.py"),
+            "--runtime-api-address", f"127.0.0.1:{port}",
+            "--parent-pid", str(pids[0]),
+        ]  # fmt: skip
+        pids.append(spawn(executor, folder / "logs" / f"{site}.executor.log", env))
+    return pids
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    folder: Path = args.dir.resolve()
+    if (folder / STATE_FILE).is_file() and any(
+        _alive(p) for p in _all_pids(json.loads((folder / STATE_FILE).read_text()))
+    ):
+        sys.exit(f"a deployment in {folder} is still running: `federation.py down --dir {folder}`")
+    folder.mkdir(parents=True, exist_ok=True)
+    certs = (args.certs or folder / "certs").resolve()
+    ports = [args.port + i for i in range(len(args.sites) + 1)]
+    busy = [p for p in ports if not _free(p)]
+    if busy:
+        sys.exit(f"ports {busy} are in use; pick another --port")
+    state = {
+        "port": args.port,
+        "insecure": args.insecure,
+        "auth": not args.insecure and not args.no_auth,
+        "certs": str(certs),
+        "isolation": args.isolation,
+        "data_dir": str(args.data_dir.resolve()) if args.data_dir else None,
+        "next_port": args.port + 1,
+        "superlink": None,
+        "nodes": {},
+    }
+    if not args.insecure:
+        subprocess.run(
+            [sys.executable, str(HERE / "make_certs.py"), "--out", str(certs),
+             "--sites", *args.sites, *[a for h in args.host for a in ("--host", h)]],
+            check=True,
+        )  # fmt: skip
+    env = deploy_env(folder)
+    write_connection(folder, state)
+    state["superlink"] = start_superlink(folder, state, env)
+    save_state(folder, state)
+    if state["auth"]:
+        for site in args.sites:
+            register(site, state, env)
+    for site in args.sites:
+        _start_and_record(site, folder, state, env)
+    log(f"up: SuperLink 127.0.0.1:{state['port']}, SuperNodes {list(state['nodes'])}")
+    return 0
+
+
+def _start_and_record(site: str, folder: Path, state: dict, env: dict[str, str]) -> None:
+    port = state["nodes"].get(site, {}).get("port") or state["next_port"]
+    if port == state["next_port"]:
+        state["next_port"] += 1
+    if not _free(port):
+        sys.exit(f"port {port} for {site} is in use")
+    pids = start_node(site, folder, state, env, port)
+    state["nodes"][site] = {"port": port, "pids": pids}
+    save_state(folder, state)
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    folder: Path = args.dir.resolve()
+    state = load_state(folder)
+    env = deploy_env(folder)
+    old = state["nodes"].get(args.site)
+    if old and any(_alive(p) for p in old["pids"]):
+        sys.exit(f"{args.site} is running (pids {old['pids']}); `kill` it first")
+    if args.unregistered:
+        # a hospital whose key the coordinator never registered: it must be refused
+        subprocess.run(
+            [sys.executable, str(HERE / "make_certs.py"), "--out", state["certs"],
+             "--sites", args.site],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+    elif state["auth"] and not old:
+        register(args.site, state, env)
+    _start_and_record(args.site, folder, state, env)
+    return 0
+
+
+def _kill_group(pids: Sequence[int], sig: int) -> None:
+    for pid in pids:
+        for kill in (os.killpg, os.kill):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(pid, sig)
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    """SIGKILL a hospital's SuperNode and its ClientApp processes: a crash, not a shutdown."""
+    folder: Path = args.dir.resolve()
+    state = load_state(folder)
+    node = state["nodes"].get(args.site)
+    if not node:
+        sys.exit(f"no SuperNode {args.site} in {folder}")
+    _kill_group(node["pids"], signal.SIGKILL)
+    log(f"killed {args.site} (pids {node['pids']})")
+    return 0
+
+
+def _all_pids(state: dict) -> list[int]:
+    pids = [p for n in state.get("nodes", {}).values() for p in n["pids"]]
+    return pids + ([state["superlink"]] if state.get("superlink") else [])
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    folder: Path = args.dir.resolve()
+    if not (folder / STATE_FILE).is_file():
+        log(f"nothing to stop in {folder}")
+        return 0
+    state = load_state(folder)
+    pids = _all_pids(state)
+    stop_processes(pids)
+    left = [p for p in pids if _alive(p)]
+    log(f"stopped {len(pids) - len(left)} processes" + (f"; still alive: {left}" if left else ""))
+    return 1 if left else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    folder: Path = args.dir.resolve()
+    load_state(folder)
+    env = deploy_env(folder)
+    items = with_root(split_overrides(args.overrides), PROJECT_ROOT)
+    run_config = (
+        f"experiment={json.dumps(args.experiment)} overrides={json.dumps(shlex.join(items))}"
+    )
+    cmd = ["flwr", "run", str(PROJECT_ROOT), CONNECTION, "--stream", "--run-config", run_config]
+    log(f"$ FLWR_HOME={env['FLWR_HOME']} {shlex.join(cmd)}")
+    start = time.monotonic()
+    run_id = ""
+    with subprocess.Popen(
+        cmd, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        for line in proc.stdout or ():
+            sys.stderr.write(line)
+            if not run_id and (match := _RUN_ID.search(line)):
+                run_id = match.group(1)
+        code = proc.wait()
+    if not run_id:
+        log(f"`flwr run` exited with code {code} before starting a run")
+        return 1
+    status = run_status(run_id, env, PROJECT_ROOT)
+    for _ in range(50):  # the status can lag the end of the log stream
+        if status.startswith("finished"):
+            break
+        time.sleep(0.2)
+        status = run_status(run_id, env, PROJECT_ROOT)
+    result = {"run_id": run_id, "status": status, "seconds": round(time.monotonic() - start, 1)}
+    print(json.dumps(result))
+    return 0 if status == "finished:completed" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", type=Path, default=PROJECT_ROOT / "deploy" / "local")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the SuperLink and one SuperNode per site")
+    up.add_argument("--sites", nargs="+", default=["hospital_a", "hospital_b", "hospital_c"])
+    up.add_argument(
+        "--data-dir",
+        type=Path,
+        default=PROJECT_ROOT / "data" / "synthetic",
+        help="<data-dir>/<site>/dataset.json is each site's manifest (default: the demo's)",
+    )
+    up.add_argument("--port", type=int, default=9300, help="SuperLink port; SuperNodes use +1..")
+    up.add_argument("--certs", type=Path, help="certificate folder (default: <dir>/certs)")
+    up.add_argument("--host", action="append", default=[], help="extra SuperLink cert name")
+    up.add_argument("--isolation", choices=["warm", "subprocess"], default="warm")
+    up.add_argument("--insecure", action="store_true", help="no TLS, no authentication")
+    up.add_argument("--no-auth", action="store_true", help="TLS without SuperNode auth")
+    node = sub.add_parser("node", help="start (or restart) one site's SuperNode")
+    node.add_argument("site")
+    node.add_argument("--unregistered", action="store_true", help="with a key never registered")
+    kill = sub.add_parser("kill", help="SIGKILL one site's SuperNode (a crash)")
+    kill.add_argument("site")
+    sub.add_parser("down", help="stop everything this deployment started")
+    run = sub.add_parser("run", help="flwr run . on this deployment; wait; check the status")
+    run.add_argument("--experiment", default="demo")
+    run.add_argument("--overrides", default="", help='Hydra overrides, e.g. "rounds=2"')
+    args = parser.parse_args(argv)
+    handlers = {"up": cmd_up, "node": cmd_node, "kill": cmd_kill, "down": cmd_down, "run": cmd_run}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

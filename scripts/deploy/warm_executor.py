@@ -1,0 +1,155 @@
+"""A warm ClientApp executor for a SuperNode started with ``--isolation process``.
+
+Flower's own executor (``flower-superexec``, which a SuperNode in the default
+``--isolation subprocess`` starts for itself) launches a fresh ``flwr-clientapp``
+process for every message; each one imports torch, MONAI and the app again, which
+costs far more than a tiny model's training. This executor does what
+``flower-superexec --plugin-type clientapp`` does (poll the SuperNode's Runtime API for
+a ClientApp task, launch a process with the task's token) but launches by ``fork()``
+from a parent that has the app's third-party dependencies imported already. The child
+runs Flower's own ``flwr-clientapp`` code path (``run_clientapp``: pull the message and
+the app bundle from the SuperNode, install the bundle, load the ClientApp from it, run
+it, push the reply) and exits, so every message still gets a fresh process, and the app's
+own modules are still loaded from the installed app bundle, not from this checkout.
+
+    python scripts/deploy/warm_executor.py --runtime-api-address 127.0.0.1:9301 \\
+        --parent-pid <SuperNode PID>
+
+Tied to Flower 1.42's Runtime API (``flwr.supercore``); pinned by ``flwr<1.43``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import sys
+import time
+
+WARM_MODULE = "fl_imaging.client_app"
+POLL_SECONDS = 0.1
+
+
+def warm_up(module: str) -> list[str]:
+    """Import ``module`` and everything it needs, then forget ``module``'s own package.
+
+    What stays imported (torch, MONAI, nibabel, Hydra, Flower) is shared by every
+    forked ClientApp; the package itself is imported again in each child from the app
+    bundle Flower installs, so the code that runs is the code the run shipped.
+    """
+    package = module.split(".")[0]
+    importlib.import_module(module)
+    mine = [m for m in sys.modules if m == package or m.startswith(package + ".")]
+    for name in mine:
+        del sys.modules[name]
+    return mine
+
+
+def run_task(runtime_api_address: str, token: str, parent_pid: int | None) -> None:
+    """In the forked child: Flower's ``flwr-clientapp`` for one task, then exit."""
+    code = 1
+    try:
+        from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+        run_clientapp(
+            runtime_api_address=runtime_api_address,
+            token=token,
+            insecure=True,
+            certificates=None,
+            parent_pid=parent_pid,
+            runtime_dependency_install=False,
+        )
+        code = 0
+    except SystemExit as exc:  # flwr_exit ends the task with sys.exit(code)
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        logging.getLogger("warm_executor").exception("ClientApp task failed")
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # never return into the parent's loop
+
+
+def serve(runtime_api_address: str, parent_pid: int | None, module: str) -> None:
+    """Poll for ClientApp tasks and fork one warm process per task, until stopped."""
+    started = time.monotonic()
+    forgotten = warm_up(module)
+    logging.info(
+        "warm executor: imported %s's dependencies in %.1f s (%d modules; %d of its own "
+        "re-imported per task from the app bundle)",
+        module, time.monotonic() - started, len(sys.modules), len(forgotten),
+    )  # fmt: skip
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    children: set[int] = set()
+    try:
+        while parent_pid is None or _alive(parent_pid):
+            _reap(children)
+            res = client.AcquireTask(request)
+            if res.HasField("task") and res.token:
+                pid = os.fork()
+                if pid == 0:
+                    client.close = lambda: None  # the parent's connection is not ours
+                    run_task(runtime_api_address, res.token, os.getppid())
+                children.add(pid)
+                logging.info("task %d: forked ClientApp process %d", res.task.task_id, pid)
+            time.sleep(POLL_SECONDS)
+    finally:
+        client.close()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+
+def _reap(children: set[int]) -> None:
+    for pid in list(children):
+        with contextlib.suppress(ChildProcessError):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                children.discard(pid)
+                if os.waitstatus_to_exitcode(status):
+                    logging.warning("ClientApp process %d exited with %s", pid, status)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's host:port")
+    parser.add_argument(
+        "--parent-pid", type=int, help="exit when this process (the SuperNode) ends"
+    )
+    parser.add_argument("--warm-module", default=WARM_MODULE, help="module whose imports to keep")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    serve(args.runtime_api_address, args.parent_pid, args.warm_module)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
