@@ -1,10 +1,15 @@
-"""Update codecs: round-trip error bounds, shapes and dtypes, error feedback, bad input."""
+"""Update codecs: round-trip error bounds, shapes and dtypes, error feedback, bad input;
+and bytes up/down of whole runs through the server loop (in-process grid)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fl_imaging import server_app
 from fl_imaging.compression import (
     Codec,
     CompressionError,
@@ -17,7 +22,10 @@ from fl_imaging.compression import (
     sparsify_topk,
     topk_count,
 )
-from fl_imaging.config import ConfigError, compose
+from fl_imaging.config import ConfigError, compose, plan_to_yaml
+from fl_imaging.reporting import RunFolder
+from tests.conftest import tiny_overrides
+from tests.local_grid import LocalGrid
 
 CODECS = [
     Codec("none"),
@@ -243,3 +251,44 @@ def test_compression_config_group_and_validation() -> None:
         compose("demo", ["compression.codec=zip"])
     with pytest.raises(ConfigError, match=r"compression.error_feedback=true does nothing"):
         compose("demo", ["compression.error_feedback=true"])
+
+
+def _run(codec: str, sites: list[Path], root: Path) -> tuple[LocalGrid, list[dict], dict]:
+    overrides = [*tiny_overrides(sites, root / codec), "model=unet_small",
+                 "strategy.cross_site_epochs=0", f"compression={codec}"]  # fmt: skip
+    plan = compose("demo", overrides)
+    run = RunFolder.create(root / codec / "outputs", plan.name, plan_to_yaml(plan))
+    grid = LocalGrid(overrides)
+    summary = server_app.run_federation(grid, plan, run, run_id=1)
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    return grid, rows, summary
+
+
+def test_an_int8_run_sends_a_quarter_of_the_bytes_up_and_still_trains(
+    tiny_sites: list[Path], tmp_path: Path, task_identity: None
+) -> None:
+    runs = {codec: _run(codec, tiny_sites, tmp_path) for codec in ("none", "int8", "topk")}
+    up, down = {}, {}
+    for codec, (_, rows, summary) in runs.items():
+        assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows), codec
+        train = {(r["round"], r["site"]): r for r in rows if r["split"] == "train"}
+        up[codec] = {k: r["bytes_up"] for k, r in train.items()}
+        down[codec] = {k: r["bytes_down"] for k, r in train.items()}
+        # the summary adds up every message of every round, both ways
+        assert summary["codec"] == codec
+        assert summary["bytes_up_total"] == sum(r["bytes_up"] for r in rows)
+        assert summary["bytes_down_total"] == sum(r["bytes_down"] for r in rows)
+        assert summary["bytes_per_round"]["1"]["up"] == sum(
+            r["bytes_up"] for r in rows if r["round"] == 1
+        )
+    for key, sent in up["int8"].items():
+        assert 0.24 <= sent / up["none"][key] <= 0.28, (key, sent, up["none"][key])
+        # top-k 10%: int32 index + float32 value per kept entry
+        assert 0.18 <= up["topk"][key] / up["none"][key] <= 0.23
+    assert down["int8"] == down["none"]  # the global model goes down uncompressed
+    dice = {c: s["dice_mean_per_round"] for c, (_, _, s) in runs.items()}
+    assert dice["int8"]["2"] > dice["int8"]["0"] + 0.05, dice
+    assert abs(dice["int8"]["2"] - dice["none"]["2"]) < 0.05, dice
+    # error feedback: the top-k sites keep their residual; int8 (no feedback) keeps none
+    assert all("compression-residual" in c.state for c in runs["topk"][0].contexts.values())
+    assert not any("compression-residual" in c.state for c in runs["int8"][0].contexts.values())
