@@ -315,6 +315,7 @@ def write_report(
             f"- best round: {summary.get('best_round')} "
             f"(mean Dice {_fmt(summary.get('best_dice_mean'))})",
             f"- minutes: {_fmt(summary.get('minutes'))}",
+            *([f"- {traffic}"] if (traffic := traffic_line(summary)) else []),
             "",
         ]
     lines += ["## Validation mean Dice per round", ""]
@@ -408,6 +409,8 @@ def _html_page(
             f"<b>{_fmt(summary.get('final_dice_mean'))}</b> (mean over sites); best round "
             f"{summary.get('best_round')}.</p>"
         )
+        if traffic := traffic_line(summary):
+            parts.append(f"<p>{esc(traffic)}</p>")
         rows = "".join(
             f"<tr><td style='text-align:left'>{esc(site)}</td><td>{_fmt(dice)}</td>"
             f"<td>{_fmt(spent.get(site))}</td></tr>"
@@ -436,6 +439,18 @@ def _html_page(
         parts.append(f"<p class='note'>{esc(overlay_note)}</p>")
     parts.append(f"<h2>Resolved configuration</h2><pre>{esc(config_text)}</pre></body></html>")
     return "\n".join(parts)
+
+
+def traffic_line(summary: Mapping[str, Any]) -> str | None:
+    """One line on the bytes a run sent (``summary.json``'s totals), or None if not recorded."""
+    up, down = summary.get("bytes_up_total"), summary.get("bytes_down_total")
+    if not up and not down:
+        return None
+    rounds = len(summary.get("bytes_per_round") or {})
+    return (
+        f"bytes sent (update codec {summary.get('codec', 'none')}): up {up / 1e6:.2f} MB, "
+        f"down {down / 1e6:.2f} MB over {rounds} rounds (all sites, train and evaluate)"
+    )
 
 
 def _fmt(value: Any) -> str:

@@ -23,7 +23,7 @@ from fl_imaging.compression import (
     topk_count,
 )
 from fl_imaging.config import ConfigError, compose, plan_to_yaml
-from fl_imaging.reporting import RunFolder
+from fl_imaging.reporting import RunFolder, traffic_line
 from tests.conftest import tiny_overrides
 from tests.local_grid import LocalGrid
 
@@ -292,3 +292,13 @@ def test_an_int8_run_sends_a_quarter_of_the_bytes_up_and_still_trains(
     # error feedback: the top-k sites keep their residual; int8 (no feedback) keeps none
     assert all("compression-residual" in c.state for c in runs["topk"][0].contexts.values())
     assert not any("compression-residual" in c.state for c in runs["int8"][0].contexts.values())
+
+
+def test_the_report_states_the_bytes_sent() -> None:
+    summary = {"codec": "int8", "bytes_up_total": 2_500_000, "bytes_down_total": 10_000_000,
+               "bytes_per_round": {"0": {}, "1": {}}}  # fmt: skip
+    assert traffic_line(summary) == (
+        "bytes sent (update codec int8): up 2.50 MB, down 10.00 MB over 2 rounds "
+        "(all sites, train and evaluate)"
+    )
+    assert traffic_line({"rounds_completed": 3}) is None  # a run from before bytes were kept
