@@ -17,6 +17,7 @@ from fl_imaging.compression import codec_of, encode_update
 from fl_imaging.config import RunPlan, compose
 from fl_imaging.logs import setup_logging
 from fl_imaging.protocol import ConfigKey, MetricKey, RecordKey, RunConfigKey, SiteKey
+from fl_imaging.secure_aggregation import is_secure_message, secure_train
 from fl_imaging.site import Site, evaluate_round, resolve_site, train_round
 from fl_imaging.wire import to_numpy, to_record, update_records
 
@@ -89,6 +90,8 @@ def _encode(
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training cases."""
+    if is_secure_message(msg):  # a SecAgg+ stage: Flower's secaggplus_mod wraps this handler
+        return secure_train(msg, context, _plan_and_site(context)[0], train)
     plan, site = _plan_and_site(context)
     config = msg.content[RecordKey.CONFIG]
     server_round = int(config.get(ConfigKey.SERVER_ROUND, 0))

@@ -216,6 +216,33 @@ class CompressionConfig:
 
 
 @dataclass
+class SecureAggregationConfig:
+    """Secure aggregation of the training updates (Flower's SecAgg+).
+
+    Each site weights its update (trained - global weights) by num_examples /
+    max_weight, clips it to [-clipping_range, clipping_range], quantises it to
+    2**quantization_bits levels and masks it; the server unmasks only the sum
+    (``fl_imaging.secure_aggregation``).
+    """
+
+    # none | secaggplus
+    name: str = "none"
+    # sites each site secret-shares its keys with, itself included (odd if below the
+    # sites per round); null: every site trained in the round
+    num_shares: int | None = None
+    # shares needed to rebuild a dropped site's keys; up to num_shares - threshold
+    # neighbours may drop out. null: a majority of num_shares
+    reconstruction_threshold: int | None = None
+    # bound on each weighted update entry before quantisation (larger ones are clipped)
+    clipping_range: float = 1.0
+    # quantisation levels 2**bits over [-clipping_range, clipping_range]
+    quantization_bits: int = 24
+    # sites weight their update by num_examples / max_weight: set it to about the largest
+    # site's training cases (larger: coarser quantisation; smaller: Flower warns)
+    max_weight: float = 100.0
+
+
+@dataclass
 class PathsConfig:
     """Where run folders and site state go; relative paths resolve against ``root``."""
 
@@ -241,6 +268,7 @@ class RunPlan:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     def resolve_path(self, path: str | Path) -> Path:
@@ -511,6 +539,7 @@ def validate(plan: RunPlan) -> list[str]:
     if plan.privacy.delta is not None and not 0 < plan.privacy.delta < 1:
         problems.append(f"privacy.delta must be in (0, 1), got {plan.privacy.delta}")
     problems += _compression_problems(plan.compression)
+    problems += secure_aggregation_problems(plan)
     return problems
 
 
@@ -527,6 +556,104 @@ def _compression_problems(cfg: CompressionConfig) -> list[str]:
             "dropped); set compression.error_feedback=false or choose a lossy codec"
         ]
     return []
+
+
+# Flower's SecAgg+ modulus (2**32): a round's sum of quantised updates must stay below it
+MODULUS_RANGE = 2**32
+# strategies that need every site's own update (median, trimming, Krum distances)
+NEEDS_SINGLE_UPDATES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+
+
+def protocol_sizes(cfg: SecureAggregationConfig, num_sampled: int) -> tuple[int, int]:
+    """``(num_shares, reconstruction_threshold)`` for a round that samples ``num_sampled`` sites.
+
+    ``num_shares`` null: every sampled site; ``reconstruction_threshold`` null: a
+    majority of ``num_shares``.
+    """
+    shares = cfg.num_shares if cfg.num_shares is not None else num_sampled
+    threshold = cfg.reconstruction_threshold
+    return shares, threshold if threshold is not None else shares // 2 + 1
+
+
+def sites_per_round(plan: RunPlan) -> int:
+    """How many sites Flower's strategies sample for a training round (all connected)."""
+    num_sites = len(plan.federation.sites)
+    return max(int(num_sites * plan.strategy.fraction_train), plan.strategy.min_sites)
+
+
+def secure_aggregation_problems(plan: RunPlan) -> list[str]:
+    """What in ``plan`` cannot work with ``secure_aggregation`` (empty when fine or off)."""
+    cfg = plan.secure_aggregation
+    if cfg.name == "none":
+        return []
+    if cfg.name != "secaggplus":
+        return [f"secure_aggregation.name {cfg.name!r} is unknown; choose none or secaggplus"]
+    key = "secure_aggregation"
+    problems = []
+    sampled = sites_per_round(plan)
+    shares, threshold = protocol_sizes(cfg, sampled)
+    if sampled < 3:
+        problems.append(
+            f"{key}=secaggplus needs at least 3 sites per round (Flower's SecAgg+ shares "
+            f"each key among at least 3 sites), this plan trains {sampled}"
+        )
+    elif not 3 <= shares <= sampled:
+        problems.append(
+            f"{key}.num_shares={shares} must be between 3 and the {sampled} sites trained "
+            f"per round (null: all of them)"
+        )
+    elif shares < sampled and shares % 2 == 0:
+        problems.append(
+            f"{key}.num_shares={shares} must be odd when below the {sampled} sites per round "
+            f"(each site shares with num_shares // 2 neighbours on either side)"
+        )
+    elif not 2 <= threshold < shares:
+        problems.append(
+            f"{key}.reconstruction_threshold={threshold} must be >= 2 and below "
+            f"num_shares={shares} (null: a majority of num_shares)"
+        )
+    if cfg.clipping_range <= 0:
+        problems.append(f"{key}.clipping_range must be > 0, got {cfg.clipping_range}")
+    if cfg.max_weight <= 0:
+        problems.append(f"{key}.max_weight must be > 0, got {cfg.max_weight}")
+    if cfg.quantization_bits < 8 or sampled * 2**cfg.quantization_bits >= MODULUS_RANGE:
+        problems.append(
+            f"{key}.quantization_bits={cfg.quantization_bits} must be >= 8 and keep "
+            f"{sampled} sites x 2**bits below the modulus 2**32 (at most "
+            f"{((MODULUS_RANGE - 1) // max(sampled, 1)).bit_length() - 1} bits here)"
+        )
+    why_not = {
+        "strategy.name": (
+            plan.strategy.name in NEEDS_SINGLE_UPDATES,
+            f"{plan.strategy.name} needs every site's own update; secure aggregation gives "
+            f"the server only their weighted mean: use fedavg, fedprox, fedavgm, fedadam or "
+            f"fedyogi",
+        ),
+        "strategy.screen_norm_factor": (
+            plan.strategy.screen_norm_factor is not None,
+            "screening compares single updates, which the server never sees: set it to null "
+            "(each site checks its own update for NaN/Inf before masking it)",
+        ),
+        "strategy.cross_site_epochs": (
+            plan.strategy.cross_site_epochs > 0,
+            "cross-site evaluation sends each site's fine-tuned model to the server in the "
+            "clear: set it to 0",
+        ),
+        "privacy.central.noise_multiplier": (
+            plan.privacy.central.noise_multiplier is not None,
+            "server-side clipping needs each site's update; use DP-SGD at the sites "
+            "(federation.sites[*].privacy.epsilon), whose noise is added before masking",
+        ),
+        "compression.codec": (
+            plan.compression.codec != "none",
+            "SecAgg+ quantises and masks the update itself and the server cannot decode a "
+            "single site's compressed update: use compression=none",
+        ),
+    }
+    for name, (bad, reason) in why_not.items():
+        if bad:
+            problems.append(f"{name} with {key}=secaggplus: {reason}")
+    return problems
 
 
 def _site_problems(plan: RunPlan) -> list[str]:

@@ -36,6 +36,7 @@ from fl_imaging.reporting import (
     write_report,
 )
 from fl_imaging.screening import screen_updates
+from fl_imaging.secure_aggregation import SecureAggregation
 from fl_imaging.site import new_model
 from fl_imaging.strategies import build_strategy, restore_strategy_state, strategy_state
 from fl_imaging.wire import message_bytes, read_update, to_numpy, to_record
@@ -270,12 +271,18 @@ def run_federation(
             logger.info(_round_line(server_round, rows, labels))
         return rows
 
+    secure = None
+    if plan.secure_aggregation.name != "none":
+        secure = SecureAggregation(plan, grid, run_id, exchange, run.append_metrics)
     for server_round in range(first_round, plan.rounds + 1):
         traffic.clear()
         if server_round > 0:
             logger.info("round %d/%d: training at %d sites", server_round, plan.rounds, num_sites)
             messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-            replies, rows, failures = exchange(server_round, "train", messages)
+            if secure is None:
+                replies, rows, failures = exchange(server_round, "train", messages)
+            else:  # SecAgg+: the reply is the sites' unmasked mean update, rows are per site
+                replies, rows, failures = secure.train_round(server_round, arrays, messages)
             for row in rows:
                 if "epsilon_spent" in row and math.isfinite(row["epsilon_spent"]):
                     summary["epsilon_spent_per_site"][row["site"]] = row["epsilon_spent"]

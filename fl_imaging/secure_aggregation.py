@@ -1,0 +1,452 @@
+"""Secure aggregation (SecAgg+): the server learns only the weighted mean of the sites' updates.
+
+Flower 1.42 ships SecAgg+ as a legacy-API pair: :class:`SecAggPlusWorkflow` (server,
+driven by a ``LegacyContext`` and a legacy ``Strategy``) and ``secaggplus_mod``
+(client, which parses legacy fit messages). This module runs that tested code,
+unchanged, inside the Message-API apps, for the training step of a round only:
+
+* Server: :class:`SecureAggregation` runs the workflow's four stages (setup, share
+  keys, collect masked vectors, unmask) over the ServerApp's own grid. The Message-API
+  strategy still samples the sites and writes the round config; a small legacy
+  strategy adapter hands that to the workflow and takes back the unmasked mean, which
+  then goes through the strategy's own ``aggregate_train`` (so FedAdam, FedYogi and
+  FedAvgM apply their server optimiser to it). The masked-vector stage goes through
+  the ServerApp's ``exchange``, so each site's metrics row is recorded as in a plain
+  round.
+* Client: :func:`secure_train` passes a SecAgg+ message to ``secaggplus_mod``. In the
+  masked-vector stage the mod calls back into the ClientApp's plain ``train`` handler
+  (the same training, privacy ledger and metrics), and the site's update
+  ``local - global`` is handed to the mod, which weights it by
+  ``num_examples / max_weight``, quantises it, masks it and sends only the masked
+  integers; the mod empties every ArrayRecord of the reply.
+
+A site's metrics (loss, num-examples, epsilon) travel in the clear, as in plain rounds.
+Which configurations cannot work with secure aggregation is checked in
+``fl_imaging.config`` (robust strategies, screening, central DP, compression, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.client.mod import secaggplus_mod
+from flwr.common import (
+    Code,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import LegacyContext, SimpleClientManager
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from fl_imaging.compression import CompressionError, codec_of, decode_update, encode_update
+from fl_imaging.config import MODULUS_RANGE, RunPlan, SecureAggregationConfig, protocol_sizes
+from fl_imaging.protocol import MetricKey, RecordKey, SiteKey
+from fl_imaging.site import new_model
+from fl_imaging.wire import read_update, to_numpy, to_record, update_records
+
+logger = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+# the ServerApp's exchange: send, collect, record rows -> (replies, rows, failures)
+Exchange = Callable[[int, str, Iterable[Message]], tuple[list[Message], list[Row], list[Row]]]
+# the ClientApp's plain train handler
+TrainHandler = Callable[[Message, Context], Message]
+
+
+# the "site" of the one reply a secure round yields: the sum of every site's update
+AGGREGATE = "secure-aggregate"
+
+
+class SecureAggregationError(RuntimeError):
+    """A round's secure aggregation could not finish (too few sites left in the protocol)."""
+
+
+# --------------------------------------------------------------------------- server
+
+
+class SecureAggregation:
+    """The training step of each round through Flower's ``SecAggPlusWorkflow``.
+
+    Args:
+        plan: the run plan (``secure_aggregation`` settings, round timeout).
+        grid: the ServerApp's grid.
+        run_id: the Flower run id (for the workflow's client proxies).
+        exchange: the ServerApp's send-collect-record function; the masked-vector
+            stage goes through it, so each site's metrics row is recorded as usual.
+        record: appends rows to ``metrics.jsonl`` (failures of the other stages).
+    """
+
+    def __init__(
+        self,
+        plan: RunPlan,
+        grid: Grid,
+        run_id: int,
+        exchange: Exchange,
+        record: Callable[[list[Row]], None],
+    ) -> None:
+        self.plan = plan
+        self.grid = grid
+        self.run_id = run_id
+        self.exchange = exchange
+        self.record = record
+        self.node_sites: dict[int, str] = {}  # learnt from masked-vector replies
+
+    def train_round(
+        self, server_round: int, arrays: ArrayRecord, messages: Iterable[Message]
+    ) -> tuple[list[Message], list[Row], list[Row]]:
+        """Run SecAgg+ for one training round.
+
+        Args:
+            server_round: the round number.
+            arrays: the global model sent this round.
+            messages: the strategy's ``configure_train`` messages (which sites, and the
+                round's ``ConfigRecord``); their content goes out with the masked-vector
+                stage as a legacy ``FitIns``.
+
+        Returns:
+            ``(replies, rows, failures)`` like the ServerApp's ``exchange``: ``replies``
+            is one message holding the sites' weighted mean update (encoded with codec
+            none, like a site's update) and their total number of examples (empty when
+            no site trained); ``rows`` and ``failures`` are the sites' rows.
+
+        Raises:
+            SecureAggregationError: the protocol stopped (fewer active sites than the
+                reconstruction threshold at some stage).
+        """
+        messages = list(messages)
+        cfg = self.plan.secure_aggregation
+        shares, threshold = protocol_sizes(cfg, len(messages))
+        proxies: dict[int, ClientProxy] = {
+            m.metadata.dst_node_id: GridClientProxy(m.metadata.dst_node_id, self.grid, self.run_id)
+            for m in messages
+        }
+        manager = SimpleClientManager()
+        for proxy in proxies.values():
+            manager.register(proxy)
+        adapter = _RoundStrategy(messages, proxies)
+        state = RecordDict(
+            {
+                MAIN_PARAMS_RECORD: arrays,
+                MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
+            }
+        )
+        context = LegacyContext(
+            Context(run_id=self.run_id, node_id=0, node_config={}, state=state, run_config={}),
+            strategy=adapter,
+            client_manager=manager,
+        )
+        stages = _StageGrid(self, server_round)
+        workflow = SecAggPlusWorkflow(
+            num_shares=shares,
+            reconstruction_threshold=threshold,
+            max_weight=float(cfg.max_weight),
+            clipping_range=float(cfg.clipping_range),
+            quantization_range=2**cfg.quantization_bits,
+            modulus_range=MODULUS_RANGE,
+            timeout=self.plan.strategy.round_timeout,
+        )
+        workflow(stages, context)
+        rows, failures = stages.rows, stages.failures
+        if adapter.mean_update is None:
+            raise SecureAggregationError(
+                f"round {server_round}: secure aggregation stopped after the "
+                f"{stages.last_stage} stage: {stages.active} of {len(messages)} sites still "
+                f"taking part, each site needs {threshold} "
+                f"(secure_aggregation.reconstruction_threshold); failures: "
+                f"{ {f['site']: f['error'] for f in failures} }"
+            )
+        total = sum(r["num_examples"] for r in rows)
+        if total == 0:
+            return [], rows, failures  # no site trained (privacy budgets exhausted)
+        weights = {
+            name: (ref.astype(np.float64) + mean).astype(ref.dtype)
+            for (name, ref), mean in zip(to_numpy(arrays).items(), adapter.mean_update, strict=True)
+        }
+        logger.info(
+            "round %d: securely aggregated the updates of %d sites (%d examples)",
+            server_round, len(rows), total,
+        )  # fmt: skip
+        # encoded like any site's update (codec none), so the ServerApp decodes it as usual
+        encoded, _ = encode_update(weights, to_numpy(arrays), codec_of(self.plan.compression))
+        content = RecordDict(
+            {
+                **update_records(encoded),
+                RecordKey.METRICS: MetricRecord({MetricKey.NUM_EXAMPLES: total}),
+                RecordKey.SITE: ConfigRecord({SiteKey.NAME: AGGREGATE}),
+            }
+        )
+        return [Message(content, dst_node_id=0, message_type=MessageType.TRAIN)], rows, failures
+
+
+class _RoundStrategy(LegacyStrategy):
+    """Legacy strategy facade for one SecAgg+ round.
+
+    ``configure_fit`` turns the Message-API strategy's train messages into ``FitIns``;
+    ``aggregate_fit`` receives the unmasked weighted mean (Flower's workflow puts the
+    same aggregate into every result) and keeps it.
+    """
+
+    def __init__(self, messages: Sequence[Message], proxies: dict[int, ClientProxy]) -> None:
+        self.messages = messages
+        self.proxies = proxies
+        self.mean_update: list[np.ndarray] | None = None
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        return [
+            (
+                self.proxies[m.metadata.dst_node_id],
+                FitIns(parameters, dict(m.content[RecordKey.CONFIG])),
+            )
+            for m in self.messages
+        ]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Any]]:
+        if not results:
+            return None, {}
+        aggregate = results[0][1].parameters
+        self.mean_update = parameters_to_ndarrays(aggregate)
+        return aggregate, {}
+
+    # the workflow only trains; evaluation stays in the ServerApp's own loop
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return None
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return []
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        return None, {}
+
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        return None
+
+
+class _StageGrid(Grid):
+    """The ServerApp's grid as the workflow sees it: one ``send_and_receive`` per stage.
+
+    The masked-vector stage goes through the ServerApp's ``exchange`` (site rows);
+    failures in the other stages become failure rows of their own.
+    """
+
+    def __init__(self, secure: SecureAggregation, server_round: int) -> None:
+        self.secure = secure
+        self.inner = secure.grid
+        self.server_round = server_round
+        self.rows: list[Row] = []
+        self.failures: list[Row] = []
+        self.last_stage = ""
+        self.active = 0
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        stage = str(messages[0].content[RECORD_KEY_CONFIGS][Key.STAGE]) if messages else ""
+        self.last_stage = stage
+        if stage == Stage.COLLECT_MASKED_VECTORS:
+            replies, rows, failures = self.secure.exchange(self.server_round, "train", messages)
+            for reply in replies:
+                if not reply.has_error() and RecordKey.SITE in reply.content:
+                    name = str(reply.content[RecordKey.SITE][SiteKey.NAME])
+                    self.secure.node_sites[reply.metadata.src_node_id] = name
+            self.rows += rows
+            self.failures += failures
+        else:
+            replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+            self._record_failures(stage, messages, replies)
+        self.active = sum(not r.has_error() for r in replies)
+        return replies
+
+    def _record_failures(self, stage: str, messages: list[Message], replies: list[Message]) -> None:
+        replied = {r.metadata.src_node_id for r in replies}
+        errors = {r.metadata.src_node_id: r.error.reason for r in replies if r.has_error()}
+        timeout = self.secure.plan.strategy.round_timeout
+        for msg in messages:
+            if msg.metadata.dst_node_id not in replied:
+                errors[msg.metadata.dst_node_id] = (
+                    f"no reply within strategy.round_timeout={timeout:g} s"
+                )
+        rows = []
+        for node, reason in sorted(errors.items()):
+            site = self.secure.node_sites.get(node, f"node {node}")
+            logger.warning(
+                "round %d: site %s failed in the secure-aggregation %s stage: %s",
+                self.server_round, site, stage, reason,
+            )  # fmt: skip
+            rows.append({"round": self.server_round, "site": site, "split": "train",
+                         "error": f"secure aggregation ({stage}): {reason}"})  # fmt: skip
+        if rows:
+            self.secure.record(rows)
+            self.failures += rows
+
+    # Everything else is the ServerApp's grid (the workflow uses only send_and_receive).
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+
+# --------------------------------------------------------------------------- client
+
+
+def is_secure_message(msg: Message) -> bool:
+    """True for a message of Flower's SecAgg+ protocol (it carries the stage configs)."""
+    return msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records
+
+
+def secure_train(msg: Message, context: Context, plan: RunPlan, train: TrainHandler) -> Message:
+    """Answer one SecAgg+ stage through Flower's ``secaggplus_mod``.
+
+    In the masked-vector stage the mod calls ``train`` (the ClientApp's plain handler)
+    with the global model and round config; the site's update ``local - global`` goes
+    to the mod, which masks it. The reply keeps the site's metrics and name.
+    """
+
+    def call_next(fit: Message, ctx: Context) -> Message:
+        return _train_for_mod(fit, ctx, plan, train)
+
+    return secaggplus_mod(msg, context, call_next)
+
+
+def _train_for_mod(fit: Message, context: Context, plan: RunPlan, train: TrainHandler) -> Message:
+    """Legacy fit message in, legacy fit result (the site's update) out, via ``train``."""
+    fitins = compat.recorddict_to_fitins(fit.content, keep_input=True)
+    reference = _named(plan, parameters_to_ndarrays(fitins.parameters))
+    request = Message(
+        RecordDict(
+            {RecordKey.ARRAYS: to_record(reference), RecordKey.CONFIG: ConfigRecord(fitins.config)}
+        ),
+        dst_node_id=fit.metadata.dst_node_id,
+        message_type=MessageType.TRAIN,
+    )
+    reply = train(request, context)
+    if reply.has_error():
+        raise SecureAggregationError(reply.error.reason)
+    content = reply.content
+    site = str(content[RecordKey.SITE][SiteKey.NAME])
+    metrics = content[RecordKey.METRICS]
+    num_examples = int(metrics[MetricKey.NUM_EXAMPLES])
+    if RecordKey.UPDATE in content:
+        try:
+            local = decode_update(read_update(content), reference)
+        except CompressionError as exc:
+            raise SecureAggregationError(f"site {site}: {exc}") from exc
+        update = [
+            local[k].astype(np.float64) - ref.astype(np.float64) for k, ref in reference.items()
+        ]
+    else:  # no update (privacy budget exhausted): a zero update of weight 0
+        num_examples = 0
+        update = [np.zeros(ref.shape) for ref in reference.values()]
+    _check_update(site, reference, update, num_examples, plan.secure_aggregation)
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), num_examples, {})
+    out = compat.fitres_to_recorddict(fitres, keep_input=False)
+    out[RecordKey.METRICS] = metrics
+    out[RecordKey.SITE] = content[RecordKey.SITE]
+    return Message(out, reply_to=fit)
+
+
+def _named(plan: RunPlan, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Name the global model's arrays (legacy ``Parameters`` keep only their order)."""
+    names = new_model(plan).state_dict()
+    if len(arrays) != len(names) or any(
+        tuple(a.shape) != tuple(t.shape) for a, t in zip(arrays, names.values(), strict=False)
+    ):
+        raise SecureAggregationError(
+            f"the global model received ({len(arrays)} arrays) does not match this site's "
+            f"model.* config ({len(names)} tensors); server and sites must share one config"
+        )
+    return dict(zip(names, arrays, strict=True))
+
+
+def _check_update(
+    site: str,
+    reference: dict[str, np.ndarray],
+    update: list[np.ndarray],
+    num_examples: int,
+    cfg: SecureAggregationConfig,
+) -> None:
+    """Refuse a non-finite update; warn when quantisation will clip part of it.
+
+    The server cannot screen a masked update, so the site checks its own: NaN or Inf
+    would corrupt the sum of every site.
+    """
+    for name, delta in zip(reference, update, strict=True):
+        if not np.all(np.isfinite(delta)):
+            raise SecureAggregationError(
+                f"site {site}: its update has non-finite values (NaN/Inf) in {name}; it is not sent"
+            )
+    weight = num_examples / cfg.max_weight
+    largest = max((float(np.max(np.abs(d))) for d in update if d.size), default=0.0) * weight
+    if largest > cfg.clipping_range:
+        clipped = sum(int(np.sum(np.abs(d) * weight > cfg.clipping_range)) for d in update)
+        logger.warning(
+            "site %s: secure aggregation clips %d update entries to +-%g (largest weighted "
+            "entry %.3g = %d/%g x update); raise secure_aggregation.clipping_range",
+            site, clipped, cfg.clipping_range, largest, num_examples, cfg.max_weight,
+        )  # fmt: skip
