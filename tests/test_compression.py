@@ -4,10 +4,12 @@ and bytes up/down of whole runs through the server loop (in-process grid)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Message, MessageType
 
 from fl_imaging import server_app
 from fl_imaging.compression import (
@@ -24,8 +26,9 @@ from fl_imaging.compression import (
 )
 from fl_imaging.config import ConfigError, compose, plan_to_yaml
 from fl_imaging.reporting import RunFolder, traffic_line
+from fl_imaging.wire import to_record
 from tests.conftest import tiny_overrides
-from tests.local_grid import LocalGrid
+from tests.local_grid import LocalGrid, send_weights, sent_weights
 
 CODECS = [
     Codec("none"),
@@ -302,3 +305,42 @@ def test_the_report_states_the_bytes_sent() -> None:
         "(all sites, train and evaluate)"
     )
     assert traffic_line({"rounds_completed": 3}) is None  # a run from before bytes were kept
+
+
+class MisencodingGrid(LocalGrid):
+    """hospital_a sends raw weights instead of an update; hospital_b encodes with fp16."""
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if reply.metadata.message_type != MessageType.TRAIN:
+                continue
+            received = messages[0].content["arrays"]
+            if reply.metadata.src_node_id == 1:
+                weights = sent_weights(reply, received)
+                del reply.content["update"], reply.content["codec"]
+                reply.content["arrays"] = to_record(weights)
+            elif reply.metadata.src_node_id == 2:
+                send_weights(reply, sent_weights(reply, received), received, Codec("fp16"))
+        return replies
+
+
+def test_updates_the_server_cannot_decode_are_rejected_naming_the_site(
+    tiny_sites: list[Path], tmp_path: Path, task_identity: None
+) -> None:
+    overrides = [*tiny_overrides(tiny_sites, tmp_path), "rounds=1", "strategy.min_sites=1",
+                 "strategy.cross_site_epochs=0"]  # fmt: skip
+    plan = compose("demo", overrides)
+    run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
+    summary = server_app.run_federation(MisencodingGrid(overrides), plan, run, run_id=1)
+
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    rejected = {r["site"]: r["reason"] for r in rows if r.get("status") == "rejected"}
+    assert set(rejected) == {"hospital_a", "hospital_b"}
+    assert "lacks the ['update', 'codec']" in rejected["hospital_a"]
+    assert "encoded as Codec(name='fp16'" in rejected["hospital_b"]
+    assert "the federation uses Codec(name='none'" in rejected["hospital_b"]
+    assert summary["rejected_updates"] == 2 and summary["rounds_completed"] == 1
