@@ -44,13 +44,13 @@ def render_site_overlays(
     For each of the first ``max_cases`` validation cases: the axial slice with the
     most foreground. Returns ``out_png``; small images are upscaled to be readable.
     """
-    # Imported here: only drawing needs torchvision, and the deployment image
-    # (Dockerfile) has none, its server never holding scans to draw.
+    manifest = load_site_manifest(site, plan)
+    cases = manifest.split(VAL)[:max_cases]
+    # Imported only once there are scans to draw: the deployment image (Dockerfile)
+    # has no torchvision, its server never holding scans.
     from torchvision.io import write_png
     from torchvision.utils import draw_segmentation_masks, make_grid
 
-    manifest = load_site_manifest(site, plan)
-    cases = manifest.split(VAL)[:max_cases]
     num_classes = max(plan.data.labels) + 1
     colours = COLOURS[: num_classes - 1]
     model.eval()
