@@ -109,11 +109,16 @@ class Codec:
         missing = [k.value for k in CodecKey if k not in header]
         if missing:
             raise CompressionError(f"codec header lacks {missing}; got keys {sorted(header)}")
+        try:
+            block_size = int(header[CodecKey.BLOCK_SIZE])  # type: ignore[call-overload]
+            fraction = float(header[CodecKey.TOPK_FRACTION])  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise CompressionError(f"codec header has a non-numeric value: {exc}") from exc
         return cls(
             name=str(header[CodecKey.NAME]),
             scales=str(header[CodecKey.SCALES]),
-            block_size=int(header[CodecKey.BLOCK_SIZE]),  # type: ignore[call-overload]
-            topk_fraction=float(header[CodecKey.TOPK_FRACTION]),  # type: ignore[arg-type]
+            block_size=block_size,
+            topk_fraction=fraction,
         )
 
 

@@ -242,6 +242,8 @@ def test_codec_header_round_trips_and_missing_keys_are_named() -> None:
     assert Codec.from_header(codec.header()) == codec
     with pytest.raises(CompressionError, match="lacks"):
         Codec.from_header({"name": "int8"})
+    with pytest.raises(CompressionError, match="non-numeric"):
+        Codec.from_header({**codec.header(), "block-size": "big"})
 
 
 def test_compression_config_group_and_validation() -> None:
