@@ -46,12 +46,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+# Nothing from fl_imaging is imported here: it pulls in torch (seconds), and `kill` must be quick.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(PROJECT_ROOT))
-
-from fl_imaging.config import split_overrides, with_root  # noqa: E402
-from fl_imaging.launch import run_status, stop_processes  # noqa: E402
-
 HERE = Path(__file__).resolve().parent
 CONNECTION = "fl-imaging-deployment"
 STATE_FILE = "deployment.json"
@@ -188,8 +184,8 @@ def node_config(site: str, state: dict, folder: Path) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
 
 
-def start_node(site: str, folder: Path, state: dict, env: dict[str, str], port: int) -> list[int]:
-    """Start ``site``'s SuperNode (and its warm executor); return their PIDs."""
+def start_node(site: str, folder: Path, state: dict, env: dict[str, str], port: int) -> int:
+    """Spawn ``site``'s SuperNode; return its PID (see :func:`start_executor`)."""
     certs = state["certs"]
     isolation = "process" if state["isolation"] == "warm" else "subprocess"
     cmd = [
@@ -207,18 +203,24 @@ def start_node(site: str, folder: Path, state: dict, env: dict[str, str], port: 
         cmd += _tls_args(state)
         if state["auth"]:
             cmd += ["--auth-supernode-private-key", f"{certs}/supernodes/{site}.key"]
-    log_file = folder / "logs" / f"{site}.log"
-    pids = [spawn(cmd, log_file, env)]
-    _wait_port(port, pids[0], f"flower-supernode {site}", log_file)
-    if isolation == "process":
-        executor = [
-            sys.executable,
-            str(HERE / "warm_executor.py"),
-            "--runtime-api-address", f"127.0.0.1:{port}",
-            "--parent-pid", str(pids[0]),
-        ]  # fmt: skip
-        pids.append(spawn(executor, folder / "logs" / f"{site}.executor.log", env))
-    return pids
+    return spawn(cmd, folder / "logs" / f"{site}.log", env)
+
+
+def start_executor(
+    site: str, folder: Path, state: dict, env: dict[str, str], pid: int
+) -> list[int]:
+    """Wait for ``site``'s SuperNode (PID ``pid``); start its warm executor; return all PIDs."""
+    port = state["nodes"][site]["port"]
+    _wait_port(port, pid, f"flower-supernode {site}", folder / "logs" / f"{site}.log")
+    if state["isolation"] != "warm":
+        return [pid]
+    executor = [
+        sys.executable,
+        str(HERE / "warm_executor.py"),
+        "--runtime-api-address", f"127.0.0.1:{port}",
+        "--parent-pid", str(pid),
+    ]  # fmt: skip
+    return [pid, spawn(executor, folder / "logs" / f"{site}.executor.log", env)]
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -257,21 +259,26 @@ def cmd_up(args: argparse.Namespace) -> int:
     if state["auth"]:
         for site in args.sites:
             register(site, state, env)
-    for site in args.sites:
-        _start_and_record(site, folder, state, env)
+    # start the SuperNodes side by side, then wait for each (each imports Flower: seconds)
+    pids = {site: _spawn_node(site, folder, state, env) for site in args.sites}
+    for site, pid in pids.items():
+        state["nodes"][site]["pids"] = start_executor(site, folder, state, env, pid)
+        save_state(folder, state)
     log(f"up: SuperLink 127.0.0.1:{state['port']}, SuperNodes {list(state['nodes'])}")
     return 0
 
 
-def _start_and_record(site: str, folder: Path, state: dict, env: dict[str, str]) -> None:
+def _spawn_node(site: str, folder: Path, state: dict, env: dict[str, str]) -> int:
+    """Spawn ``site``'s SuperNode on its port (a new one, or the one it had); record it."""
     port = state["nodes"].get(site, {}).get("port") or state["next_port"]
     if port == state["next_port"]:
         state["next_port"] += 1
     if not _free(port):
         sys.exit(f"port {port} for {site} is in use")
-    pids = start_node(site, folder, state, env, port)
-    state["nodes"][site] = {"port": port, "pids": pids}
+    pid = start_node(site, folder, state, env, port)
+    state["nodes"][site] = {"port": port, "pids": [pid]}
     save_state(folder, state)
+    return pid
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -282,15 +289,20 @@ def cmd_node(args: argparse.Namespace) -> int:
     if old and any(_alive(p) for p in old["pids"]):
         sys.exit(f"{args.site} is running (pids {old['pids']}); `kill` it first")
     if args.unregistered:
-        # a hospital whose key the coordinator never registered: it must be refused
+        # a hospital whose key the coordinator never registered: the SuperLink must refuse it,
+        # and its SuperNode exits (so nothing waits for it to listen)
         subprocess.run(
             [sys.executable, str(HERE / "make_certs.py"), "--out", state["certs"],
              "--sites", args.site],
             check=True, stdout=subprocess.DEVNULL,
         )  # fmt: skip
-    elif state["auth"] and not old:
+        _spawn_node(args.site, folder, state, env)
+        return 0
+    if state["auth"] and not old:
         register(args.site, state, env)
-    _start_and_record(args.site, folder, state, env)
+    pid = _spawn_node(args.site, folder, state, env)
+    state["nodes"][args.site]["pids"] = start_executor(args.site, folder, state, env, pid)
+    save_state(folder, state)
     return 0
 
 
@@ -318,6 +330,43 @@ def _all_pids(state: dict) -> list[int]:
     return pids + ([state["superlink"]] if state.get("superlink") else [])
 
 
+def stop_processes(pids: Sequence[int], timeout: float = 15.0) -> None:
+    """SIGTERM ``pids`` and their process groups; SIGKILL what is left after ``timeout``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        _kill_group(pids, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _any_left(pids):
+            time.sleep(0.2)
+        if not _any_left(pids):
+            return
+
+
+def _any_left(pids: Sequence[int]) -> bool:
+    """True while a process, or a member of its process group (e.g. a ClientApp), lives."""
+    for pid in pids:
+        if _alive(pid):
+            return True
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            pass
+        return True
+    return False
+
+
+def run_status(run_id: str, env: dict[str, str]) -> str:
+    """Flower's status of ``run_id`` (``flwr list --format json``), e.g. finished:completed."""
+    cmd = ["flwr", "list", CONNECTION, "--format", "json"]
+    out = subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    try:
+        runs = json.loads(out.stdout)["runs"]
+    except (ValueError, KeyError, TypeError):
+        return "unknown"
+    return next((str(r["status"]) for r in runs if str(r["run-id"]) == run_id), "unknown")
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     folder: Path = args.dir.resolve()
     if not (folder / STATE_FILE).is_file():
@@ -326,7 +375,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     state = load_state(folder)
     pids = _all_pids(state)
     stop_processes(pids)
-    left = [p for p in pids if _alive(p)]
+    left = [p for p in pids if _any_left([p])]
     log(f"stopped {len(pids) - len(left)} processes" + (f"; still alive: {left}" if left else ""))
     return 1 if left else 0
 
@@ -335,7 +384,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     folder: Path = args.dir.resolve()
     load_state(folder)
     env = deploy_env(folder)
-    items = with_root(split_overrides(args.overrides), PROJECT_ROOT)
+    items = shlex.split(args.overrides)
+    if not any(o.startswith("paths.root=") for o in items):
+        items.append(f"paths.root={PROJECT_ROOT}")  # relative config paths: this checkout
     run_config = (
         f"experiment={json.dumps(args.experiment)} overrides={json.dumps(shlex.join(items))}"
     )
@@ -354,12 +405,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not run_id:
         log(f"`flwr run` exited with code {code} before starting a run")
         return 1
-    status = run_status(run_id, env, PROJECT_ROOT)
+    status = run_status(run_id, env)
     for _ in range(50):  # the status can lag the end of the log stream
         if status.startswith("finished"):
             break
         time.sleep(0.2)
-        status = run_status(run_id, env, PROJECT_ROOT)
+        status = run_status(run_id, env)
     result = {"run_id": run_id, "status": status, "seconds": round(time.monotonic() - start, 1)}
     print(json.dumps(result))
     return 0 if status == "finished:completed" else 1
