@@ -378,14 +378,12 @@ def _train_for_mod(fit: Message, context: Context, plan: RunPlan, train: TrainHa
     """Legacy fit message in, legacy fit result (the site's update) out, via ``train``."""
     fitins = compat.recorddict_to_fitins(fit.content, keep_input=True)
     reference = _named(plan, parameters_to_ndarrays(fitins.parameters))
-    request = Message(
-        RecordDict(
-            {RecordKey.ARRAYS: to_record(reference), RecordKey.CONFIG: ConfigRecord(fitins.config)}
-        ),
-        dst_node_id=fit.metadata.dst_node_id,
-        message_type=MessageType.TRAIN,
+    # The plain handler's request is this message with Message-API content (a ClientApp
+    # cannot create messages of its own; Flower's mods edit the message in place too).
+    fit.content = RecordDict(
+        {RecordKey.ARRAYS: to_record(reference), RecordKey.CONFIG: ConfigRecord(fitins.config)}
     )
-    reply = train(request, context)
+    reply = train(fit, context)
     if reply.has_error():
         raise SecureAggregationError(reply.error.reason)
     content = reply.content

@@ -68,7 +68,14 @@ class WireGrid(LocalGrid):
                 replies.append(Message(Error(code=1, reason="site went offline"), reply_to=msg))
             else:
                 delivered.append(over_the_wire(msg))
-        replies += [over_the_wire(r) for r in super().send_and_receive(delivered)]
+        # the sites run as in a ClientApp process: without the ServerApp's task identity
+        identity = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+        TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
+        try:
+            answered = super().send_and_receive(delivered)
+        finally:
+            TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = identity
+        replies += [over_the_wire(r) for r in answered]
         self.inbox += [over_the_wire(r) for r in replies]  # as received (the server edits them)
         return replies
 
