@@ -7,7 +7,7 @@ DEMO_DATA := data/synthetic/hospital_a/dataset.json
 # Keep Flower's state (SuperLink database, installed app bundles) inside the project.
 export FLWR_HOME ?= $(CURDIR)/.flwr
 
-.PHONY: demo test lint setup data hippocampus clean-outputs
+.PHONY: demo test test-docker lint setup data hippocampus clean-outputs
 
 ## demo: set up if needed, make the synthetic hospitals if missing, run the federated demo
 demo: $(STAMP) $(DEMO_DATA)
@@ -17,6 +17,10 @@ demo: $(STAMP) $(DEMO_DATA)
 test: $(STAMP)
 	$(BIN)/ruff check fl_imaging tests scripts
 	$(BIN)/pytest
+
+## test-docker: build ./Dockerfile, run a SuperLink + 2 hospital containers for 2 rounds (root; ~8 min)
+test-docker: $(STAMP)
+	scripts/docker/test_docker.sh
 
 ## setup: create the virtualenv and install the project with its dev tools
 setup: $(STAMP)
