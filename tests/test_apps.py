@@ -4,6 +4,7 @@ server's round loop driven through an in-process grid that calls those handlers.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,12 @@ def test_server_loop_writes_the_run_folder_contract(
     assert last["round"] == 2 and best["round"] == on_disk["best_round"]
     assert last["state_dict"].keys() == new_model(plan).state_dict().keys()
     assert (run.path / "config.yaml").read_text() == plan_to_yaml(plan)
+    # wall-clock phases of every round (round 0 only evaluates)
+    assert sorted(on_disk["round_seconds"], key=int) == ["0", "1", "2"]
+    assert on_disk["round_seconds"]["0"]["train"] == 0.0
+    for r in ("1", "2"):
+        assert all(on_disk["round_seconds"][r][k] > 0 for k in ("train", "aggregate", "evaluate"))
+    assert on_disk["started_at"] <= on_disk["first_train_sent_at"] <= time.time()
     # cross-site evaluation: the global and each site's fine-tuned model at every site
     cross = json.loads((run.path / "cross_site.json").read_text())
     assert cross["models"] == ["global"] + [f"{s} fine-tuned" for s in sorted(plan.site_names)]
