@@ -65,6 +65,11 @@ def wait_for_sites(grid: Grid, expected: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
+def replied_node(reply: Message, sent_to: dict[str, int]) -> int:
+    """The node a reply answers for: the message's destination (``sent_to``: id -> node)."""
+    return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
 def site_rows(
     replies: Iterable[Message],
     server_round: int,
@@ -72,18 +77,21 @@ def site_rows(
     labels: dict[int, str],
     node_sites: dict[int, str],
     bytes_down: dict[int, int] | None = None,
+    sent_to: dict[str, int] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Metrics rows of the sites that replied, and rows describing failed replies.
 
     ``node_sites`` maps node ids to site names; it is learnt from every successful
     reply (a site names itself) and names the site of a later failed reply.
     ``bytes_down`` (node id -> bytes of the message it was sent) and the size of each
-    reply are recorded as ``bytes_down`` / ``bytes_up``.
+    reply are recorded as ``bytes_down`` / ``bytes_up``. ``sent_to`` (message id ->
+    node id) names the site of an error reply the SuperLink wrote on a node's behalf
+    (e.g. the node went offline): its source is the SuperLink, not the node.
     """
     rows, failures = [], []
     bytes_down = bytes_down or {}
     for msg in replies:
-        node = msg.metadata.src_node_id
+        node = replied_node(msg, sent_to or {})
         traffic = {"bytes_up": message_bytes(msg)}
         if node in bytes_down:
             traffic["bytes_down"] = bytes_down[node]
@@ -247,9 +255,10 @@ def run_federation(
         messages = list(messages)
         sent = {m.metadata.dst_node_id: message_bytes(m) for m in messages}
         replies = list(grid.send_and_receive(messages, timeout=plan.strategy.round_timeout))
-        rows, failures = site_rows(replies, server_round, split, labels, node_sites, sent)
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        rows, failures = site_rows(replies, server_round, split, labels, node_sites, sent, sent_to)
         silent = {m.metadata.dst_node_id for m in messages} - {
-            r.metadata.src_node_id for r in replies
+            replied_node(r, sent_to) for r in replies
         }
         failures += [
             {"round": server_round, "site": node_sites.get(n, f"node {n}"), "split": split,
