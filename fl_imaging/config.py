@@ -9,6 +9,7 @@ into the dataclass schema below, so a misspelt key is an error, not a silent no-
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -168,6 +169,10 @@ class TrainConfig:
     # site progress lines: "epoch" (one per local epoch) or "round" (one per round,
     # quieter with many sites)
     progress: str = "epoch"
+    # where a site trains: "auto" (its CUDA GPU when it has one, else CPU), "cpu",
+    # "cuda" or "cuda:<i>"; in simulation federation.simulation.num_gpus_per_site
+    # shares one GPU between virtual sites (e.g. 0.25: four per GPU)
+    device: str = "auto"
 
 
 @dataclass
@@ -475,6 +480,10 @@ def validate(plan: RunPlan) -> list[str]:
         problems.append(f"train.lr must be > 0, got {plan.train.lr}")
     if plan.train.progress not in ("epoch", "round"):
         problems.append(f"train.progress must be 'epoch' or 'round', got {plan.train.progress!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", plan.train.device):
+        problems.append(
+            f"train.device must be auto, cpu, cuda or cuda:<index>, got {plan.train.device!r}"
+        )
     if plan.train.threads < 0:
         problems.append(f"train.threads must be >= 0, got {plan.train.threads}")
     problems += _site_problems(plan)

@@ -38,7 +38,7 @@ from fl_imaging.privacy.accounting import EXHAUSTED_FRACTION, noise_for_budget
 from fl_imaging.privacy.dp_sgd import train_private
 from fl_imaging.privacy.ledger import NoisePlan, open_ledger, save_ledger
 from fl_imaging.protocol import NodeConfigKey
-from fl_imaging.training import EvalResult, TrainResult, evaluate, train_local
+from fl_imaging.training import EvalResult, TrainResult, evaluate, select_device, train_local
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,11 @@ def _prepare(
     if plan.strategy.local_norm and local.is_file():
         weights.update(torch.load(local, map_location="cpu", weights_only=True))
     model.load_state_dict(weights)
-    return cases, model
+    try:
+        device = select_device(plan.train.device)
+    except ValueError as exc:
+        raise ConfigError(f"site {site.name}: {exc}") from exc
+    return cases, model.to(device)
 
 
 def _keep_local_norm(site: Site, plan: RunPlan, weights: Mapping[str, torch.Tensor]) -> None:

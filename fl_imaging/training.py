@@ -65,6 +65,24 @@ def _pair(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return image, label
 
 
+def select_device(name: str) -> torch.device:
+    """The torch device ``train.device`` names: ``auto`` (CUDA when present), ``cpu``, ``cuda[:i]``.
+
+    Raises:
+        ValueError: a CUDA device is asked for on a machine without one.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but this machine has no CUDA device; use auto")
+    return device
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def train_local(
     model: nn.Module,
     loader: DataLoader,
@@ -104,6 +122,7 @@ def train_local(
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     loss_fn = segmentation_loss()
+    device = _device_of(model)  # batches follow the model (CPU, or a GPU share of the site)
     model.train()
     start = time.perf_counter()
     total, steps = 0.0, 0
@@ -115,6 +134,7 @@ def train_local(
                 if on_empty_batch is not None:
                     on_empty_batch()
                 continue
+            image, label = image.to(device), label.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(image), label)
             if anchor:
@@ -167,18 +187,20 @@ def evaluate(
     to_pred = AsDiscrete(argmax=True, to_onehot=num_classes)
     to_onehot = AsDiscrete(to_onehot=num_classes)
     model.eval()
+    device = _device_of(model)
     total_loss, cases = 0.0, 0
     for batch in loader:
+        image, label = batch["image"].to(device), batch["label"].to(device)
         logits = sliding_window_inference(
-            batch["image"],
+            image,
             roi_size=tuple(roi_size),
             sw_batch_size=4,
             predictor=model,
             overlap=0.25,
         )
-        total_loss += float(loss_fn(logits, batch["label"]))
+        total_loss += float(loss_fn(logits, label))
         preds = [to_pred(x) for x in decollate_batch(logits)]
-        labels = [to_onehot(y) for y in decollate_batch(batch["label"])]
+        labels = [to_onehot(y) for y in decollate_batch(label)]
         metric(y_pred=preds, y=labels)
         cases += 1
     if cases == 0:
