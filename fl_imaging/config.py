@@ -33,7 +33,7 @@ KNOWN_STRATEGIES = (
 KNOWN_ACCOUNTANTS = ("rdp", "prv", "gdp")
 KNOWN_GRAD_SAMPLE_MODES = ("functorch", "hooks", "ew")
 KNOWN_NORMS = ("instance", "batch")
-KNOWN_ACTS = ("relu", "prelu")
+KNOWN_ACTS = ("relu", "prelu", "leakyrelu")
 
 
 class ConfigError(ValueError):
@@ -126,8 +126,8 @@ class ModelConfig:
     strides: list[int] = field(default_factory=lambda: [2, 2])
     num_res_units: int = 1
     norm: str = "instance"
-    # MONAI's default prelu, or relu: DP-SGD steps are ~10-15% faster with relu (prelu
-    # weights need per-sample gradients of their own)
+    # prelu (MONAI's default), leakyrelu (prelu's initial slope 0.25, fixed) or relu:
+    # DP-SGD steps are faster without prelu (its weights need per-sample gradients)
     act: str = "prelu"
     dropout: float = 0.0
 
