@@ -66,8 +66,15 @@ def wait_for_sites(grid: Grid, expected: int, timeout: float) -> list[int]:
 
 
 def replied_node(reply: Message, sent_to: dict[str, int]) -> int:
-    """The node a reply answers for: the message's destination (``sent_to``: id -> node)."""
-    return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+    """The node a reply answers for (``sent_to``: message id -> destination node).
+
+    A node's reply comes from that node; an error reply the SuperLink wrote on its behalf
+    (e.g. it went offline) comes from the SuperLink and is matched by ``reply_to_message_id``.
+    """
+    node = reply.metadata.src_node_id
+    if node in sent_to.values():
+        return node
+    return sent_to.get(reply.metadata.reply_to_message_id, node)
 
 
 def site_rows(
@@ -255,7 +262,8 @@ def run_federation(
         messages = list(messages)
         sent = {m.metadata.dst_node_id: message_bytes(m) for m in messages}
         replies = list(grid.send_and_receive(messages, timeout=plan.strategy.round_timeout))
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
+                   if m.metadata.message_id}  # fmt: skip
         rows, failures = site_rows(replies, server_round, split, labels, node_sites, sent, sent_to)
         silent = {m.metadata.dst_node_id for m in messages} - {
             replied_node(r, sent_to) for r in replies
