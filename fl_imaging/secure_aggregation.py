@@ -28,6 +28,7 @@ Which configurations cannot work with secure aggregation is checked in
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -174,7 +175,13 @@ class SecureAggregation:
             modulus_range=MODULUS_RANGE,
             timeout=self.plan.strategy.round_timeout,
         )
+        started = time.monotonic()
         workflow(stages, context)
+        seconds = {"total": time.monotonic() - started, **stages.seconds}
+        logger.info(
+            "round %d: SecAgg+ seconds: %s", server_round,
+            ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()),
+        )  # fmt: skip
         rows, failures = stages.rows, stages.failures
         if adapter.mean_update is None:
             raise SecureAggregationError(
@@ -281,6 +288,7 @@ class _StageGrid(Grid):
         self.failures: list[Row] = []
         self.last_stage = ""
         self.active = 0
+        self.seconds: dict[str, float] = {}  # wall-clock seconds of each stage's exchange
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -288,6 +296,7 @@ class _StageGrid(Grid):
         messages = list(messages)
         stage = str(messages[0].content[RECORD_KEY_CONFIGS][Key.STAGE]) if messages else ""
         self.last_stage = stage
+        started = time.monotonic()
         if stage == Stage.COLLECT_MASKED_VECTORS:
             replies, rows, failures = self.secure.exchange(self.server_round, "train", messages)
             for reply in replies:
@@ -300,11 +309,20 @@ class _StageGrid(Grid):
             replies = list(self.inner.send_and_receive(messages, timeout=timeout))
             self._record_failures(stage, messages, replies)
         self.active = sum(not r.has_error() for r in replies)
+        self.seconds[stage] = time.monotonic() - started
         return replies
 
     def _record_failures(self, stage: str, messages: list[Message], replies: list[Message]) -> None:
-        replied = {r.metadata.src_node_id for r in replies}
-        errors = {r.metadata.src_node_id: r.error.reason for r in replies if r.has_error()}
+        # an error reply the SuperLink writes for a lost node comes from the SuperLink:
+        # the message it answers names the node
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        sent_to.pop("", None)
+
+        def node_of(reply: Message) -> int:
+            return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+        replied = {node_of(r) for r in replies}
+        errors = {node_of(r): r.error.reason for r in replies if r.has_error()}
         timeout = self.secure.plan.strategy.round_timeout
         for msg in messages:
             if msg.metadata.dst_node_id not in replied:
