@@ -219,6 +219,7 @@ def start_executor(
         str(HERE / "warm_executor.py"),
         "--runtime-api-address", f"127.0.0.1:{port}",
         "--parent-pid", str(pid),
+        "--object-poll", str(state.get("object_poll", 0.05)),
     ]  # fmt: skip
     return [pid, spawn(executor, folder / "logs" / f"{site}.executor.log", env)]
 
@@ -241,6 +242,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "auth": not args.insecure and not args.no_auth,
         "certs": str(certs),
         "isolation": args.isolation,
+        "object_poll": args.object_poll,
         "data_dir": str(args.data_dir.resolve()) if args.data_dir else None,
         "next_port": args.port + 1,
         "superlink": None,
@@ -432,6 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--certs", type=Path, help="certificate folder (default: <dir>/certs)")
     up.add_argument("--host", action="append", default=[], help="extra SuperLink cert name")
     up.add_argument("--isolation", choices=["warm", "subprocess"], default="warm")
+    up.add_argument(
+        "--object-poll",
+        type=float,
+        default=0.05,
+        help="warm executor: first retry (s) for message objects; 0: Flower's default (1 s)",
+    )
     up.add_argument("--insecure", action="store_true", help="no TLS, no authentication")
     up.add_argument("--no-auth", action="store_true", help="TLS without SuperNode auth")
     node = sub.add_parser("node", help="start (or restart) one site's SuperNode")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -31,6 +32,9 @@ import time
 
 WARM_MODULE = "fl_imaging.client_app"
 POLL_SECONDS = 0.1
+# first retry and longest wait (s) when a message's objects are not at the SuperNode yet
+OBJECT_POLL = 0.05
+OBJECT_POLL_CAP = 0.5
 
 
 def warm_up(module: str) -> list[str]:
@@ -48,13 +52,24 @@ def warm_up(module: str) -> list[str]:
     return mine
 
 
-def run_task(runtime_api_address: str, token: str, parent_pid: int | None) -> None:
+def run_task(
+    runtime_api_address: str, token: str, parent_pid: int | None, object_poll: float
+) -> None:
     """In the forked child: Flower's ``flwr-clientapp`` for one task, then exit."""
     code = 1
     try:
-        from flwr.supernode.runtime.run_clientapp import run_clientapp
+        from flwr.supernode.runtime import run_clientapp as runtime
 
-        run_clientapp(
+        if object_poll > 0:
+            # Flower retries pulling a message's objects that the SuperNode is still fetching
+            # from the SuperLink after 1 s, 2 s, 4 s...: harmless for a process that spends
+            # seconds importing first, ~3 s lost per message for a warm fork that asks at once.
+            runtime.pull_and_inflate_object_from_tree = functools.partial(
+                runtime.pull_and_inflate_object_from_tree,
+                initial_backoff=object_poll,
+                backoff_cap=OBJECT_POLL_CAP,
+            )
+        runtime.run_clientapp(
             runtime_api_address=runtime_api_address,
             token=token,
             insecure=True,
@@ -73,7 +88,9 @@ def run_task(runtime_api_address: str, token: str, parent_pid: int | None) -> No
         os._exit(code)  # never return into the parent's loop
 
 
-def serve(runtime_api_address: str, parent_pid: int | None, module: str) -> None:
+def serve(
+    runtime_api_address: str, parent_pid: int | None, module: str, object_poll: float
+) -> None:
     """Poll for ClientApp tasks and fork one warm process per task, until stopped."""
     started = time.monotonic()
     forgotten = warm_up(module)
@@ -105,7 +122,7 @@ def serve(runtime_api_address: str, parent_pid: int | None, module: str) -> None
                 pid = os.fork()
                 if pid == 0:
                     client.close = lambda: None  # the parent's connection is not ours
-                    run_task(runtime_api_address, res.token, os.getppid())
+                    run_task(runtime_api_address, res.token, os.getppid(), object_poll)
                 children.add(pid)
                 logging.info("task %d: forked ClientApp process %d", res.task.task_id, pid)
             time.sleep(POLL_SECONDS)
@@ -143,11 +160,17 @@ def main(argv: list[str] | None = None) -> int:
         "--parent-pid", type=int, help="exit when this process (the SuperNode) ends"
     )
     parser.add_argument("--warm-module", default=WARM_MODULE, help="module whose imports to keep")
+    parser.add_argument(
+        "--object-poll",
+        type=float,
+        default=OBJECT_POLL,
+        help="first retry (s) for message objects not at the SuperNode yet; 0: Flower's 1 s",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    serve(args.runtime_api_address, args.parent_pid, args.warm_module)
+    serve(args.runtime_api_address, args.parent_pid, args.warm_module, args.object_poll)
     return 0
 
 
