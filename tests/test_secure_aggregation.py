@@ -24,11 +24,12 @@ from fl_imaging import server_app
 from fl_imaging.compression import decode_update
 from fl_imaging.config import ConfigError, RunPlan, compose, plan_to_yaml
 from fl_imaging.data.synthetic import generate_federation
-from fl_imaging.reporting import RunFolder
+from fl_imaging.launch import local_superlink_pids, run_simulation
+from fl_imaging.reporting import RunFolder, read_metrics
 from fl_imaging.secure_aggregation import SecureAggregationError
 from fl_imaging.site import new_model
 from fl_imaging.wire import read_update
-from tests.conftest import tiny_overrides
+from tests.conftest import REPO_ROOT, tiny_overrides
 from tests.local_grid import LocalGrid
 
 SECURE = ["secure_aggregation=secaggplus"]
@@ -334,3 +335,29 @@ def test_fewer_than_three_sites_are_refused(tmp_path: Path) -> None:
     two = "federation.sites=[{name: a, manifest: a.json}, {name: b, manifest: b.json}]"
     with pytest.raises(ConfigError, match="at least 3 sites per round"):
         compose("demo", [*tiny_overrides([], tmp_path), two, *SECURE])
+
+
+@pytest.mark.e2e
+def test_flwr_run_with_secaggplus_trains_every_site_and_finishes(
+    tiny_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # real Flower: ClientApp processes, message dispatch, context.state across stages
+    flwr_home = tmp_path / ".flwr"
+    monkeypatch.setenv("FLWR_HOME", str(flwr_home))
+    overrides = [*tiny_overrides(tiny_sites, tmp_path), "rounds=2", *SECURE]
+
+    outcome = run_simulation("demo", overrides, project_root=REPO_ROOT)
+
+    assert outcome.ok, outcome.status
+    assert outcome.run_dir is not None
+    summary = json.loads((outcome.run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["rounds_completed"] == 2
+    rows = read_metrics(outcome.run_dir)
+    assert not [r for r in rows if "error" in r or "status" in r]
+    for server_round in (1, 2):
+        trained = {r["site"] for r in rows if r["split"] == "train" and r["round"] == server_round}
+        assert trained == {"hospital_a", "hospital_b", "hospital_c"}
+    dice = {r: [x["dice_mean"] for x in rows if x["split"] == "val" and x["round"] == r]
+            for r in (0, 2)}  # fmt: skip
+    assert sum(dice[2]) > sum(dice[0])
+    assert local_superlink_pids(flwr_home) == []
