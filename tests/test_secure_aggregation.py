@@ -5,6 +5,7 @@ share no objects), with Flower's SecAggPlusWorkflow and secaggplus_mod running u
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,6 +308,21 @@ def test_private_sites_mask_their_noised_update_and_an_exhausted_one_weighs_noth
     expected = weighted_mean(models[s] for s in ("hospital_a", "hospital_b"))
     examples = sum(models[s][1] for s in ("hospital_a", "hospital_b"))
     assert max_gap(final_model(second), expected) <= quantisation_bound(second.plan, 3, examples)
+
+
+def test_sites_say_when_the_clipping_range_cuts_their_update(
+    base: list[str], tmp_path: Path, identity: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    logger = logging.getLogger("fl_imaging.secure_aggregation")
+    logger.addHandler(caplog.handler)  # the apps' "fl_imaging" logger does not propagate
+    try:
+        federate([*base, *SECURE, "secure_aggregation.clipping_range=1e-5"], tmp_path)
+    finally:
+        logger.removeHandler(caplog.handler)
+    clipped = [r.getMessage() for r in caplog.records if "secure aggregation clips" in r.message]
+    assert {m.split(":")[0] for m in clipped} == {
+        "site hospital_a", "site hospital_b", "site hospital_c"
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(
