@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -42,7 +43,8 @@ class Deployment:
 
 
 def _free_base_port(count: int) -> int:
-    for base in range(29400, 29900, 20):
+    # shuffled: two test sessions at once (shared machine) rarely probe the same ports
+    for base in random.sample(range(29400, 29900, 20), k=25):
         ports_free = True
         for port in range(base, base + count):
             with socket.socket() as sock:
