@@ -30,8 +30,9 @@ dockerd_start() {
     local dir=$1
     dockerd_check || return 1
     mkdir -p "$dir/data" "$dir/exec"
-    # A short exec root: containerd's socket paths must stay under 108 characters.
-    "$DOCKERD" --storage-driver=overlay2 --iptables=false --ip6tables=false --bridge=none \
+    # A short exec root: containerd's socket paths must stay under 108 characters. Its own
+    # session: a Ctrl-C of the caller must not kill it before the containers are removed.
+    setsid "$DOCKERD" --storage-driver=overlay2 --iptables=false --ip6tables=false --bridge=none \
         --data-root "$dir/data" --exec-root "$dir/exec" --pidfile "$dir/dockerd.pid" \
         -H "unix://$dir/docker.sock" >"$dir/dockerd.log" 2>&1 &
     echo $! >"$dir/dockerd.launcher.pid"
@@ -53,7 +54,8 @@ dockerd_start() {
 dockerd_stop() {
     local dir=$1 pid mnt
     [ -d "$dir" ] || return 0
-    pid=$(cat "$dir/dockerd.launcher.pid" 2>/dev/null || true)
+    # the PID dockerd wrote itself (setsid may have forked), else the one it was started as
+    pid=$(cat "$dir/dockerd.pid" 2>/dev/null || cat "$dir/dockerd.launcher.pid" 2>/dev/null || true)
     if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
         kill -TERM "$pid"
         for _ in $(seq 30); do
@@ -70,5 +72,9 @@ dockerd_stop() {
         while read -r mnt; do
             umount -l "$mnt" 2>/dev/null || echo "could not unmount $mnt" >&2
         done
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+        echo "dockerd (PID $pid) did not stop; leaving $dir in place" >&2
+        return 1
+    fi
     rm -rf "$dir"
 }

@@ -80,8 +80,12 @@ cleanup() {
         [ -z "$ids" ] || "$DOCKER" rm -f $ids >/dev/null 2>&1 || true
     fi
     log "stopping the private dockerd, removing its data"
-    dockerd_stop "$WORK/docker"
-    log "cleaned up"
+    if dockerd_stop "$WORK/docker"; then
+        log "cleaned up"
+    else
+        log "FAILED: the private dockerd did not stop"
+        rc=1
+    fi
     rm -f "$WHEEL_LINK"
     if [ "${FL_IMAGING_DOCKER_KEEP:-0}" = 1 ]; then
         log "kept $WORK"
@@ -130,6 +134,7 @@ log "image $IMAGE: $((IMAGE_BYTES / 1000000)) MB"
 
 # --- federation: SuperLink + hospitals ------------------------------------------------------
 SITE_UID=$("$DOCKER" run --rm "$IMAGE" id -u)
+[ "$SITE_UID" != 0 ] || die "the image runs as root"
 # A folder the containers' non-root user owns, mounted at /state or (read-only) at /certs.
 owned_dir() {
     mkdir -p "$1"
@@ -253,6 +258,15 @@ for problem in problems:
 sys.exit(1 if problems else 0)
 EOF
 log "run folder OK: $(basename "$RUN_DIR") (finished, 2 rounds, ${SITES[*]})"
+for site in "${SITES[@]}"; do
+    # the site wrote its state as the image's user, and cannot write to its data
+    [ -n "$(find "$WORK/state/$site" -mindepth 1 -user "$SITE_UID" -print -quit)" ] ||
+        die "site $site wrote nothing to /state"
+    if "$DOCKER" exec "$site" touch /data/write-test 2>/dev/null; then
+        die "site $site can write to /data"
+    fi
+done
+log "each site wrote /state as uid $SITE_UID; /data is read-only"
 
 t_end=$(date +%s)
 printf '{"image": "%s", "image_bytes": %s, "daemon_and_base_s": %s, "build_s": %s, ' \
