@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from fl_imaging.compression import CompressionError, codec_of, decode_update
 from fl_imaging.config import ConfigError, RunPlan, compose, plan_to_dict, plan_to_yaml, to_plan
+from fl_imaging.grid import PromptGrid
 from fl_imaging.logs import setup_logging
 from fl_imaging.overlays import legend, render_run_overlays
 from fl_imaging.protocol import ConfigKey, MetricKey, RecordKey, RunConfigKey, SiteKey
@@ -457,7 +458,7 @@ def main(grid: Grid, context: Context) -> None:
         run = RunFolder.create(outputs, plan.name, plan_to_yaml(plan))
     logger.info("run folder: %s", run.path)
     try:
-        summary = run_federation(grid, plan, run, context.run_id, resume)
+        summary = run_federation(PromptGrid(grid), plan, run, context.run_id, resume)
     except Exception as exc:
         logger.error("run failed: %s", exc)
         run.write_summary({**read_summary(run.path), "status": "failed", "error": str(exc)})
