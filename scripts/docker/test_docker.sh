@@ -6,7 +6,8 @@
 # with the CPU torch wheel found on this machine, starts a SuperLink and two hospital
 # containers (synthetic hospitals a and b, data read-only, state on a writable folder), runs
 # `flwr run . <federation>` for 2 tiny rounds against that SuperLink and checks the run
-# folder (summary.json: status finished, 2 rounds, both sites). Everything it started
+# folder (summary.json: status finished, 2 rounds, both sites; hospital_a trains with DP-SGD
+# and its privacy ledger must be in its /state). Everything it started
 # (containers, daemon, mounts, temporary files) is removed on exit, also on failure.
 # Prints one JSON line with the timings and the image size.
 #
@@ -220,8 +221,10 @@ done
 
 # --- the run ---------------------------------------------------------------------------------
 # Every site's manifest is /data/dataset.json inside its own container (node config).
-site_list=$(printf '{name:%s,manifest:/data/dataset.json},' "${SITES[@]}")
-overrides="federation.sites=[${site_list%,}] model=unet_tiny data.patch_size=[16,16,16]"
+# hospital_a trains with DP-SGD, so its privacy ledger must appear in its /state.
+sites="{name:hospital_a,manifest:/data/dataset.json,privacy:{epsilon:8.0}}"
+sites+=",{name:hospital_b,manifest:/data/dataset.json}"
+overrides="federation.sites=[$sites] model=unet_tiny data.patch_size=[16,16,16]"
 overrides+=" rounds=2 train.local_epochs=1 strategy.cross_site_epochs=0"
 overrides+=" strategy.connect_timeout=180"
 log "flwr run . docker (2 rounds, ${#SITES[@]} hospital containers)"
@@ -248,6 +251,9 @@ if summary.get("rounds_completed") != 2:
     problems.append(f"rounds_completed {summary.get('rounds_completed')!r}, expected 2")
 if sorted(summary.get("final_dice_per_site", {})) != sites:
     problems.append(f"final_dice_per_site {summary.get('final_dice_per_site')}, expected {sites}")
+epsilon = summary.get("epsilon_spent_per_site", {}).get("hospital_a", 0)
+if not 0 < epsilon <= 8:
+    problems.append(f"hospital_a (private, epsilon 8) spent epsilon {epsilon}")
 rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
 trained = {(r["round"], r["site"]) for r in rows if r.get("split") == "train"}
 missing = [(n, s) for n in (1, 2) for s in sites if (n, s) not in trained]
@@ -258,15 +264,15 @@ for problem in problems:
 sys.exit(1 if problems else 0)
 EOF
 log "run folder OK: $(basename "$RUN_DIR") (finished, 2 rounds, ${SITES[*]})"
+ledger="$WORK/state/hospital_a/privacy_ledger.json"
+[ -n "$(find "$ledger" -user "$SITE_UID" 2>/dev/null)" ] ||
+    die "no privacy ledger of hospital_a owned by uid $SITE_UID in its /state"
 for site in "${SITES[@]}"; do
-    # the site wrote its state as the image's user, and cannot write to its data
-    [ -n "$(find "$WORK/state/$site" -mindepth 1 -user "$SITE_UID" -print -quit)" ] ||
-        die "site $site wrote nothing to /state"
     if "$DOCKER" exec "$site" touch /data/write-test 2>/dev/null; then
-        die "site $site can write to /data"
+        die "site $site can write to its data (/data)"
     fi
 done
-log "each site wrote /state as uid $SITE_UID; /data is read-only"
+log "hospital_a's privacy ledger is in its /state (uid $SITE_UID); /data is read-only"
 
 t_end=$(date +%s)
 printf '{"image": "%s", "image_bytes": %s, "daemon_and_base_s": %s, "build_s": %s, ' \
