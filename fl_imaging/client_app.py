@@ -19,6 +19,7 @@ from fl_imaging.logs import setup_logging
 from fl_imaging.protocol import ConfigKey, MetricKey, RecordKey, RunConfigKey, SiteKey
 from fl_imaging.secure_aggregation import is_secure_message, secure_train
 from fl_imaging.site import Site, evaluate_round, resolve_site, train_round
+from fl_imaging.training import EvalResult
 from fl_imaging.wire import to_numpy, to_record, update_records
 
 app = ClientApp()
@@ -97,6 +98,13 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config.get(ConfigKey.SERVER_ROUND, 0))
     received = msg.content[RecordKey.ARRAYS]
     finetune = int(config.get(ConfigKey.FINETUNE_EPOCHS, 0))
+    extra: dict[str, ArrayRecord | ConfigRecord] = {}
+    if int(config.get(ConfigKey.EVALUATE_FIRST, 0)):
+        # the global model this site received, on its validation cases, before training
+        result = evaluate_round(
+            site, plan, received.to_torch_state_dict(), validate_data=_first_time(context, "val")
+        )
+        extra[RecordKey.EVALUATION] = ConfigRecord(_eval_metrics(result))
     outcome = train_round(
         site,
         plan,
@@ -116,7 +124,7 @@ def train(msg: Message, context: Context) -> Message:
         # budget exhausted: the site says so and sends no update (keys match a normal reply)
         metrics.update({MetricKey.NUM_EXAMPLES: 0, MetricKey.LOSS: math.nan, MetricKey.STEPS: 0,
                         MetricKey.TRAIN_SECONDS: 0.0, MetricKey.TRAINED: 0})  # fmt: skip
-        return _reply(msg, site, metrics)
+        return _reply(msg, site, metrics, extra)
     result = outcome.result
     logger.info(
         "[%s r%d] trained %d cases, %d steps, loss %.4f, %.1f s%s",
@@ -132,7 +140,7 @@ def train(msg: Message, context: Context) -> Message:
     })  # fmt: skip
     # a fine-tune (cross-site evaluation) is not aggregated: it leaves the residual alone
     update = _encode(plan, context, received, outcome.weights, feedback=not finetune)
-    return _reply(msg, site, metrics, update)
+    return _reply(msg, site, metrics, {**update, **extra})
 
 
 @app.evaluate()
@@ -141,10 +149,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     plan, site = _plan_and_site(context)
     weights = msg.content[RecordKey.ARRAYS].to_torch_state_dict()
     result = evaluate_round(site, plan, weights, validate_data=_first_time(context, "val"))
+    return _reply(msg, site, _eval_metrics(result))
+
+
+def _eval_metrics(result: EvalResult) -> dict[str, float | int]:
+    """What a site tells about a model's validation: case count, loss, Dice per label."""
     metrics: dict[str, float | int] = {
         MetricKey.NUM_EXAMPLES: result.num_cases,
         MetricKey.LOSS: result.loss,
         MetricKey.DICE_MEAN: result.dice_mean,
     }
     metrics.update({MetricKey.dice_of(k): v for k, v in result.dice_per_class.items()})
-    return _reply(msg, site, metrics)
+    return metrics

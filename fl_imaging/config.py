@@ -194,6 +194,10 @@ class StrategyConfig:
     # after the last round: each site fine-tunes the global model this many local epochs,
     # then every model (global and fine-tuned) is evaluated at every site (0: skip)
     cross_site_epochs: int = 1
+    # one message per round: each site evaluates the global model it receives at the start
+    # of its train step and replies with both; the last model gets one evaluate message.
+    # Halves the messages of a deployment round (each starts a ClientApp process there).
+    evaluate_in_train: bool = False
     # further keyword arguments of the Flower strategy (e.g. eta, beta_1 for fedadam,
     # server_momentum for fedavgm, beta for fedtrimmedavg, num_malicious_nodes for krum)
     params: dict[str, Any] = field(default_factory=dict)
@@ -652,6 +656,11 @@ def secure_aggregation_problems(plan: RunPlan) -> list[str]:
             plan.privacy.central.noise_multiplier is not None,
             "server-side clipping needs each site's update; use DP-SGD at the sites "
             "(federation.sites[*].privacy.epsilon), whose noise is added before masking",
+        ),
+        "strategy.evaluate_in_train": (
+            plan.strategy.evaluate_in_train,
+            "the SecAgg+ train step carries only the masked update and its metrics: set it "
+            "to false",
         ),
         "compression.codec": (
             plan.compression.codec != "none",

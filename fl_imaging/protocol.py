@@ -15,6 +15,9 @@ class RecordKey(StrEnum):
     METRICS = "metrics"
     # ConfigRecord a site adds to each reply: its name (never any voxel data)
     SITE = "site"
+    # ConfigRecord in a train reply (strategy.evaluate_in_train): the validation metrics
+    # of the global model the site received, measured before it trained
+    EVALUATION = "evaluation"
     # a training reply's encoded update (ArrayRecord of "<tensor>::<part>" arrays) and
     # its codec header (ConfigRecord, keys in CodecKey); the server decodes them into
     # full weights under ARRAYS before screening and aggregation
@@ -47,6 +50,9 @@ class ConfigKey(StrEnum):
     PROXIMAL_MU = "proximal-mu"  # sent by Flower's FedProx
     # > 0: a short local fine-tune of this many epochs (cross-site evaluation), no FedProx
     FINETUNE_EPOCHS = "finetune-epochs"
+    # 1: evaluate the received global model before training, reply with both (one
+    # message per round instead of two: strategy.evaluate_in_train)
+    EVALUATE_FIRST = "evaluate-first"
 
 
 class CodecKey(StrEnum):

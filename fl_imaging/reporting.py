@@ -94,13 +94,23 @@ class RunFolder:
             os.replace(tmp_link, link)
         return folder
 
-    def truncate_metrics(self, last_round: int) -> int:
-        """Drop ``metrics.jsonl`` rows after ``last_round`` (a round cut short); return how many."""
+    def truncate_metrics(self, last_round: int, *, drop_val_of_last: bool = False) -> int:
+        """Drop ``metrics.jsonl`` rows after ``last_round`` (a round cut short); return how many.
+
+        ``drop_val_of_last``: also drop the validation rows of ``last_round`` (a run that
+        evaluates in its train step evaluates that model again in the next round).
+        """
         path = self.path / METRICS_FILE
         if not path.is_file():
             return 0
         lines = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if int(json.loads(line)["round"]) <= last_round]
+
+        def keep(row: Mapping[str, Any]) -> bool:
+            if drop_val_of_last and row["round"] == last_round and row["split"] == "val":
+                return False
+            return int(row["round"]) <= last_round
+
+        kept = [line for line in lines if keep(json.loads(line))]
         _atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
         return len(lines) - len(kept)
 

@@ -86,6 +86,9 @@ def site_rows(
     node_sites: dict[int, str],
     bytes_down: dict[int, int] | None = None,
     sent_to: dict[str, int] | None = None,
+    *,
+    metrics_key: str = RecordKey.METRICS,
+    count_bytes: bool = True,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Metrics rows of the sites that replied, and rows describing failed replies.
 
@@ -95,13 +98,15 @@ def site_rows(
     reply are recorded as ``bytes_down`` / ``bytes_up``. ``sent_to`` (message id ->
     node id) names the site of an error reply the SuperLink wrote on a node's behalf
     (e.g. the node went offline): its source is the SuperLink, not the node.
+    ``metrics_key`` names the record holding the metrics (``evaluation``: the validation
+    a train reply carries); ``count_bytes=False`` leaves the sizes to the train rows.
     """
     rows, failures = [], []
     bytes_down = bytes_down or {}
     for msg in replies:
         node = replied_node(msg, sent_to or {})
-        traffic = {"bytes_up": message_bytes(msg)}
-        if node in bytes_down:
+        traffic = {"bytes_up": message_bytes(msg)} if count_bytes else {}
+        if count_bytes and node in bytes_down:
             traffic["bytes_down"] = bytes_down[node]
         if msg.has_error():
             failures.append(
@@ -114,7 +119,7 @@ def site_rows(
                 }
             )
             continue
-        metrics = msg.content[RecordKey.METRICS]
+        metrics = msg.content[metrics_key]
         site = str(msg.content[RecordKey.SITE][SiteKey.NAME])
         node_sites[node] = site
         row: dict[str, Any] = {
@@ -237,7 +242,9 @@ def run_federation(
     if resume is not None:
         arrays = ArrayRecord(resume.state_dict)
         restore_strategy_state(strategy, resume.strategy_state)
-        dropped = run.truncate_metrics(resume.last_round)
+        dropped = run.truncate_metrics(
+            resume.last_round, drop_val_of_last=plan.strategy.evaluate_in_train
+        )
         summary.update({k: v for k, v in resume.summary.items() if k in summary or k in (
             "final_dice_mean", "final_dice_per_site", "rejected_updates")})  # fmt: skip
         summary.update(status="running", run_id=run_id, rounds_planned=plan.rounds)
@@ -288,29 +295,63 @@ def run_federation(
     def evaluate_round(server_round: int) -> list[dict[str, Any]]:
         messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
         _, rows, _ = exchange(server_round, "val", messages)
-        if rows:
-            logger.info(_round_line(server_round, rows, labels))
         return rows
+
+    def record_evaluation(
+        evaluated_round: int, rows: list[dict[str, Any]], state_dict: dict[str, Any]
+    ) -> float:
+        """Dice of the global model of ``evaluated_round`` into the summary; best checkpoint."""
+        if rows:
+            logger.info(_round_line(evaluated_round, rows, labels))
+        dice_per_site = {r["site"]: r["dice_mean"] for r in rows}
+        dice_mean = _mean(dice_per_site.values())
+        best = summary["best_dice_mean"]
+        if math.isfinite(dice_mean) and (best is None or dice_mean > best):
+            summary["best_round"], summary["best_dice_mean"] = evaluated_round, dice_mean
+            run.save_checkpoint(
+                "best", state_dict, round=evaluated_round, dice_mean=dice_mean, **meta
+            )
+        summary.update(final_dice_mean=dice_mean, final_dice_per_site=dice_per_site)
+        summary["dice_mean_per_round"][str(evaluated_round)] = dice_mean
+        return dice_mean
 
     secure = None
     if plan.secure_aggregation.name != "none":
         secure = SecureAggregation(plan, grid, run_id, exchange, run.append_metrics)
+    # one message per round: a train message also evaluates the model it carries, so the
+    # Dice of round r's model arrives with round r + 1 (the last model gets an evaluation)
+    fused = plan.strategy.evaluate_in_train
     # wall-clock phases per round (what the benchmarks and the report's timing table read)
     timings: dict[str, dict[str, float]] = summary.setdefault("round_seconds", {})
     summary["started_at"] = time.time()
-    for server_round in range(first_round, plan.rounds + 1):
+    dice_mean, evaluated = float("nan"), 0
+    for server_round in range(max(first_round, 1) if fused else first_round, plan.rounds + 1):
         round_started = time.monotonic()
-        phase = {"train": 0.0, "aggregate": 0.0}
+        phase = {"train": 0.0, "aggregate": 0.0, "evaluate": 0.0}
         traffic.clear()
         if server_round > 0:
             logger.info("round %d/%d: training at %d sites", server_round, plan.rounds, num_sites)
             summary.setdefault("first_train_sent_at", time.time())
             messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+            if fused:
+                for msg in messages:
+                    msg.content[RecordKey.CONFIG][ConfigKey.EVALUATE_FIRST] = 1
             if secure is None:
                 replies, rows, failures = exchange(server_round, "train", messages)
             else:  # SecAgg+: the reply is the sites' unmasked mean update, rows are per site
                 replies, rows, failures = secure.train_round(server_round, arrays, messages)
             trained_at = time.monotonic()
+            if fused:  # the validation of the model the sites just received
+                val_rows, _ = site_rows(
+                    [m for m in replies if not m.has_error() and RecordKey.EVALUATION in m.content],
+                    server_round - 1, "val", labels, node_sites,
+                    metrics_key=RecordKey.EVALUATION, count_bytes=False,
+                )  # fmt: skip
+                run.append_metrics(val_rows)
+                dice_mean = record_evaluation(
+                    server_round - 1, val_rows, arrays.to_torch_state_dict()
+                )
+                evaluated = len(val_rows)
             for row in rows:
                 if "epsilon_spent" in row and math.isfinite(row["epsilon_spent"]):
                     summary["epsilon_spent_per_site"][row["site"]] = row["epsilon_spent"]
@@ -348,27 +389,22 @@ def run_federation(
             arrays = new_arrays
             phase["aggregate"] = time.monotonic() - trained_at
             phase["train"] = trained_at - round_started
-        evaluated_from = time.monotonic()
-        rows = evaluate_round(server_round)
-        timings[str(server_round)] = {**phase, "evaluate": time.monotonic() - evaluated_from}
-        dice_per_site = {r["site"]: r["dice_mean"] for r in rows}
-        dice_mean = _mean(dice_per_site.values())
         state_dict = arrays.to_torch_state_dict()
+        if not fused or server_round == plan.rounds:
+            evaluated_from = time.monotonic()
+            rows = evaluate_round(server_round)
+            phase["evaluate"] = time.monotonic() - evaluated_from
+            dice_mean, evaluated = record_evaluation(server_round, rows, state_dict), len(rows)
+        timings[str(server_round)] = phase
         run.save_checkpoint(
-            "last", state_dict, round=server_round, dice_mean=dice_mean,
+            "last", state_dict, round=server_round,
+            dice_mean=summary["dice_mean_per_round"].get(str(server_round), math.nan),
             strategy_state=strategy_state(strategy), **meta,
         )  # fmt: skip
-        best = summary["best_dice_mean"]
-        if math.isfinite(dice_mean) and (best is None or dice_mean > best):
-            summary["best_round"], summary["best_dice_mean"] = server_round, dice_mean
-            run.save_checkpoint("best", state_dict, round=server_round, dice_mean=dice_mean, **meta)
         summary.update(
             rounds_completed=server_round,
-            final_dice_mean=dice_mean,
-            final_dice_per_site=dice_per_site,
             minutes=minutes_before + (time.monotonic() - started) / 60,
         )
-        summary["dice_mean_per_round"][str(server_round)] = dice_mean
         summary["bytes_per_round"][str(server_round)] = {
             "up": traffic.get("bytes_up", 0), "down": traffic.get("bytes_down", 0)
         }  # fmt: skip
@@ -379,8 +415,10 @@ def run_federation(
         done = server_round - first_round + 1
         eta = elapsed / done * (plan.rounds - server_round) if server_round else 0
         logger.info(
-            "round %d/%d done | %d/%d sites evaluated | mean Dice %.3f | %.0f s elapsed | "
-            "eta %.0f s", server_round, plan.rounds, len(rows), num_sites, dice_mean, elapsed, eta,
+            "round %d/%d done | %d/%d sites evaluated%s | mean Dice %.3f | %.0f s elapsed | "
+            "eta %.0f s", server_round, plan.rounds, evaluated, num_sites,
+            f" (the round {server_round - 1} model)" if fused and server_round < plan.rounds
+            else "", dice_mean, elapsed, eta,
         )  # fmt: skip
     if plan.strategy.cross_site_epochs > 0 and first_round <= plan.rounds:
         matrix = cross_site_evaluation(grid, plan, arrays, node_sites, plan.rounds)
