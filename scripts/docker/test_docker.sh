@@ -58,6 +58,11 @@ find_torch_wheel() {
     # shellcheck disable=SC2086
     [ -n "$dirs" ] && find $dirs -maxdepth 3 -name "$TORCH_WHEEL_GLOB" 2>/dev/null | head -n 1
 }
+for p in "$PORT" $((PORT + 1)) $((PORT + 2)); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+        die "port $p is in use: set FL_IMAGING_DOCKER_PORT to a free range"
+    fi
+done
 TORCH_WHEEL=$(find_torch_wheel || true)
 [ -n "$TORCH_WHEEL" ] && [ -f "$TORCH_WHEEL" ] ||
     die "no $TORCH_WHEEL_GLOB in pip's find-links folders; set FL_IMAGING_TORCH_WHEEL"
@@ -188,7 +193,10 @@ if [ "$INSECURE" != 1 ]; then
     # the coordinator admits each hospital's public key (retried until the SuperLink is up)
     for site in "${SITES[@]}"; do
         for attempt in $(seq 30); do
-            if "$VENV_BIN/flwr" supernode register "$WORK/certs/supernodes/$site.pub" docker \
+            [ "$("$DOCKER" inspect --format '{{.State.Running}}' superlink)" = true ] ||
+                die "the SuperLink container stopped"
+            if timeout 20 "$VENV_BIN/flwr" supernode register \
+                "$WORK/certs/supernodes/$site.pub" docker \
                 --name "$site" --format json >"$WORK/register-$site.log" 2>&1 &&
                 grep -q '"success": true' "$WORK/register-$site.log"; then
                 break
