@@ -16,7 +16,8 @@
 ARG BASE_IMAGE=python:3.11.14-slim-bookworm
 FROM ${BASE_IMAGE}
 
-# CPU-only torch; set to "" when the wheel is in scripts/docker/wheels/ or to a CUDA index.
+# Where pip finds the pinned CPU torch (torch==2.13.0+cpu); "" when its wheel is in
+# scripts/docker/wheels/.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG SITE_UID=10001
 
