@@ -143,6 +143,15 @@ def train(msg: Message, context: Context) -> Message:
     return _reply(msg, site, metrics, {**update, **extra})
 
 
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Name this site (the server asks once per run, so it can name a site that fails)."""
+    _, site = _plan_and_site(context)
+    return Message(
+        RecordDict({RecordKey.SITE: ConfigRecord({SiteKey.NAME: site.name})}), reply_to=msg
+    )
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Dice of the received global model on this site's validation cases."""

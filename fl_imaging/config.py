@@ -196,8 +196,9 @@ class StrategyConfig:
     cross_site_epochs: int = 1
     # one message per round: each site evaluates the global model it receives at the start
     # of its train step and replies with both; the last model gets one evaluate message.
-    # Halves the messages of a deployment round (each starts a ClientApp process there).
-    evaluate_in_train: bool = False
+    # Halves the messages of a round (a deployment round: 4.7 s instead of 10.7 s of
+    # overhead); false: a separate evaluate message after every round
+    evaluate_in_train: bool = True
     # further keyword arguments of the Flower strategy (e.g. eta, beta_1 for fedadam,
     # server_momentum for fedavgm, beta for fedtrimmedavg, num_malicious_nodes for krum)
     params: dict[str, Any] = field(default_factory=dict)

@@ -21,30 +21,17 @@ from flwr.supercore.run import Run
 DEFAULT_POLL_INTERVAL = 0.2
 
 
-class PromptGrid(Grid):
-    """``grid`` with a faster ``send_and_receive``; every other call goes to ``grid``."""
+class DelegatingGrid(Grid):
+    """A grid that hands every call to ``inner`` (subclasses change one behaviour)."""
 
-    def __init__(self, grid: Grid, interval: float = DEFAULT_POLL_INTERVAL) -> None:
-        if interval <= 0:
-            raise ValueError(f"interval must be > 0 seconds, got {interval}")
+    def __init__(self, grid: Grid) -> None:
         self.inner = grid
-        self.interval = interval
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Push ``messages``; return the replies that arrive within ``timeout`` seconds."""
-        pending = set(self.inner.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending:
-            arrived = list(self.inner.pull_messages(pending))
-            replies += arrived
-            pending -= {m.metadata.reply_to_message_id for m in arrived}
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
-                break
-            time.sleep(self.interval)
-        return replies
+        """Delegated."""
+        return self.inner.send_and_receive(messages, timeout=timeout)
 
     def set_run(self, run: Run) -> None:
         """Delegated."""
@@ -81,3 +68,46 @@ class PromptGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Delegated."""
         return self.inner.pull_messages(message_ids)
+
+
+class PromptGrid(DelegatingGrid):
+    """``grid`` with a faster ``send_and_receive``; every other call goes to ``grid``."""
+
+    def __init__(self, grid: Grid, interval: float = DEFAULT_POLL_INTERVAL) -> None:
+        if interval <= 0:
+            raise ValueError(f"interval must be > 0 seconds, got {interval}")
+        super().__init__(grid)
+        self.interval = interval
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Push ``messages``; return the replies that arrive within ``timeout`` seconds."""
+        pending = set(self.inner.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            arrived = list(self.inner.pull_messages(pending))
+            replies += arrived
+            pending -= {m.metadata.reply_to_message_id for m in arrived}
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.interval)
+        return replies
+
+
+class NodeSnapshot(DelegatingGrid):
+    """``grid`` with its connected nodes frozen at construction.
+
+    Flower's strategies read ``get_node_ids`` twice while sampling (once for the sample
+    size, once to sample): a site reconnecting in between makes the sample smaller
+    than the set it is drawn from, and a healthy site is left out of the round.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
+        self.node_ids = list(grid.get_node_ids())
+
+    def get_node_ids(self) -> Iterable[int]:
+        """The nodes connected when this snapshot was taken."""
+        return list(self.node_ids)

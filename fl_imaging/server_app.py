@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from fl_imaging.compression import CompressionError, codec_of, decode_update
 from fl_imaging.config import ConfigError, RunPlan, compose, plan_to_dict, plan_to_yaml, to_plan
-from fl_imaging.grid import PromptGrid
+from fl_imaging.grid import NodeSnapshot, PromptGrid
 from fl_imaging.logs import setup_logging
 from fl_imaging.overlays import legend, render_run_overlays
 from fl_imaging.protocol import ConfigKey, MetricKey, RecordKey, RunConfigKey, SiteKey
@@ -76,6 +76,24 @@ def replied_node(reply: Message, sent_to: dict[str, int]) -> int:
     if node in sent_to.values():
         return node
     return sent_to.get(reply.metadata.reply_to_message_id, node)
+
+
+def identify_sites(grid: Grid, timeout: float) -> dict[int, str]:
+    """Ask every connected node which site it is: node id -> site name.
+
+    Learnt once per run, so a site whose very first message fails is still named in the
+    logs and ``metrics.jsonl``. A node that does not answer is named later, by its
+    first successful reply.
+    """
+    messages = [
+        Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=node)
+        for node in grid.get_node_ids()
+    ]
+    names = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if not reply.has_error() and RecordKey.SITE in reply.content:
+            names[reply.metadata.src_node_id] = str(reply.content[RecordKey.SITE][SiteKey.NAME])
+    return names
 
 
 def site_rows(
@@ -255,7 +273,8 @@ def run_federation(
             "resuming %s after round %d (%d rows of the unfinished round dropped)",
             run.path, resume.last_round, dropped,
         )  # fmt: skip
-    node_sites: dict[int, str] = {}  # learnt from replies: sites name themselves
+    # sites name themselves: asked once up front, then learnt from every reply
+    node_sites: dict[int, str] = identify_sites(grid, plan.strategy.round_timeout)
     traffic: dict[str, int] = {}  # this round's bytes up and down (summary)
     meta = {
         "config": plan_to_dict(plan),
@@ -293,7 +312,9 @@ def run_federation(
         return replies, rows, failures
 
     def evaluate_round(server_round: int) -> list[dict[str, Any]]:
-        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+        messages = strategy.configure_evaluate(
+            server_round, arrays, ConfigRecord(), NodeSnapshot(grid)
+        )
         _, rows, _ = exchange(server_round, "val", messages)
         return rows
 
@@ -325,6 +346,12 @@ def run_federation(
     timings: dict[str, dict[str, float]] = summary.setdefault("round_seconds", {})
     summary["started_at"] = time.time()
     dice_mean, evaluated = float("nan"), 0
+    if fused and first_round == 0:  # the initial model, so that a failing round 1 loses nothing
+        run.save_checkpoint(
+            "last", arrays.to_torch_state_dict(), round=0, dice_mean=math.nan,
+            strategy_state=strategy_state(strategy), **meta,
+        )  # fmt: skip
+        run.write_summary(summary)
     for server_round in range(max(first_round, 1) if fused else first_round, plan.rounds + 1):
         round_started = time.monotonic()
         phase = {"train": 0.0, "aggregate": 0.0, "evaluate": 0.0}
@@ -332,7 +359,9 @@ def run_federation(
         if server_round > 0:
             logger.info("round %d/%d: training at %d sites", server_round, plan.rounds, num_sites)
             summary.setdefault("first_train_sent_at", time.time())
-            messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+            messages = strategy.configure_train(
+                server_round, arrays, ConfigRecord(), NodeSnapshot(grid)
+            )
             if fused:
                 for msg in messages:
                     msg.content[RecordKey.CONFIG][ConfigKey.EVALUATE_FIRST] = 1

@@ -68,11 +68,11 @@ class LocalGrid(Grid):
     ) -> Iterable[Message]:
         replies = []
         for msg in messages:
-            handler = (
-                client_app.train
-                if msg.metadata.message_type == MessageType.TRAIN
-                else (client_app.evaluate)
-            )
+            handler = {
+                MessageType.TRAIN: client_app.train,
+                MessageType.EVALUATE: client_app.evaluate,
+                MessageType.QUERY: client_app.identify,
+            }[msg.metadata.message_type]
             try:
                 replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
             except Exception as exc:  # as Flower does: the exception becomes an error reply

@@ -111,10 +111,11 @@ def deployment(
              "--overrides", " ".join(overrides)],
             stdout=subprocess.PIPE, stderr=run_log, text=True,
         )  # fmt: skip
-        # crash one hospital as round 1 starts (round 0's evaluation is in)...
+        # crash one hospital as round 1 starts (the server writes the initial model and
+        # summary.json just before it sends round 1, whose replies also evaluate that model)...
         _wait_for(
-            lambda: sum(r["split"] == "val" for r in _rows(outputs)) >= len(SITES),
-            "round 0's evaluation",
+            lambda: any(outputs.glob("*-demo/summary.json")),
+            "round 1 to start",
             timeout=240,
             proc=run,
         )

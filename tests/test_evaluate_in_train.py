@@ -73,6 +73,25 @@ def test_one_message_per_site_and_round_and_every_round_evaluated(
     assert last["round"] == 2 and last["dice_mean"] == pytest.approx(summary["final_dice_mean"])
 
 
+def test_without_it_every_round_has_its_own_evaluate_message(
+    overrides: list[str], tmp_path: Path, task_identity: None
+) -> None:
+    two = [*overrides, "strategy.evaluate_in_train=false"]
+    plan = compose("demo", two)
+    run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
+    grid = LocalGrid(two)
+    summary = server_app.run_federation(grid, plan, run, run_id=1)
+
+    kinds = [r.metadata.message_type for r in grid.received]
+    assert kinds.count(MessageType.TRAIN) == 2 * 3
+    assert kinds.count(MessageType.EVALUATE) == 3 * 3  # rounds 0, 1 and 2
+    assert not any(RecordKey.EVALUATION in r.content for r in grid.received)
+    assert sorted(summary["round_seconds"], key=int) == ["0", "1", "2"]
+    assert summary["round_seconds"]["0"]["train"] == 0.0
+    assert all(summary["round_seconds"][r]["evaluate"] > 0 for r in ("0", "1", "2"))
+    assert sorted(summary["dice_mean_per_round"], key=int) == ["0", "1", "2"]
+
+
 def test_resuming_drops_the_validation_that_will_be_repeated(tmp_path: Path) -> None:
     run = RunFolder.create(tmp_path, "r", "name: r\n")
     run.append_metrics([

@@ -6,9 +6,10 @@ import time
 from collections.abc import Iterable
 
 import pytest
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp.strategy import FedAvg
 
-from fl_imaging.grid import PromptGrid
+from fl_imaging.grid import NodeSnapshot, PromptGrid
 from tests.local_grid import LocalGrid, make_message
 
 
@@ -64,3 +65,26 @@ def test_everything_else_is_delegated() -> None:
     assert list(PromptGrid(sites).get_node_ids()) == [1]
     with pytest.raises(ValueError, match="interval"):
         PromptGrid(sites, interval=0)
+
+
+class Reconnecting(LocalGrid):
+    """Node 3 reconnects while the strategy samples: the second look sees it."""
+
+    def __init__(self) -> None:
+        super().__init__([], num_nodes=3)
+        self.looks = 0
+
+    def get_node_ids(self) -> Iterable[int]:
+        self.looks += 1
+        return [1, 2] if self.looks == 1 else [1, 2, 3]
+
+
+def test_a_site_reconnecting_during_sampling_does_not_push_out_a_healthy_one(
+    task_identity: None,
+) -> None:
+    strategy = FedAvg(fraction_train=1.0, min_available_nodes=2, min_train_nodes=2)
+    for _ in range(5):  # Flower samples at random: the bare grid often drops node 1 or 2
+        messages = strategy.configure_train(
+            1, ArrayRecord(), ConfigRecord(), NodeSnapshot(Reconnecting())
+        )
+        assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]

@@ -22,7 +22,12 @@ class Killed(RuntimeError):
 
 
 class DyingGrid(LocalGrid):
-    """Dies while round ``die_at`` is being evaluated (after its training rows were written)."""
+    """Dies at the first exchange after round ``die_at``'s training rows were written.
+
+    With an evaluate message per round that is round ``die_at``'s evaluation; with
+    ``strategy.evaluate_in_train`` it is round ``die_at + 1``'s train message (which
+    would also have evaluated round ``die_at``'s model).
+    """
 
     def __init__(self, overrides: list[str], die_at: int) -> None:
         super().__init__(overrides)
@@ -33,10 +38,11 @@ class DyingGrid(LocalGrid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         messages = list(messages)
-        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
-            self.trained_rounds += 1
-        elif self.trained_rounds == self.die_at:
+        kind = messages[0].metadata.message_type if messages else None
+        if kind != MessageType.QUERY and self.trained_rounds == self.die_at:
             raise Killed("server killed")
+        if kind == MessageType.TRAIN:
+            self.trained_rounds += 1
         return super().send_and_receive(messages, timeout=timeout)
 
 
@@ -44,22 +50,29 @@ def read_rows(run: RunFolder) -> list[dict]:
     return [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("evaluate_in_train", [False, True])
 def test_a_killed_run_resumes_without_losing_or_repeating_rounds(
-    tiny_sites: list[Path], tmp_path: Path, task_identity: None
+    evaluate_in_train: bool, tiny_sites: list[Path], tmp_path: Path, task_identity: None
 ) -> None:
-    overrides = [*tiny_overrides(tiny_sites, tmp_path), "rounds=3", "strategy=fedadam"]
+    overrides = [
+        *tiny_overrides(tiny_sites, tmp_path), "rounds=3", "strategy=fedadam",
+        f"strategy.evaluate_in_train={str(evaluate_in_train).lower()}",
+    ]  # fmt: skip
     plan = compose("demo", overrides)
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
     with pytest.raises(Killed):
         server_app.run_federation(DyingGrid(overrides, die_at=2), plan, run, run_id=1)
-    assert {(r["round"], r["split"]) for r in read_rows(run)} >= {(2, "train")}  # cut short
+    assert {(r["round"], r["split"]) for r in read_rows(run)} >= {(2, "train")}
+    # with an evaluate message per round, round 2 was cut short before its checkpoint
+    last_round = 2 if evaluate_in_train else 1
     checkpoint = torch.load(run.path / "checkpoints" / "last.pt", weights_only=False)
-    assert checkpoint["round"] == 1 and set(checkpoint["strategy_state"]) == {"m_t", "v_t"}
+    assert checkpoint["round"] == last_round
+    assert set(checkpoint["strategy_state"]) == {"m_t", "v_t"}
 
     resumed_plan = compose("demo", [*overrides, "resume=latest"])
     reopened = RunFolder.reopen((tmp_path / "outputs" / "latest").resolve(), tmp_path / "outputs")
     state = server_app.load_resume_state(reopened, resumed_plan)
-    assert state.last_round == 1
+    assert state.last_round == last_round
     summary = server_app.run_federation(LocalGrid(overrides), resumed_plan, reopened, 2, state)
 
     rows = read_rows(reopened)
@@ -68,7 +81,7 @@ def test_a_killed_run_resumes_without_losing_or_repeating_rounds(
     assert {(k[0], k[2]) for k in keys} == {(0, "val")} | {
         (r, s) for r in (1, 2, 3) for s in ("train", "val")
     }  # nothing lost
-    assert summary["rounds_completed"] == 3 and summary["resumed_after_rounds"] == [1]
+    assert summary["rounds_completed"] == 3 and summary["resumed_after_rounds"] == [last_round]
     assert sorted(summary["dice_mean_per_round"]) == ["0", "1", "2", "3"]
 
 

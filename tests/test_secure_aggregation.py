@@ -196,7 +196,10 @@ def test_server_never_receives_a_site_update_unmasked(
     reference = initial_model(plain.plan)
     cfg = secure.plan.secure_aggregation
     levels = 2**cfg.quantization_bits
-    assert len(secure.grid.inbox) == 3 * 4 + 3 * 2  # four SecAgg+ stages, two evaluations
+    # four SecAgg+ stages, two evaluations, and the sites naming themselves once
+    assert len(secure.grid.inbox) == 3 * 4 + 3 * 2 + 3
+    queries = [r for r in secure.grid.inbox if r.metadata.message_type == MessageType.QUERY]
+    assert [set(r.content.keys()) for r in queries] == [{"site"}] * 3
     masked_replies = 0
     for reply in secure.grid.inbox:
         # no ArrayRecord of any reply holds anything (Flower's mod empties them)
