@@ -104,9 +104,9 @@ class NodeSnapshot(DelegatingGrid):
     than the set it is drawn from, and a healthy site is left out of the round.
     """
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, node_ids: Iterable[int] | None = None) -> None:
         super().__init__(grid)
-        self.node_ids = list(grid.get_node_ids())
+        self.node_ids = list(grid.get_node_ids() if node_ids is None else node_ids)
 
     def get_node_ids(self) -> Iterable[int]:
         """The nodes connected when this snapshot was taken."""

@@ -50,14 +50,27 @@ class FederationError(RuntimeError):
     """The federation cannot continue (too few sites connected or replied)."""
 
 
-def wait_for_sites(grid: Grid, expected: int, timeout: float) -> list[int]:
-    """Wait until ``expected`` nodes are connected; return their ids."""
+def wait_for_sites(
+    grid: Grid, expected: int, timeout: float, minimum: int | None = None
+) -> list[int]:
+    """Wait until ``expected`` nodes are connected; return their ids.
+
+    After ``timeout`` seconds, go on with the connected nodes if there are at least
+    ``minimum`` of them (default: ``expected``), else raise :class:`FederationError`.
+    """
+    minimum = expected if minimum is None else minimum
     deadline = time.monotonic() + timeout
     while True:
         nodes = list(grid.get_node_ids())
         if len(nodes) >= expected:
             return nodes
         if time.monotonic() > deadline:
+            if len(nodes) >= minimum:
+                logger.warning(
+                    "%d of %d sites connected after %.0f s: going on without the others",
+                    len(nodes), expected, timeout,
+                )  # fmt: skip
+                return nodes
             raise FederationError(
                 f"only {len(nodes)} of {expected} sites connected within {timeout:.0f} s; in "
                 f'simulation pass --federation-config "num-supernodes={expected}", in '
@@ -311,10 +324,18 @@ def run_federation(
         run.append_metrics(rows + failures)
         return replies, rows, failures
 
-    def evaluate_round(server_round: int) -> list[dict[str, Any]]:
-        messages = strategy.configure_evaluate(
-            server_round, arrays, ConfigRecord(), NodeSnapshot(grid)
+    def connected() -> NodeSnapshot:
+        """The sites a round samples from, as one list for Flower's whole sampling.
+
+        Every site; after strategy.connect_timeout the connected ones (at least min_sites).
+        """
+        nodes = wait_for_sites(
+            grid, num_sites, plan.strategy.connect_timeout, minimum=plan.strategy.min_sites
         )
+        return NodeSnapshot(grid, nodes)
+
+    def evaluate_round(server_round: int) -> list[dict[str, Any]]:
+        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), connected())
         _, rows, _ = exchange(server_round, "val", messages)
         return rows
 
@@ -359,9 +380,7 @@ def run_federation(
         if server_round > 0:
             logger.info("round %d/%d: training at %d sites", server_round, plan.rounds, num_sites)
             summary.setdefault("first_train_sent_at", time.time())
-            messages = strategy.configure_train(
-                server_round, arrays, ConfigRecord(), NodeSnapshot(grid)
-            )
+            messages = strategy.configure_train(server_round, arrays, ConfigRecord(), connected())
             if fused:
                 for msg in messages:
                     msg.content[RecordKey.CONFIG][ConfigKey.EVALUATE_FIRST] = 1

@@ -69,7 +69,9 @@ def _base_strategy(plan: RunPlan) -> FedAvg:
         "fraction_evaluate": plan.strategy.fraction_evaluate,
         "min_train_nodes": plan.strategy.min_sites,
         "min_evaluate_nodes": plan.strategy.min_sites,
-        "min_available_nodes": len(plan.federation.sites),
+        # the ServerApp waits for every site (strategy.connect_timeout) before sampling and
+        # hands the strategy the connected ones: at least min_sites of them
+        "min_available_nodes": plan.strategy.min_sites,
         **plan.strategy.params,
     }
     if cls is FedProx:
