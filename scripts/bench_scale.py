@@ -138,7 +138,6 @@ def run_size(num_sites: int, rounds: int, work: Path) -> dict[str, float | int |
         "rounds": summary["rounds_completed"],
         "total_s": round(seconds, 1),
         "round_s": round(sum(sum(v.values()) for v in trained) / max(len(trained), 1), 1),
-        "round0_evaluate_s": round(per_round.get("0", {}).get("evaluate", float("nan")), 1),
         "peak_pss_mb": round(sampler.peak_pss),
         "peak_rss_mb": round(sampler.peak_rss),
         "peak_processes": sampler.peak_processes,

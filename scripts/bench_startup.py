@@ -11,8 +11,8 @@ Milestones (seconds after ``flwr run`` is started):
   run_started    the app bundle is built, uploaded and the run is created
   server_ready   the ServerApp has imported, composed its config and made its run folder
   workers_ready  Ray is up and its workers exist (the simulation backend)
-  round0_done    every site evaluated the initial model (workers imported the ClientApp)
-  first_train    the server sends round 1 (the sites start training immediately)
+  first_train    the server sends round 1: every site has named itself, so every worker
+                 has imported the ClientApp; the sites start training at once
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ MILESTONES = {
     "run_started": "Successfully started run",
     "server_ready": "run folder:",
     "workers_ready": "Constructed ActorPool",
-    "round0_done": "round 0/",
 }
 
 
@@ -95,7 +94,6 @@ def one_start(overrides: list[str], work: Path) -> dict[str, float]:
     return {
         **clock.seen,
         "first_train": round(float(summary["first_train_sent_at"]) - started, 2),
-        "round0_evaluate_s": round(summary["round_seconds"]["0"]["evaluate"], 2),
         "round1_s": round(sum(summary["round_seconds"]["1"].values()), 2),
         "total_s": round(outcome.seconds, 2),
     }
