@@ -21,6 +21,25 @@ from flwr.supercore.run import Run
 DEFAULT_POLL_INTERVAL = 0.2
 
 
+def destinations(messages: Iterable[Message]) -> dict[str, int]:
+    """Message id -> destination node of ``messages`` that have an id (a SuperLink's do)."""
+    return {
+        m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id
+    }
+
+
+def replied_node(reply: Message, sent_to: dict[str, int]) -> int:
+    """The node a reply answers for (``sent_to``: message id -> destination node).
+
+    A node's reply comes from that node; an error reply the SuperLink wrote on its behalf
+    (e.g. it went offline) comes from the SuperLink and is matched by ``reply_to_message_id``.
+    """
+    node = reply.metadata.src_node_id
+    if node in sent_to.values():
+        return node
+    return sent_to.get(reply.metadata.reply_to_message_id, node)
+
+
 class DelegatingGrid(Grid):
     """A grid that hands every call to ``inner`` (subclasses change one behaviour)."""
 

@@ -66,10 +66,10 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from fl_imaging.compression import CompressionError, codec_of, decode_update, encode_update
 from fl_imaging.config import MODULUS_RANGE, RunPlan, SecureAggregationConfig, protocol_sizes
+from fl_imaging.grid import DelegatingGrid, destinations, replied_node
 from fl_imaging.protocol import MetricKey, RecordKey, SiteKey
 from fl_imaging.site import new_model
 from fl_imaging.wire import read_update, to_numpy, to_record, update_records
@@ -273,7 +273,7 @@ class _RoundStrategy(LegacyStrategy):
         return None
 
 
-class _StageGrid(Grid):
+class _StageGrid(DelegatingGrid):
     """The ServerApp's grid as the workflow sees it: one ``send_and_receive`` per stage.
 
     The masked-vector stage goes through the ServerApp's ``exchange`` (site rows);
@@ -281,8 +281,8 @@ class _StageGrid(Grid):
     """
 
     def __init__(self, secure: SecureAggregation, server_round: int) -> None:
+        super().__init__(secure.grid)
         self.secure = secure
-        self.inner = secure.grid
         self.server_round = server_round
         self.rows: list[Row] = []
         self.failures: list[Row] = []
@@ -315,14 +315,9 @@ class _StageGrid(Grid):
     def _record_failures(self, stage: str, messages: list[Message], replies: list[Message]) -> None:
         # an error reply the SuperLink writes for a lost node comes from the SuperLink:
         # the message it answers names the node
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        sent_to.pop("", None)
-
-        def node_of(reply: Message) -> int:
-            return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-
-        replied = {node_of(r) for r in replies}
-        errors = {node_of(r): r.error.reason for r in replies if r.has_error()}
+        sent_to = destinations(messages)
+        replied = {replied_node(r, sent_to) for r in replies}
+        errors = {replied_node(r, sent_to): r.error.reason for r in replies if r.has_error()}
         timeout = self.secure.plan.strategy.round_timeout
         for msg in messages:
             if msg.metadata.dst_node_id not in replied:
@@ -341,33 +336,6 @@ class _StageGrid(Grid):
         if rows:
             self.secure.record(rows)
             self.failures += rows
-
-    # Everything else is the ServerApp's grid (the workflow uses only send_and_receive).
-    def set_run(self, run: Run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
 
 
 # --------------------------------------------------------------------------- client

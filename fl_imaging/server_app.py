@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from fl_imaging.compression import CompressionError, codec_of, decode_update
 from fl_imaging.config import ConfigError, RunPlan, compose, plan_to_dict, plan_to_yaml, to_plan
-from fl_imaging.grid import NodeSnapshot, PromptGrid
+from fl_imaging.grid import NodeSnapshot, PromptGrid, destinations, replied_node
 from fl_imaging.logs import setup_logging
 from fl_imaging.overlays import legend, render_run_overlays
 from fl_imaging.protocol import ConfigKey, MetricKey, RecordKey, RunConfigKey, SiteKey
@@ -77,18 +77,6 @@ def wait_for_sites(
                 f"deployment start one SuperNode per site"
             )
         time.sleep(1.0)
-
-
-def replied_node(reply: Message, sent_to: dict[str, int]) -> int:
-    """The node a reply answers for (``sent_to``: message id -> destination node).
-
-    A node's reply comes from that node; an error reply the SuperLink wrote on its behalf
-    (e.g. it went offline) comes from the SuperLink and is matched by ``reply_to_message_id``.
-    """
-    node = reply.metadata.src_node_id
-    if node in sent_to.values():
-        return node
-    return sent_to.get(reply.metadata.reply_to_message_id, node)
 
 
 def identify_sites(grid: Grid, timeout: float) -> dict[int, str]:
@@ -302,8 +290,7 @@ def run_federation(
         messages = list(messages)
         sent = {m.metadata.dst_node_id: message_bytes(m) for m in messages}
         replies = list(grid.send_and_receive(messages, timeout=plan.strategy.round_timeout))
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
-                   if m.metadata.message_id}  # fmt: skip
+        sent_to = destinations(messages)
         rows, failures = site_rows(replies, server_round, split, labels, node_sites, sent, sent_to)
         silent = {m.metadata.dst_node_id for m in messages} - {
             replied_node(r, sent_to) for r in replies
