@@ -99,3 +99,26 @@ class LocalGrid(Grid):
 
     def pull_messages(self, message_ids):  # pragma: no cover
         raise NotImplementedError
+
+
+class TamperingGrid(LocalGrid):
+    """Changes what sites' training replies carry, as a faulty or malicious site would."""
+
+    def tamper(self, reply: Message, received: ArrayRecord) -> None:
+        """Change ``reply`` in place; ``received`` is the global model its site was sent."""
+        raise NotImplementedError
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        sent = {
+            m.metadata.dst_node_id: m.content["arrays"]
+            for m in messages
+            if m.metadata.message_type == MessageType.TRAIN
+        }
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if reply.metadata.message_type == MessageType.TRAIN and not reply.has_error():
+                self.tamper(reply, sent[reply.metadata.src_node_id])
+        return replies

@@ -4,12 +4,11 @@ and bytes up/down of whole runs through the server loop (in-process grid)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Message, MessageType
+from flwr.app import ArrayRecord, Message
 
 from fl_imaging import server_app
 from fl_imaging.compression import (
@@ -28,7 +27,7 @@ from fl_imaging.config import ConfigError, compose, plan_to_yaml
 from fl_imaging.reporting import RunFolder, traffic_line
 from fl_imaging.wire import to_record
 from tests.conftest import tiny_overrides
-from tests.local_grid import LocalGrid, send_weights, sent_weights
+from tests.local_grid import LocalGrid, TamperingGrid, send_weights, sent_weights
 
 CODECS = [
     Codec("none"),
@@ -314,25 +313,16 @@ def test_the_report_states_the_bytes_sent() -> None:
     assert traffic_line({"rounds_completed": 3}) is None  # a run from before bytes were kept
 
 
-class MisencodingGrid(LocalGrid):
+class MisencodingGrid(TamperingGrid):
     """hospital_a sends raw weights instead of an update; hospital_b encodes with fp16."""
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        messages = list(messages)
-        replies = list(super().send_and_receive(messages, timeout=timeout))
-        for reply in replies:
-            if reply.metadata.message_type != MessageType.TRAIN:
-                continue
-            received = messages[0].content["arrays"]
-            if reply.metadata.src_node_id == 1:
-                weights = sent_weights(reply, received)
-                del reply.content["update"], reply.content["codec"]
-                reply.content["arrays"] = to_record(weights)
-            elif reply.metadata.src_node_id == 2:
-                send_weights(reply, sent_weights(reply, received), received, Codec("fp16"))
-        return replies
+    def tamper(self, reply: Message, received: ArrayRecord) -> None:
+        if reply.metadata.src_node_id == 1:
+            weights = sent_weights(reply, received)
+            del reply.content["update"], reply.content["codec"]
+            reply.content["arrays"] = to_record(weights)
+        elif reply.metadata.src_node_id == 2:
+            send_weights(reply, sent_weights(reply, received), received, Codec("fp16"))
 
 
 def test_updates_the_server_cannot_decode_are_rejected_naming_the_site(

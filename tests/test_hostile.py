@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
-from flwr.app import Message, MessageType
+from flwr.app import ArrayRecord, Message
 
 from fl_imaging import server_app
 from fl_imaging.compression import Codec
@@ -14,31 +13,19 @@ from fl_imaging.config import compose, plan_to_yaml
 from fl_imaging.reporting import RunFolder
 from fl_imaging.wire import to_numpy
 from tests.conftest import tiny_overrides
-from tests.local_grid import LocalGrid, send_weights, sent_weights
+from tests.local_grid import LocalGrid, TamperingGrid, send_weights, sent_weights
 
 
-class HostileGrid(LocalGrid):
+class HostileGrid(TamperingGrid):
     """hospital_a (node 1) sends global - 10 x (its honest update) every round."""
 
-    def __init__(self, overrides: list[str]) -> None:
-        super().__init__(overrides)
-        self.global_arrays = None
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        messages = list(messages)
-        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
-            self.global_arrays = messages[0].content["arrays"]
-        replies = list(super().send_and_receive(messages, timeout=timeout))
-        for reply in replies:
-            if reply.metadata.src_node_id == 1 and reply.metadata.message_type == MessageType.TRAIN:
-                # the site trains honestly, then reverses and scales its update
-                honest = sent_weights(reply, self.global_arrays)
-                state = to_numpy(self.global_arrays)
-                hostile = {k: g - 10 * (honest[k] - g) for k, g in state.items()}
-                send_weights(reply, hostile, self.global_arrays, Codec())
-        return replies
+    def tamper(self, reply: Message, received: ArrayRecord) -> None:
+        if reply.metadata.src_node_id == 1:
+            # the site trains honestly, then reverses and scales its update
+            honest = sent_weights(reply, received)
+            state = to_numpy(received)
+            hostile = {k: g - 10 * (honest[k] - g) for k, g in state.items()}
+            send_weights(reply, hostile, received, Codec())
 
 
 def final_dice(grid_cls: type[LocalGrid], strategy: str, sites: list[Path], root: Path) -> float:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Message, MessageType
+from flwr.app import ArrayRecord, Message
 
 from fl_imaging import server_app
 from fl_imaging.compression import Codec
@@ -16,7 +15,7 @@ from fl_imaging.reporting import RunFolder
 from fl_imaging.screening import screen_updates, update_norm
 from fl_imaging.wire import to_numpy
 from tests.conftest import tiny_overrides
-from tests.local_grid import LocalGrid, send_weights
+from tests.local_grid import TamperingGrid, send_weights
 
 REF = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 
@@ -58,20 +57,13 @@ def test_norm_screening_needs_three_updates() -> None:
     assert screen_updates(REF, {"a": shifted(0.1), "evil": shifted(50.0)}) == {}
 
 
-class PoisoningGrid(LocalGrid):
+class PoisoningGrid(TamperingGrid):
     """hospital_a (node 1) returns NaN weights in every training round."""
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        messages = list(messages)
-        replies = list(super().send_and_receive(messages, timeout=timeout))
-        for reply in replies:
-            if reply.metadata.src_node_id == 1 and reply.metadata.message_type == MessageType.TRAIN:
-                received = messages[0].content["arrays"]
-                nan = {k: np.full_like(v, np.nan) for k, v in to_numpy(received).items()}
-                send_weights(reply, nan, received, Codec())
-        return replies
+    def tamper(self, reply: Message, received: ArrayRecord) -> None:
+        if reply.metadata.src_node_id == 1:
+            nan = {k: np.full_like(v, np.nan) for k, v in to_numpy(received).items()}
+            send_weights(reply, nan, received, Codec())
 
 
 def test_a_poisoned_update_is_rejected_and_the_round_goes_on(
