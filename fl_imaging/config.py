@@ -31,7 +31,7 @@ KNOWN_STRATEGIES = (
     "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
 )  # fmt: skip
 KNOWN_ACCOUNTANTS = ("rdp", "prv", "gdp")
-KNOWN_GRAD_SAMPLE_MODES = ("functorch", "hooks", "ew")
+KNOWN_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
 KNOWN_NORMS = ("instance", "batch")
 KNOWN_ACTS = ("relu", "prelu", "leakyrelu")
 
@@ -109,8 +109,9 @@ class PrivacyConfig:
 
     # Opacus accountant: rdp, prv or gdp
     accountant: str = "rdp"
-    # Opacus grad-sample mode: functorch (fastest measured on CPU), hooks, ew
-    grad_sample_mode: str = "functorch"
+    # Opacus grad-sample mode: hooks (with fl-imaging's convolution/PReLU samplers,
+    # fastest measured on CPU), functorch, ew
+    grad_sample_mode: str = "hooks"
     # defaults for sites whose budget leaves them out
     delta: float | None = None
     max_grad_norm: float = 1.0
@@ -127,8 +128,8 @@ class ModelConfig:
     num_res_units: int = 1
     norm: str = "instance"
     # prelu (MONAI's default), leakyrelu (prelu's initial slope 0.25, fixed: no weights
-    # of its own) or relu; at 64^3 a DP-SGD step measured 1.74x a plain one with prelu
-    # and 1.74x with leakyrelu (scripts/bench_dp.py): the activation is not the DP cost
+    # of its own) or relu; PReLU's per-sample gradients are cheap
+    # (fl_imaging.privacy.grad_samplers), so the activation is not what DP-SGD costs
     act: str = "prelu"
     dropout: float = 0.0
 

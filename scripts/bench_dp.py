@@ -3,9 +3,12 @@
 Measures, for each patch size (default 32^3 and 64^3) and batch size B (default 4):
 
 * the non-private training step: forward, MONAI DiceCELoss, backward, Adam step;
-* the DP-SGD step for each Opacus grad-sample mode (``functorch``, ``hooks``, ``ew``,
+* the DP-SGD step for each Opacus grad-sample mode (``hooks``, ``functorch``, ``ew``,
   ``ghost``): the same step through ``PrivacyEngine.make_private`` with
   ``noise_multiplier=1.0``, ``max_grad_norm=1.0`` (per-sample clipping + noise).
+  ``hooks`` is what the sites run: Opacus' hooks mode with fl-imaging's convolution
+  and PReLU samplers (``fl_imaging.privacy.grad_samplers``); ``hooks-opacus`` is
+  Opacus' hooks mode with its own samplers (unfolded convolutions), for comparison.
 
 Step time is the median over ``--steps`` timed steps after one warm-up step. Peak
 memory is the process's peak RSS (``ru_maxrss``): since it never goes down, every
@@ -29,7 +32,7 @@ that when other processes compete for them)::
 
 Options: ``--experiment hippocampus`` plus Hydra overrides as positional arguments
 (e.g. ``model=unet_small``), ``--sizes 32 64``, ``--batch-size 4``, ``--steps 5``,
-``--modes functorch hooks ew ghost``, ``--threads 2``. ``ratio`` compares medians,
+``--modes hooks functorch hooks-opacus ew ghost``, ``--threads 2``. ``ratio`` compares medians,
 ``ratio_min`` the fastest steps (steadier when other processes share the CPU).
 """
 
@@ -47,7 +50,7 @@ import warnings
 from dataclasses import asdict
 from typing import Any
 
-DEFAULT_MODES = ("functorch", "hooks", "ew", "ghost")
+DEFAULT_MODES = ("hooks", "functorch", "hooks-opacus", "ew", "ghost")
 TARGET_RATIO = 1.6
 WARMUP_STEPS = 1
 CHILD_TIMEOUT_S = 600.0
@@ -125,6 +128,11 @@ def run_one(args: argparse.Namespace, size: int, mode: str) -> dict[str, Any]:
     if mode != "none":
         from opacus import PrivacyEngine
 
+        if mode == "hooks":  # what the sites run; "hooks-opacus" keeps Opacus' samplers
+            from fl_imaging.privacy import grad_samplers
+
+            grad_samplers.register()
+
         loader = DataLoader(TensorDataset(images, labels), batch_size=batch, shuffle=False)
         engine = PrivacyEngine(accountant=plan.privacy.accountant)
         kwargs: dict[str, Any] = {}
@@ -138,7 +146,7 @@ def run_one(args: argparse.Namespace, size: int, mode: str) -> dict[str, Any]:
             noise_multiplier=1.0,
             max_grad_norm=1.0,
             poisson_sampling=False,
-            grad_sample_mode=mode,
+            grad_sample_mode="hooks" if mode == "hooks-opacus" else mode,
             **kwargs,
         )
         if mode == "ghost":

@@ -17,10 +17,14 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fl_imaging.privacy import grad_samplers
 from fl_imaging.privacy.accounting import History
 from fl_imaging.training import TrainResult, train_local
 
 logger = logging.getLogger(__name__)
+
+# Opacus' hooks mode then uses fl-imaging's convolution and PReLU samplers.
+grad_samplers.register()
 
 
 class PrivacyModelError(ValueError):
@@ -48,7 +52,7 @@ def train_private(
     weight_decay: float,
     accountant: str,
     history: Sequence[Sequence[float]],
-    grad_sample_mode: str = "functorch",
+    grad_sample_mode: str = "hooks",
     log_prefix: str = "",
     log_epochs: bool = False,
 ) -> tuple[dict[str, torch.Tensor], TrainResult, History]:
@@ -66,7 +70,8 @@ def train_private(
         weight_decay: Adam weight decay.
         accountant: Opacus accountant (``rdp``, ``prv``, ``gdp``).
         history: the site's accountant history before this round.
-        grad_sample_mode: Opacus per-sample-gradient mode.
+        grad_sample_mode: Opacus per-sample-gradient mode; ``hooks`` uses the samplers
+            of :mod:`fl_imaging.privacy.grad_samplers` for convolutions and PReLU.
         log_prefix: prefix of the log lines.
         log_epochs: log each epoch at INFO.
 
@@ -90,8 +95,8 @@ def train_private(
     sample_rate = float(dp_loader.sample_rate)
 
     def account_empty_batch() -> None:
-        # Opacus' functorch path fails on an empty Poisson batch; the step is skipped
-        # but still counted, so the accountant never under-reports.
+        # An empty Poisson batch (Opacus' functorch path fails on one) is skipped but
+        # still counted, so the accountant never under-reports.
         engine.accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
 
     result = train_local(
