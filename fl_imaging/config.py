@@ -157,6 +157,10 @@ class DataConfig:
     # PersistentDataset in the site's state folder: NIfTI files are read and resampled
     # once, not every round) or "memory" (re-read every round, nothing written)
     cache: str = "disk"
+    # with cache=disk: cases read from the disk cache also stay in the memory of the
+    # process that trains, up to this many MB per process (a simulation worker keeps
+    # them across rounds; a deployed ClientApp process lives for one message); 0: off
+    memory_cache_mb: int = 1024
 
 
 @dataclass
@@ -479,6 +483,8 @@ def validate(plan: RunPlan) -> list[str]:
         problems.append(f"data.val_fraction must be in [0, 1), got {plan.data.val_fraction}")
     if plan.data.cache not in ("disk", "memory"):
         problems.append(f"data.cache must be 'disk' or 'memory', got {plan.data.cache!r}")
+    if plan.data.memory_cache_mb < 0:
+        problems.append(f"data.memory_cache_mb must be >= 0, got {plan.data.memory_cache_mb}")
     if plan.train.local_epochs < 1:
         problems.append(f"train.local_epochs must be >= 1, got {plan.train.local_epochs}")
     if plan.train.batch_size < 1:

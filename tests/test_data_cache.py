@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from fl_imaging.config import ConfigError, RunPlan, compose
+from fl_imaging.data.loading import ProcessMemory
 from fl_imaging.data.manifest import TRAIN, VAL, Case
 from fl_imaging.site import (
     Site,
@@ -88,3 +90,47 @@ def test_preprocessing_settings_get_their_own_cache(tiny_sites: list[Path], tmp_
 def test_unknown_cache_mode_is_a_config_error(tiny_sites: list[Path], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"data\.cache"):
         compose("demo", [*tiny_overrides(tiny_sites, tmp_path), "data.cache=ram"])
+
+
+def test_memory_cache_serves_later_rounds_without_the_disk(
+    tiny_sites: list[Path], tmp_path: Path
+) -> None:
+    """Cases read once stay in the process's memory; training is unchanged by it."""
+    losses, refilled = {}, {}
+    for memory_mb in (0, 64):
+        plan = compose(
+            "demo",
+            [*tiny_overrides(tiny_sites, tmp_path / str(memory_mb)),
+             f"data.memory_cache_mb={memory_mb}"],
+        )  # fmt: skip
+        site = resolve_site({"partition-id": 1}, plan)
+        weights = new_model(plan).state_dict()
+        first = train_round(site, plan, weights, server_round=1)
+        folder = cache_dir(site, plan, TRAIN)
+        assert folder is not None and _cached(folder)
+        for path in folder.glob("*.pt"):  # round 2 must not need the disk cache
+            path.unlink()
+        second = train_round(site, plan, weights, server_round=2, validate_data=False)
+        losses[memory_mb] = [o.result.loss for o in (first, second) if o.result is not None]
+        refilled[memory_mb] = bool(_cached(folder))
+    assert refilled == {0: True, 64: False}
+    assert losses[64] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_process_memory_keeps_the_most_recent_cases_within_its_limit() -> None:
+    memory = ProcessMemory()
+    case = {"image": torch.zeros(256), "label": torch.zeros(256, dtype=torch.uint8)}  # 1280 B
+    for key in ("a", "b", "c"):
+        memory.put(key, case, limit_bytes=3000)
+    assert memory.get("a") is None and memory.get("b") is case and memory.get("c") is case
+    assert memory.nbytes == 2560 and len(memory) == 2
+    assert memory.get("b") is case  # now "c" is the least recently used
+    memory.put("d", case, limit_bytes=3000)
+    assert memory.get("c") is None and memory.get("b") is case
+    memory.put("huge", {"image": torch.zeros(1000)}, limit_bytes=3000)  # larger than the limit
+    assert memory.get("huge") is None and len(memory) == 2
+
+
+def test_negative_memory_cache_is_a_config_error(tiny_sites: list[Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data\.memory_cache_mb"):
+        compose("demo", [*tiny_overrides(tiny_sites, tmp_path), "data.memory_cache_mb=-1"])

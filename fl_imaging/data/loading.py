@@ -12,7 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -141,19 +144,107 @@ def _case_hash(item: Mapping[str, Any]) -> bytes:
     return hashlib.sha256(json.dumps(files).encode()).hexdigest().encode()
 
 
-def _dataset(cases: Sequence[Case], transform: Compose, cache_dir: Path | None) -> Dataset:
+class ProcessMemory:
+    """Preprocessed cases kept in this process's memory, least recently used out first.
+
+    One per process, shared by every site that this process trains (a simulation
+    worker trains many sites, round after round), bounded in bytes.
+    """
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> Any | None:
+        """The stored item for ``key`` (not a copy), or None."""
+        with self._lock:
+            entry = self._items.get(key)
+            if entry is None:
+                return None
+            self._items.move_to_end(key)
+            return entry[0]
+
+    def put(self, key: str, item: Any, limit_bytes: int) -> None:
+        """Keep ``item``, dropping the least recently used ones beyond ``limit_bytes``."""
+        size = _nbytes(item)
+        if size > limit_bytes:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = (item, size)
+            self.nbytes += size
+            while self.nbytes > limit_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.nbytes -= dropped
+
+    def clear(self) -> None:
+        """Forget every item."""
+        with self._lock:
+            self._items.clear()
+            self.nbytes = 0
+
+
+PROCESS_MEMORY = ProcessMemory()
+
+
+def _nbytes(item: Any) -> int:
+    """Bytes held by the tensors and arrays of a preprocessed case."""
+    if isinstance(item, Mapping):
+        return sum(_nbytes(v) for v in item.values())
+    if isinstance(item, list | tuple):
+        return sum(_nbytes(v) for v in item)
+    return int(getattr(item, "nbytes", 0))
+
+
+class MemoryBackedPersistentDataset(PersistentDataset):
+    """MONAI ``PersistentDataset`` whose loaded cases also stay in :data:`PROCESS_MEMORY`.
+
+    A case is looked up in memory first, then in the disk cache, and only then read
+    and preprocessed. Keys are MONAI's cache keys (the case's files with their size
+    and modification time) plus the cache folder (named after the preprocessing), so
+    a changed scan or setting is never served from memory. Random transforms work on
+    a copy, as in MONAI's ``CacheDataset``.
+    """
+
+    def __init__(self, *args: Any, memory_limit_bytes: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.memory_limit_bytes = memory_limit_bytes
+
+    def _cachecheck(self, item_transformed: Any) -> Any:
+        key = f"{self.cache_dir}/{self.hash_func(item_transformed).decode()}{self.transform_hash}"
+        kept = PROCESS_MEMORY.get(key)
+        if kept is None:
+            kept = super()._cachecheck(item_transformed)
+            PROCESS_MEMORY.put(key, kept, self.memory_limit_bytes)
+        return deepcopy(kept)
+
+
+def _dataset(
+    cases: Sequence[Case], transform: Compose, cache_dir: Path | None, memory_mb: int = 0
+) -> Dataset:
     """Preprocessed cases: cached on disk in ``cache_dir`` when given, else in memory.
 
     The disk cache (MONAI ``PersistentDataset``) keeps the deterministic part of
     ``transform`` across rounds and runs, so a site reads and resamples its NIfTI files
     once; random augmentation is still drawn per access. It stays in the site's state
-    folder, on the site's own disk.
+    folder, on the site's own disk. With ``memory_mb`` > 0 the cases read from it also
+    stay in this process's memory (:class:`MemoryBackedPersistentDataset`).
     """
     items = [c.as_monai_dict() for c in cases]
     if cache_dir is None:
         return CacheDataset(items, transform=transform, cache_rate=1.0, num_workers=0,
                             progress=False)  # fmt: skip
     cache_dir.mkdir(parents=True, exist_ok=True)
+    if memory_mb > 0:
+        return MemoryBackedPersistentDataset(
+            items, transform=transform, cache_dir=cache_dir, hash_func=_case_hash,
+            memory_limit_bytes=memory_mb * 2**20,
+        )  # fmt: skip
     return PersistentDataset(items, transform=transform, cache_dir=cache_dir, hash_func=_case_hash)
 
 
@@ -165,7 +256,7 @@ def train_dataset(
         raise ValueError("no training cases")
     transform = train_transforms(data)
     transform.set_random_state(seed=seed)
-    return _dataset(cases, transform, cache_dir)
+    return _dataset(cases, transform, cache_dir, data.memory_cache_mb)
 
 
 def train_loader(
@@ -237,5 +328,5 @@ def eval_loader(
     """Loader of whole preprocessed volumes, one case per batch (shapes differ)."""
     if not cases:
         raise ValueError("no validation cases")
-    dataset = _dataset(cases, eval_transforms(data), cache_dir)
+    dataset = _dataset(cases, eval_transforms(data), cache_dir, data.memory_cache_mb)
     return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
