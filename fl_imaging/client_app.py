@@ -3,12 +3,19 @@
 A reply carries only the model update (encoded relative to the received global
 model, :mod:`fl_imaging.compression`), a few numbers (loss, Dice, case counts) and
 the site's name: never voxel or label data.
+
+This module imports neither torch nor MONAI: the handlers import the site code
+(:mod:`fl_imaging.site`, :mod:`fl_imaging.secure_aggregation`) when the first message
+arrives. Flower's simulation loads
+the ClientApp in its driver process before it starts Ray; a light module lets Ray
+start while the ServerApp imports torch and MONAI, instead of after.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -17,10 +24,11 @@ from fl_imaging.compression import codec_of, encode_update
 from fl_imaging.config import RunPlan, compose
 from fl_imaging.logs import setup_logging
 from fl_imaging.protocol import ConfigKey, MetricKey, RecordKey, RunConfigKey, SiteKey
-from fl_imaging.secure_aggregation import is_secure_message, secure_train
-from fl_imaging.site import Site, evaluate_round, resolve_site, train_round
-from fl_imaging.training import EvalResult
 from fl_imaging.wire import to_numpy, to_record, update_records
+
+if TYPE_CHECKING:
+    from fl_imaging.site import Site
+    from fl_imaging.training import EvalResult
 
 app = ClientApp()
 logger = logging.getLogger("fl_imaging.client")
@@ -34,6 +42,8 @@ _RESIDUAL = "compression-residual"
 
 
 def _plan_and_site(context: Context) -> tuple[RunPlan, Site]:
+    from fl_imaging.site import resolve_site
+
     setup_logging()
     plan = compose(
         str(context.run_config.get(RunConfigKey.EXPERIMENT, "")),
@@ -91,6 +101,9 @@ def _encode(
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training cases."""
+    from fl_imaging.secure_aggregation import is_secure_message, secure_train
+    from fl_imaging.site import evaluate_round, train_round
+
     if is_secure_message(msg):  # a SecAgg+ stage: Flower's secaggplus_mod wraps this handler
         return secure_train(msg, context, _plan_and_site(context)[0], train)
     plan, site = _plan_and_site(context)
@@ -136,6 +149,7 @@ def train(msg: Message, context: Context) -> Message:
         MetricKey.LOSS: result.loss,
         MetricKey.STEPS: result.steps,
         MetricKey.TRAIN_SECONDS: result.seconds,
+        MetricKey.TRAIN_STARTED_AT: result.started_at,
         MetricKey.TRAINED: 1,
     })  # fmt: skip
     # a fine-tune (cross-site evaluation) is not aggregated: it leaves the residual alone
@@ -155,6 +169,8 @@ def identify(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Dice of the received global model on this site's validation cases."""
+    from fl_imaging.site import evaluate_round
+
     plan, site = _plan_and_site(context)
     weights = msg.content[RecordKey.ARRAYS].to_torch_state_dict()
     result = evaluate_round(site, plan, weights, validate_data=_first_time(context, "val"))

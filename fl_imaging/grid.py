@@ -1,4 +1,4 @@
-"""A Flower grid that collects replies as soon as they arrive.
+"""Grid helpers: waiting for and naming the sites, and a grid that collects replies promptly.
 
 Flower 1.42's deployment grid (``HttpGrid.send_and_receive``) checks for replies every
 3 s, so every exchange of a round waits up to 3 s after the last site has answered;
@@ -9,16 +9,21 @@ wraps any grid and polls with Flower's own ``push_messages`` / ``pull_messages``
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fl_imaging.protocol import RecordKey, SiteKey
+
+logger = logging.getLogger("fl_imaging.server")
+
 # seconds between checks for replies (each check is one cheap call to the SuperLink)
-DEFAULT_POLL_INTERVAL = 0.2
+DEFAULT_POLL_INTERVAL = 0.05
 
 
 def destinations(messages: Iterable[Message]) -> dict[str, int]:
@@ -38,6 +43,59 @@ def replied_node(reply: Message, sent_to: dict[str, int]) -> int:
     if node in sent_to.values():
         return node
     return sent_to.get(reply.metadata.reply_to_message_id, node)
+
+
+class FederationError(RuntimeError):
+    """The federation cannot continue (too few sites connected or replied)."""
+
+
+def wait_for_sites(
+    grid: Grid, expected: int, timeout: float, minimum: int | None = None
+) -> list[int]:
+    """Wait until ``expected`` nodes are connected; return their ids.
+
+    After ``timeout`` seconds, go on with the connected nodes if there are at least
+    ``minimum`` of them (default: ``expected``), else raise :class:`FederationError`.
+    """
+    minimum = expected if minimum is None else minimum
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= expected:
+            return nodes
+        if time.monotonic() > deadline:
+            if len(nodes) >= minimum:
+                logger.warning(
+                    "%d of %d sites connected after %.0f s: going on without the others",
+                    len(nodes), expected, timeout,
+                )  # fmt: skip
+                return nodes
+            raise FederationError(
+                f"only {len(nodes)} of {expected} sites connected within {timeout:.0f} s; in "
+                f'simulation pass --federation-config "num-supernodes={expected}", in '
+                f"deployment start one SuperNode per site"
+            )
+        time.sleep(1.0)
+
+
+def identify_sites(
+    grid: Grid, timeout: float, nodes: Iterable[int] | None = None
+) -> dict[int, str]:
+    """Ask ``nodes`` (default: every connected node) which site they are: node id -> name.
+
+    Learnt once per run, so a site whose very first message fails is still named in the
+    logs and ``metrics.jsonl``. A node that does not answer is named later, by its
+    first successful reply.
+    """
+    messages = [
+        Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=node)
+        for node in (grid.get_node_ids() if nodes is None else nodes)
+    ]
+    names = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if not reply.has_error() and RecordKey.SITE in reply.content:
+            names[reply.metadata.src_node_id] = str(reply.content[RecordKey.SITE][SiteKey.NAME])
+    return names
 
 
 class DelegatingGrid(Grid):

@@ -77,6 +77,8 @@ class MetricKey(StrEnum):
     LOSS = "loss"
     DICE_MEAN = "dice-mean"
     TRAIN_SECONDS = "train-seconds"
+    # Unix time at which the site began its local training (start-up measurements)
+    TRAIN_STARTED_AT = "train-started-at"
     STEPS = "steps"
     # 1: the site trained and sent an update; 0: it did not (privacy budget exhausted)
     TRAINED = "trained"

@@ -33,6 +33,7 @@ class TrainResult:
     steps: int
     num_examples: int  # training cases (the FedAvg weight)
     seconds: float
+    started_at: float = 0.0  # Unix time at which the local training began
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def train_local(
     loss_fn = segmentation_loss()
     device = _device_of(model)  # batches follow the model (CPU, or a GPU share of the site)
     model.train()
-    start = time.perf_counter()
+    started_at, start = time.time(), time.perf_counter()
     total, steps = 0.0, 0
     for epoch in range(1, epochs + 1):
         epoch_loss, epoch_steps = 0.0, 0
@@ -163,6 +164,7 @@ def train_local(
         steps=steps,
         num_examples=len(loader.dataset),
         seconds=time.perf_counter() - start,
+        started_at=started_at,
     )
 
 

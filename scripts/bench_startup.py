@@ -11,8 +11,10 @@ Milestones (seconds after ``flwr run`` is started):
   run_started    the app bundle is built, uploaded and the run is created
   server_ready   the ServerApp has imported, composed its config and made its run folder
   workers_ready  Ray is up and its workers exist (the simulation backend)
-  first_train    the server sends round 1: every site has named itself, so every worker
-                 has imported the ClientApp; the sites start training at once
+  first_train    the server sends round 1 (every site has named itself)
+  first_step     the first site begins its local training (``train_started_at`` of
+                 round 1 in metrics.jsonl): it has evaluated the model it received
+                 (``strategy.evaluate_in_train``) and checked its cases first
 """
 
 from __future__ import annotations
@@ -91,9 +93,13 @@ def one_start(overrides: list[str], work: Path) -> dict[str, float]:
     if not outcome.ok or outcome.run_dir is None:
         raise SystemExit(f"the run ended {outcome.status}")
     summary = read_summary(outcome.run_dir)
+    with open(outcome.run_dir / "metrics.jsonl") as fh:
+        rows = [json.loads(line) for line in fh]
+    first_step = min(r["train_started_at"] for r in rows if r.get("train_started_at"))
     return {
         **clock.seen,
         "first_train": round(float(summary["first_train_sent_at"]) - started, 2),
+        "first_step": round(first_step - started, 2),
         "round1_s": round(sum(summary["round_seconds"]["1"].values()), 2),
         "total_s": round(outcome.seconds, 2),
     }

@@ -4,6 +4,8 @@ server's round loop driven through an in-process grid that calls those handlers.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from fl_imaging import client_app, server_app
+from fl_imaging import client_app, server
 from fl_imaging.config import RunPlan, compose, plan_to_yaml
 from fl_imaging.protocol import MetricKey, RecordKey
 from fl_imaging.reporting import RunFolder
@@ -77,7 +79,7 @@ def test_server_loop_writes_the_run_folder_contract(
     plan: RunPlan = compose("demo", overrides)
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
     grid = LocalGrid(overrides)
-    summary = server_app.run_federation(grid, plan, run, run_id=1)
+    summary = server.run_federation(grid, plan, run, run_id=1)
 
     assert (tmp_path / "outputs" / "latest").resolve() == run.path
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
@@ -126,8 +128,8 @@ def test_server_gives_up_clearly_when_sites_do_not_connect(
 ) -> None:
     plan = compose("demo", [*overrides, "strategy.connect_timeout=0"])
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
-    with pytest.raises(server_app.FederationError, match="num-supernodes=3"):
-        server_app.run_federation(LocalGrid(overrides, num_nodes=2), plan, run, run_id=1)
+    with pytest.raises(server.FederationError, match="num-supernodes=3"):
+        server.run_federation(LocalGrid(overrides, num_nodes=2), plan, run, run_id=1)
 
 
 def _corrupt_first_training_case(site_manifest: Path, dest: Path) -> Path:
@@ -149,7 +151,7 @@ def test_a_failing_site_is_recorded_and_the_round_goes_on(
     overrides = [*tiny_overrides(manifests, tmp_path), "rounds=1"]
     plan = compose("demo", overrides)
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
-    summary = server_app.run_federation(LocalGrid(overrides), plan, run, run_id=1)
+    summary = server.run_federation(LocalGrid(overrides), plan, run, run_id=1)
 
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     failures = [r for r in rows if "error" in r]
@@ -166,8 +168,8 @@ def test_too_few_sites_left_stops_with_the_failing_site_named(
     overrides = [*tiny_overrides(manifests, tmp_path), "strategy.min_sites=3"]
     plan = compose("demo", overrides)
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
-    with pytest.raises(server_app.FederationError, match="hospital_a"):
-        server_app.run_federation(LocalGrid(overrides), plan, run, run_id=1)
+    with pytest.raises(server.FederationError, match="hospital_a"):
+        server.run_federation(LocalGrid(overrides), plan, run, run_id=1)
     # what was written before the failure is intact
     assert json.loads((run.path / "summary.json").read_text())["rounds_completed"] == 0
     assert (run.path / "checkpoints" / "last.pt").is_file()
@@ -185,7 +187,7 @@ def test_private_run_trains_and_reports_epsilon_per_site(
     ]  # fmt: skip
     plan = compose("demo", overrides)
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
-    summary = server_app.run_federation(LocalGrid(overrides), plan, run, run_id=1)
+    summary = server.run_federation(LocalGrid(overrides), plan, run, run_id=1)
 
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     dice = {r: sum(x["dice_mean"] for x in rows if x["split"] == "val" and x["round"] == r) / 3
@@ -208,9 +210,9 @@ def test_a_site_out_of_budget_sends_no_update_and_the_run_goes_on(
                "federation.sites.2.privacy.epsilon=1", "privacy.delta=1e-3"]  # fmt: skip
     plan = compose("demo", private)
     first = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
-    server_app.run_federation(LocalGrid(private), plan, first, run_id=1)  # spends it all
+    server.run_federation(LocalGrid(private), plan, first, run_id=1)  # spends it all
     second = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
-    summary = server_app.run_federation(LocalGrid(private), plan, second, run_id=2)
+    summary = server.run_federation(LocalGrid(private), plan, second, run_id=2)
 
     rows = [json.loads(line) for line in (second.path / "metrics.jsonl").read_text().splitlines()]
     [refused] = [r for r in rows if r.get("status") == "budget_exhausted"]
@@ -224,7 +226,7 @@ def test_central_dp_noises_the_aggregate(
     def final_weights(extra: list[str], name: str) -> dict[str, torch.Tensor]:
         plan = compose("demo", [*overrides, "rounds=1", *extra])
         run = RunFolder.create(tmp_path / name, plan.name, plan_to_yaml(plan))
-        server_app.run_federation(LocalGrid([*overrides, "rounds=1", *extra]), plan, run, 1)
+        server.run_federation(LocalGrid([*overrides, "rounds=1", *extra]), plan, run, 1)
         return torch.load(run.path / "checkpoints" / "last.pt", weights_only=False)["state_dict"]
 
     plain = final_weights([], "plain")
@@ -260,7 +262,7 @@ def test_a_crashing_and_a_silent_site_are_recorded_and_min_sites_decides(
 ) -> None:
     plan = compose("demo", [*overrides, "strategy.min_sites=1"])
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
-    summary = server_app.run_federation(FlakyGrid(overrides), plan, run, run_id=1)
+    summary = server.run_federation(FlakyGrid(overrides), plan, run, run_id=1)
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     failed = {(r["site"], r["error"]) for r in rows if "error" in r and r["round"] == 2}
     assert ("hospital_b", "site crashed") in failed
@@ -269,6 +271,16 @@ def test_a_crashing_and_a_silent_site_are_recorded_and_min_sites_decides(
 
     strict = compose("demo", overrides)  # min_sites=2: round 2 cannot go on
     run2 = RunFolder.create(tmp_path / "outputs2", strict.name, plan_to_yaml(strict))
-    with pytest.raises(server_app.FederationError, match=r"round 2: only 1 sites.*hospital_b"):
-        server_app.run_federation(FlakyGrid(overrides), strict, run2, run_id=1)
+    with pytest.raises(server.FederationError, match=r"round 2: only 1 sites.*hospital_b"):
+        server.run_federation(FlakyGrid(overrides), strict, run2, run_id=1)
     assert json.loads((run2.path / "summary.json").read_text())["rounds_completed"] == 1
+
+
+def test_app_modules_import_neither_torch_nor_monai() -> None:
+    """Flower loads both apps under one lock before Ray starts: they must stay light."""
+    code = (
+        "import sys, fl_imaging.server_app, fl_imaging.client_app; "
+        "print(sorted(m for m in ('torch', 'monai', 'opacus') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Message
 
-from fl_imaging import server_app
+from fl_imaging import server
 from fl_imaging.compression import (
     Codec,
     CompressionError,
@@ -263,7 +263,7 @@ def _run(codec: str, sites: list[Path], root: Path) -> tuple[LocalGrid, list[dic
     plan = compose("demo", overrides)
     run = RunFolder.create(root / codec / "outputs", plan.name, plan_to_yaml(plan))
     grid = LocalGrid(overrides)
-    summary = server_app.run_federation(grid, plan, run, run_id=1)
+    summary = server.run_federation(grid, plan, run, run_id=1)
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     return grid, rows, summary
 
@@ -332,7 +332,7 @@ def test_updates_the_server_cannot_decode_are_rejected_naming_the_site(
                  "strategy.cross_site_epochs=0"]  # fmt: skip
     plan = compose("demo", overrides)
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
-    summary = server_app.run_federation(MisencodingGrid(overrides), plan, run, run_id=1)
+    summary = server.run_federation(MisencodingGrid(overrides), plan, run, run_id=1)
 
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     rejected = {r["site"]: r["reason"] for r in rows if r.get("status") == "rejected"}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 
-from fl_imaging import client_app, server_app
+from fl_imaging import client_app, server
 from fl_imaging.config import ConfigError, compose, plan_to_yaml
 from fl_imaging.protocol import ConfigKey, MetricKey, RecordKey
 from fl_imaging.reporting import RunFolder
@@ -52,7 +52,7 @@ def test_one_message_per_site_and_round_and_every_round_evaluated(
     plan = compose("demo", overrides)
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
     grid = LocalGrid(overrides)
-    summary = server_app.run_federation(grid, plan, run, run_id=1)
+    summary = server.run_federation(grid, plan, run, run_id=1)
 
     kinds = [r.metadata.message_type for r in grid.received]
     assert kinds.count(MessageType.TRAIN) == 2 * 3  # rounds x sites
@@ -80,7 +80,7 @@ def test_without_it_every_round_has_its_own_evaluate_message(
     plan = compose("demo", two)
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
     grid = LocalGrid(two)
-    summary = server_app.run_federation(grid, plan, run, run_id=1)
+    summary = server.run_federation(grid, plan, run, run_id=1)
 
     kinds = [r.metadata.message_type for r in grid.received]
     assert kinds.count(MessageType.TRAIN) == 2 * 3

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from flwr.app import ArrayRecord, Message
 
-from fl_imaging import server_app
+from fl_imaging import server
 from fl_imaging.compression import Codec
 from fl_imaging.config import compose, plan_to_yaml
 from fl_imaging.reporting import RunFolder
@@ -34,7 +34,7 @@ def final_dice(grid_cls: type[LocalGrid], strategy: str, sites: list[Path], root
                  "strategy.screen_norm_factor=null"]  # fmt: skip
     plan = compose("demo", overrides)
     run = RunFolder.create(root / strategy / grid_cls.__name__, plan.name, plan_to_yaml(plan))
-    summary = server_app.run_federation(grid_cls(overrides), plan, run, run_id=1)
+    summary = server.run_federation(grid_cls(overrides), plan, run, run_id=1)
     return float(summary["final_dice_mean"])
 
 

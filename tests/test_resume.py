@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.app import Message, MessageType
 
-from fl_imaging import server_app
+from fl_imaging import server
 from fl_imaging.config import ConfigError, compose, plan_to_yaml
 from fl_imaging.reporting import RunFolder
 from tests.conftest import tiny_overrides
@@ -61,7 +61,7 @@ def test_a_killed_run_resumes_without_losing_or_repeating_rounds(
     plan = compose("demo", overrides)
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
     with pytest.raises(Killed):
-        server_app.run_federation(DyingGrid(overrides, die_at=2), plan, run, run_id=1)
+        server.run_federation(DyingGrid(overrides, die_at=2), plan, run, run_id=1)
     assert {(r["round"], r["split"]) for r in read_rows(run)} >= {(2, "train")}
     # with an evaluate message per round, round 2 was cut short before its checkpoint
     last_round = 2 if evaluate_in_train else 1
@@ -71,9 +71,9 @@ def test_a_killed_run_resumes_without_losing_or_repeating_rounds(
 
     resumed_plan = compose("demo", [*overrides, "resume=latest"])
     reopened = RunFolder.reopen((tmp_path / "outputs" / "latest").resolve(), tmp_path / "outputs")
-    state = server_app.load_resume_state(reopened, resumed_plan)
+    state = server.load_resume_state(reopened, resumed_plan)
     assert state.last_round == last_round
-    summary = server_app.run_federation(LocalGrid(overrides), resumed_plan, reopened, 2, state)
+    summary = server.run_federation(LocalGrid(overrides), resumed_plan, reopened, 2, state)
 
     rows = read_rows(reopened)
     keys = [(r["round"], r["site"], r["split"]) for r in rows]
@@ -91,7 +91,7 @@ def test_resuming_with_another_model_is_refused(
     overrides = [*tiny_overrides(tiny_sites, tmp_path), "rounds=1"]
     plan = compose("demo", overrides)
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
-    server_app.run_federation(LocalGrid(overrides), plan, run, run_id=1)
+    server.run_federation(LocalGrid(overrides), plan, run, run_id=1)
     other = compose("demo", [*overrides, "model=unet_small", "resume=latest"])
     with pytest.raises(ConfigError, match="model config differs"):
-        server_app.load_resume_state(run, other)
+        server.load_resume_state(run, other)

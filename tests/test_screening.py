@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from fl_imaging import server_app
+from fl_imaging import server
 from fl_imaging.compression import Codec
 from fl_imaging.config import compose, plan_to_yaml
 from fl_imaging.reporting import RunFolder
@@ -72,7 +72,7 @@ def test_a_poisoned_update_is_rejected_and_the_round_goes_on(
     overrides = [*tiny_overrides(tiny_sites, tmp_path), "rounds=1"]
     plan = compose("demo", overrides)
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
-    summary = server_app.run_federation(PoisoningGrid(overrides), plan, run, run_id=1)
+    summary = server.run_federation(PoisoningGrid(overrides), plan, run, run_id=1)
 
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     [rejected] = [r for r in rows if r.get("status") == "rejected"]

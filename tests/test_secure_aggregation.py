@@ -21,7 +21,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_imaging import server_app
+from fl_imaging import server
 from fl_imaging.compression import decode_update
 from fl_imaging.config import ConfigError, RunPlan, compose, plan_to_yaml
 from fl_imaging.data.synthetic import generate_federation
@@ -93,7 +93,7 @@ def federate(overrides: list[str], out: Path, num_nodes: int = 3, **grid: Any) -
     plan = compose("demo", overrides)
     run = RunFolder.create(out, plan.name, plan_to_yaml(plan))
     wire = WireGrid(overrides, num_nodes, **grid)
-    server_app.run_federation(wire, plan, run, run_id=1)
+    server.run_federation(wire, plan, run, run_id=1)
     return Federation(plan, run.path, wire)
 
 

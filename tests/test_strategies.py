@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_imaging import server_app
+from fl_imaging import server
 from fl_imaging.config import KNOWN_STRATEGIES, compose, plan_to_yaml
 from fl_imaging.reporting import RunFolder
 from fl_imaging.strategies import STRATEGIES, build_strategy, strategy_problems
@@ -40,7 +40,7 @@ def test_server_optimiser_and_robust_aggregator_run_rounds(
     overrides = [*tiny_overrides(tiny_sites, tmp_path), f"strategy={name}"]
     plan = compose("demo", overrides)
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
-    summary = server_app.run_federation(LocalGrid(overrides), plan, run, run_id=1)
+    summary = server.run_federation(LocalGrid(overrides), plan, run, run_id=1)
     assert summary["rounds_completed"] == 2
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert {r["round"] for r in rows if r["split"] == "val"} == {0, 1, 2}

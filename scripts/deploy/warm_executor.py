@@ -30,7 +30,8 @@ import signal
 import sys
 import time
 
-WARM_MODULE = "fl_imaging.client_app"
+# what the ClientApp's handlers import (fl_imaging.client_app itself imports no torch)
+WARM_MODULE = "fl_imaging.secure_aggregation"
 POLL_SECONDS = 0.1
 # first retry and longest wait (s) when a message's objects are not at the SuperNode yet
 OBJECT_POLL = 0.05
