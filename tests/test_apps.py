@@ -284,3 +284,19 @@ def test_app_modules_import_neither_torch_nor_monai() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_sites_named_before_the_loop_are_not_asked_again(
+    overrides: list[str], tmp_path: Path, task_identity: None
+) -> None:
+    """The ServerApp names the sites while it imports the loop; the loop asks the rest."""
+    plan = compose("demo", [*overrides, "rounds=1"])
+    run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
+    grid = LocalGrid([*overrides, "rounds=1"])
+    known = {1: "hospital_a", 2: "hospital_b"}
+    server.run_federation(grid, plan, run, run_id=1, node_sites=known)
+    queried = [r.metadata.src_node_id for r in grid.received
+               if r.metadata.message_type == MessageType.QUERY]  # fmt: skip
+    assert queried == [3]
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["site"] for r in rows} == set(plan.site_names)
