@@ -5,10 +5,10 @@ model, :mod:`fl_imaging.compression`), a few numbers (loss, Dice, case counts) a
 the site's name: never voxel or label data.
 
 This module imports neither torch nor MONAI: the handlers import the site code
-(:mod:`fl_imaging.site`, :mod:`fl_imaging.secure_aggregation`) when the first message
-arrives. Flower's simulation loads
-the ClientApp in its driver process before it starts Ray; a light module lets Ray
-start while the ServerApp imports torch and MONAI, instead of after.
+(:mod:`fl_imaging.site`, :mod:`fl_imaging.secure_aggregation`) when the first message,
+the server's "which site are you" query, arrives. Flower's simulation loads the
+ClientApp in its driver process, under the same lock as the ServerApp, before it starts
+Ray; with both modules light, Ray starts while the ServerApp imports torch and MONAI.
 """
 
 from __future__ import annotations
