@@ -10,9 +10,9 @@ was started with. :func:`run_simulation` therefore
 * passes the project root explicitly so relative paths resolve the same in every process,
 * checks the run's final status (``flwr run --stream`` can exit 0 for a failed run),
 * stops the SuperLink it started (by PID), so nothing keeps running afterwards,
-* hands ``flwr run`` a staged copy of the app (:func:`stage_app`): Flower walks every
-  file under the app folder before filtering, a virtual environment inside the project
-  included (about 45,000 files, 2.5-4.5 s of ``flwr run`` here).
+* hands ``flwr run`` a staged copy of the app (:func:`fl_imaging.bundle.stage_app`):
+  Flower walks every file under the app folder before filtering, a virtual environment
+  inside the project included (about 45,000 files, 2.5-4.5 s of ``flwr run`` here).
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pathspec
-
+from fl_imaging.bundle import stage_app
 from fl_imaging.config import ConfigError, RunPlan, compose, split_overrides, with_root
 from fl_imaging.site import check_sites
 from fl_imaging.strategies import strategy_problems
@@ -74,37 +73,6 @@ def flwr_env(project_root: Path) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     return env
-
-
-# folders Flower never bundles (flwr.supercore.constant.APP_PUBLISH_EXCLUDE_PATTERNS) plus
-# version control metadata (no file in it matches Flower's include patterns)
-_NEVER_BUNDLED = (".flwr/", ".venv/", "__pycache__/", ".git/")
-
-
-def stage_app(project_root: Path, into: Path) -> Path:
-    """Copy the app's files into ``into`` without the folders Flower would leave out.
-
-    Flower builds the bundle from every file under the app folder and only then applies
-    its include/exclude patterns and the ``.gitignore``. Folders that those rules drop
-    entirely (the ``.gitignore``'s folders, ``.venv``, ``.flwr``, ``.git``) are skipped
-    here; everything else is copied as is (symlinks skipped, as Flower does), so Flower
-    builds the same bundle from ``into``. Returns ``into``.
-    """
-    gitignore = project_root / ".gitignore"
-    lines = gitignore.read_text(encoding="utf-8").splitlines() if gitignore.is_file() else []
-    skip = pathspec.GitIgnoreSpec.from_lines([*lines, *_NEVER_BUNDLED])
-    for dirpath, dirnames, filenames in os.walk(project_root, followlinks=False):
-        here = Path(dirpath)
-        rel = here.relative_to(project_root)
-        dirnames[:] = [d for d in dirnames if not skip.match_file(f"{(rel / d).as_posix()}/")]
-        for name in filenames:
-            source = here / name
-            if source.is_symlink():
-                continue
-            target = into / rel / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-    return into
 
 
 def _processes() -> list[tuple[int, list[str]]]:

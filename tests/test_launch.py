@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flwr.cli.build import build_fab_from_disk
 
-from fl_imaging.launch import stage_app
+from fl_imaging.bundle import stage_app
 
 ROOT = Path(__file__).resolve().parent.parent
 

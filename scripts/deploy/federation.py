@@ -21,8 +21,9 @@ Commands (all print what they do)::
     python scripts/deploy/federation.py node intruder --unregistered  # a key never registered
     python scripts/deploy/federation.py down                 # stop everything, by PID
 
-``run`` is ``flwr run . <connection>`` with ``FLWR_HOME=<dir>/flwr_home``; it exits non-zero
-unless Flower reports the run ``finished:completed``.
+``run`` is ``flwr run . <connection>`` (on a staged copy of the app, ``fl_imaging.bundle``)
+with ``FLWR_HOME=<dir>/flwr_home``; it exits non-zero unless Flower reports the run
+``finished:completed``.
 
 ``--isolation warm`` (the default) starts each SuperNode with ``--isolation process`` and
 next to it a long-running executor (``warm_executor.py``) that has torch and MONAI imported
@@ -42,9 +43,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from fl_imaging.bundle import stage_app
 
 # Nothing from fl_imaging is imported here: it pulls in torch (seconds), and `kill` must be quick.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -392,18 +396,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_config = (
         f"experiment={json.dumps(args.experiment)} overrides={json.dumps(shlex.join(items))}"
     )
-    cmd = ["flwr", "run", str(PROJECT_ROOT), CONNECTION, "--stream", "--run-config", run_config]
-    log(f"$ FLWR_HOME={env['FLWR_HOME']} {shlex.join(cmd)}")
     start = time.monotonic()
     run_id = ""
-    with subprocess.Popen(
-        cmd, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as proc:
-        for line in proc.stdout or ():
-            sys.stderr.write(line)
-            if not run_id and (match := _RUN_ID.search(line)):
-                run_id = match.group(1)
-        code = proc.wait()
+    # a staged copy of the app: flwr run would walk every file of the checkout (.venv too)
+    with tempfile.TemporaryDirectory(prefix="fl-imaging-app-") as staging:
+        app = stage_app(PROJECT_ROOT, Path(staging))
+        cmd = ["flwr", "run", str(app), CONNECTION, "--stream", "--run-config", run_config]
+        log(f"$ FLWR_HOME={env['FLWR_HOME']} {shlex.join(cmd)}  # {app}: staged {PROJECT_ROOT}")
+        with subprocess.Popen(
+            cmd, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        ) as proc:  # fmt: skip
+            for line in proc.stdout or ():
+                sys.stderr.write(line)
+                if not run_id and (match := _RUN_ID.search(line)):
+                    run_id = match.group(1)
+            code = proc.wait()
     if not run_id:
         log(f"`flwr run` exited with code {code} before starting a run")
         return 1
