@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from fl_imaging.launch import run_simulation
-from fl_imaging.reporting import read_summary
+from fl_imaging.reporting import read_metrics, read_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 MILESTONES = {
@@ -93,8 +93,7 @@ def one_start(overrides: list[str], work: Path) -> dict[str, float]:
     if not outcome.ok or outcome.run_dir is None:
         raise SystemExit(f"the run ended {outcome.status}")
     summary = read_summary(outcome.run_dir)
-    with open(outcome.run_dir / "metrics.jsonl") as fh:
-        rows = [json.loads(line) for line in fh]
+    rows = read_metrics(outcome.run_dir)
     first_step = min(r["train_started_at"] for r in rows if r.get("train_started_at"))
     return {
         **clock.seen,
