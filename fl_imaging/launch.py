@@ -220,21 +220,21 @@ def run_simulation(
     already_running = set(local_superlink_pids(flwr_home))
     run_config = f"experiment={json.dumps(experiment)} overrides={json.dumps(shlex.join(items))}"
     staging = Path(tempfile.mkdtemp(prefix="fl-imaging-app-"))
-    cmd = [
-        "flwr",
-        "run",
-        str(stage_app(project_root, staging)),
-        "--stream",
-        "--run-config",
-        run_config,
-        "--federation-config",
-        federation_config,
-        *extra_flwr_args,
-    ]
-    logger.info("$ %s", shlex.join(cmd))
     start = time.monotonic()
     run_id = ""
     try:
+        cmd = [
+            "flwr",
+            "run",
+            str(stage_app(project_root, staging)),
+            "--stream",
+            "--run-config",
+            run_config,
+            "--federation-config",
+            federation_config,
+            *extra_flwr_args,
+        ]
+        logger.info("$ %s", shlex.join(cmd))
         with subprocess.Popen(
             cmd,
             env=env,
