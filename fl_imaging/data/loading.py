@@ -310,15 +310,15 @@ def private_train_loader(
     """A plain loader of ``(image, label)`` patches for Opacus to turn into Poisson sampling.
 
     ``len(loader)`` is the number of steps per epoch and ``1 / len(loader)`` the
-    sampling rate Opacus will use; plan privacy with exactly these.
+    sampling rate Opacus will use; plan privacy with exactly these. ``seed`` seeds the
+    augmentation only: which patients each step samples is drawn by DP-SGD from a
+    secret generator (:func:`fl_imaging.privacy.dp_sgd.with_secret_sampling`).
     """
-    generator = torch.Generator().manual_seed(seed)
     return TorchDataLoader(
         ImageLabelPairs(train_dataset(cases, data, seed=seed, cache_dir=cache_dir)),
         batch_size=batch_size,
         shuffle=True,
         num_workers=0,
-        generator=generator,
     )
 
 
