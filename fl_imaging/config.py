@@ -8,9 +8,12 @@ into the dataclass schema below, so a misspelt key is an error, not a silent no-
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
 import shlex
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -46,7 +49,7 @@ class SiteBudget:
 
     # None: the site trains without differential privacy
     epsilon: float | None = None
-    # None: privacy.delta, else 1 / (10 x the site's training cases)
+    # None: privacy.delta, else min(1e-5, N^-1.1) for N training cases
     delta: float | None = None
     # per-sample gradient clipping norm; None: privacy.max_grad_norm
     max_grad_norm: float | None = None
@@ -112,9 +115,13 @@ class PrivacyConfig:
     # Opacus grad-sample mode: hooks (with fl-imaging's convolution/PReLU samplers,
     # fastest measured on CPU), functorch, ew
     grad_sample_mode: str = "hooks"
-    # defaults for sites whose budget leaves them out
+    # defaults for sites whose budget leaves them out; delta null: min(1e-5, N^-1.1) for a
+    # site with N training cases (fl_imaging.privacy.accounting.default_delta)
     delta: float | None = None
     max_grad_norm: float = 1.0
+    # seconds a private round waits for another training of the same site (same state
+    # folder) to release the privacy lock before it is refused
+    lock_timeout: float = 60.0
     central: CentralDPConfig = field(default_factory=CentralDPConfig)
 
 
@@ -404,6 +411,13 @@ def to_plan(cfg: DictConfig, *, check: bool = True) -> RunPlan:
         ConfigError: unknown or mistyped keys, or values that cannot work; the
             message names the key (and the site).
     """
+    unknown = unknown_keys(OmegaConf.to_container(cfg, resolve=False), RunPlan)
+    if unknown:
+        raise ConfigError(
+            "invalid configuration: unknown keys (misspelt? a '+' override adds a key the "
+            "schema does not have, which would otherwise be dropped silently): "
+            + ", ".join(unknown)
+        )
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunPlan), cfg)
         plan = OmegaConf.to_object(merged)
@@ -415,6 +429,33 @@ def to_plan(cfg: DictConfig, *, check: bool = True) -> RunPlan:
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return plan
+
+
+def unknown_keys(node: Any, schema: type, path: str = "") -> list[str]:
+    """Dotted paths of keys in ``node`` (plain containers) that ``schema`` does not define.
+
+    Walks nested dataclasses and lists of dataclasses (``federation.sites[*]``), where
+    OmegaConf's merge of a list would otherwise drop an unknown key without a word.
+    """
+    if not (dataclasses.is_dataclass(schema) and isinstance(node, dict)):
+        return []
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key, value in node.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            found.append(where)
+            continue
+        hint = hints[key]
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) is list and inner and isinstance(value, list):
+            for i, item in enumerate(value):
+                found += unknown_keys(item, inner[0], f"{where}[{i}]")
+        else:
+            target = hint if dataclasses.is_dataclass(hint) else (inner[0] if inner else None)
+            if target is not None and dataclasses.is_dataclass(target):
+                found += unknown_keys(value, target, where)
+    return found
 
 
 def compose(
@@ -556,10 +597,9 @@ def validate(plan: RunPlan) -> list[str]:
             f"privacy.grad_sample_mode {plan.privacy.grad_sample_mode!r} is unknown; "
             f"choose one of {KNOWN_GRAD_SAMPLE_MODES}"
         )
-    if plan.privacy.max_grad_norm <= 0:
-        problems.append(f"privacy.max_grad_norm must be > 0, got {plan.privacy.max_grad_norm}")
-    if plan.privacy.delta is not None and not 0 < plan.privacy.delta < 1:
-        problems.append(f"privacy.delta must be in (0, 1), got {plan.privacy.delta}")
+    problems += budget_problems("privacy", None, plan.privacy.delta, plan.privacy.max_grad_norm)
+    if not plan.privacy.lock_timeout >= 0:
+        problems.append(f"privacy.lock_timeout must be >= 0, got {plan.privacy.lock_timeout}")
     problems += _compression_problems(plan.compression)
     problems += secure_aggregation_problems(plan)
     return problems
@@ -633,6 +673,11 @@ def secure_aggregation_problems(plan: RunPlan) -> list[str]:
         problems.append(
             f"{key}.reconstruction_threshold={threshold} must be >= 2 and below "
             f"num_shares={shares} (null: a majority of num_shares)"
+        )
+    if plan.strategy.min_sites < 2:
+        problems.append(
+            f"strategy.min_sites={plan.strategy.min_sites} with {key}=secaggplus: a sum of "
+            f"one site's update is that site's update; at least 2 sites must contribute"
         )
     if cfg.clipping_range <= 0:
         problems.append(f"{key}.clipping_range must be > 0, got {cfg.clipping_range}")
@@ -712,12 +757,27 @@ def _site_problems(plan: RunPlan) -> list[str]:
         budget = site.privacy
         if budget.epsilon is None:
             continue
-        if budget.epsilon <= 0:
-            problems.append(f"{key}.privacy.epsilon must be > 0, got {budget.epsilon}")
-        if budget.delta is not None and not 0 < budget.delta < 1:
-            problems.append(f"{key}.privacy.delta must be in (0, 1), got {budget.delta}")
-        if budget.max_grad_norm is not None and budget.max_grad_norm <= 0:
-            problems.append(f"{key}.privacy.max_grad_norm must be > 0, got {budget.max_grad_norm}")
+        problems += budget_problems(
+            f"{key}.privacy", budget.epsilon, budget.delta, budget.max_grad_norm
+        )
+    return problems
+
+
+def budget_problems(
+    key: str, epsilon: float | None, delta: float | None, max_grad_norm: float | None
+) -> list[str]:
+    """What is wrong with a DP budget (``key`` names it in the messages).
+
+    Epsilon must be a finite number > 0 (NaN and infinity would train without a bound),
+    delta in (0, 1) and the clipping norm finite and > 0; None means "not set".
+    """
+    problems = []
+    if epsilon is not None and not (math.isfinite(epsilon) and epsilon > 0):
+        problems.append(f"{key}.epsilon must be a finite number > 0, got {epsilon}")
+    if delta is not None and not (math.isfinite(delta) and 0 < delta < 1):
+        problems.append(f"{key}.delta must be in (0, 1), got {delta}")
+    if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        problems.append(f"{key}.max_grad_norm must be a finite number > 0, got {max_grad_norm}")
     return problems
 
 

@@ -24,12 +24,33 @@ _MAX_SIGMA = 1e3
 
 
 def epsilon_of(history: Sequence[Sequence[float]], *, delta: float, accountant: str) -> float:
-    """Epsilon spent by ``history`` at ``delta`` with Opacus' ``accountant`` (0 when empty)."""
+    """Epsilon spent by ``history`` at ``delta`` with Opacus' ``accountant`` (0 when empty).
+
+    Never negative: the RDP-to-(epsilon, delta) conversion can return a value below 0
+    for a large delta and little spending; a guarantee cannot be better than epsilon 0.
+    """
     if not history:
         return 0.0
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(acc.get_epsilon(delta=delta))
+    return max(0.0, float(acc.get_epsilon(delta=delta)))
+
+
+# the default delta is at most this, whatever the cohort size
+DEFAULT_DELTA_CAP = 1e-5
+
+
+def default_delta(num_train: int) -> float:
+    """The delta of a site that sets none: ``min(1e-5, N ** -1.1)`` for ``N`` training patients.
+
+    Delta bounds the probability that the guarantee fails outright (e.g. one patient's
+    record is released whole); it must be far below ``1 / N``. The usual 1e-5 does
+    that for any hospital cohort; ``N ** -1.1`` keeps delta ``o(1/N)`` for cohorts past
+    35,000 patients. The old default ``1 / (10 N)`` was 0.014 for 7 patients.
+    """
+    if num_train < 1:
+        raise ValueError(f"num_train must be >= 1, got {num_train}")
+    return min(DEFAULT_DELTA_CAP, float(num_train) ** -1.1)
 
 
 def noise_for_budget(
