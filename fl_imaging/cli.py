@@ -162,11 +162,17 @@ def _privacy_sites(args: argparse.Namespace) -> list[tuple[str, Path, float | No
 
 
 def _privacy_status(args: argparse.Namespace) -> int:
-    from fl_imaging.privacy.ledger import ledger_path, read_ledger
+    from fl_imaging.privacy.ledger import LedgerError, ledger_path, read_ledger
 
     print(f"{'site':<20} {'budget':>8} {'spent':>8} {'left':>8} {'delta':>9} rounds  ledger")
+    problems = 0
     for name, state_dir, configured in _privacy_sites(args):
-        ledger = read_ledger(state_dir)
+        try:
+            ledger = read_ledger(state_dir)
+        except LedgerError as exc:
+            problems += 1
+            print(f"{name:<20} {'?':>8} {'?':>8} {'?':>8} {'?':>9} {'?':>6}  REFUSED: {exc}")
+            continue
         if ledger is None:
             budget = "no DP" if configured is None else f"{configured:g}"
             print(f"{name:<20} {budget:>8} {'0':>8} {'-':>8} {'-':>9} {0:>6}  (none yet)")
@@ -177,34 +183,50 @@ def _privacy_status(args: argparse.Namespace) -> int:
             f"{max(ledger.epsilon_budget - spent, 0):>8.3f} {ledger.delta:>9.2g} "
             f"{len(ledger.rounds):>6}  {ledger_path(state_dir)}"
         )
-    return 0
+    return 1 if problems else 0
 
 
 def _privacy_reset(args: argparse.Namespace) -> int:
     import getpass
 
-    from fl_imaging.privacy.ledger import read_ledger, reset_ledger
+    from fl_imaging.privacy.ledger import (
+        LedgerError,
+        has_ledger,
+        ledger_lock,
+        read_ledger,
+        reset_ledger,
+    )
 
     sites = {name: state_dir for name, state_dir, _ in _privacy_sites(args)}
     if args.site not in sites:
         print(f"error: unknown site {args.site!r}; configured: {', '.join(sites)}", file=sys.stderr)
         return 2
     state_dir = sites[args.site]
-    ledger = read_ledger(state_dir)
-    if ledger is None:
+    if not has_ledger(state_dir):
         print(f"site {args.site}: no privacy ledger in {state_dir}; nothing to reset")
         return 0
+    try:
+        ledger = read_ledger(state_dir)
+        found = (
+            f"spent epsilon {ledger.epsilon_spent:.3f} of {ledger.epsilon_budget:g} over "
+            f"{len(ledger.rounds)} rounds"
+            if ledger is not None
+            else "no ledger"
+        )
+    except LedgerError as exc:
+        found = f"its ledger is refused ({exc})"
     print(
-        f"site {args.site}: spent epsilon {ledger.epsilon_spent:.3f} of {ledger.epsilon_budget:g} "
-        f"over {len(ledger.rounds)} rounds. Resetting lets the site spend its budget again on "
-        f"the same patients: only do this for new data or a new privacy policy."
+        f"site {args.site}: {found}. Resetting lets the site spend its budget again on the "
+        f"same patients: only do this for new data or a new privacy policy."
     )
     if not args.yes:
         answer = input(f"Type the site name ({args.site}) to confirm: ").strip()
         if answer != args.site:
             print("not reset")
             return 1
-    archive = reset_ledger(state_dir, operator=getpass.getuser(), reason=args.reason)
+    # never while a private round of this site is running
+    with ledger_lock(state_dir, site=args.site, timeout=10):
+        archive = reset_ledger(state_dir, operator=getpass.getuser(), reason=args.reason)
     print(
         f"reset; old ledger kept as {archive}, audit trail in {state_dir / 'privacy_audit.jsonl'}"
     )

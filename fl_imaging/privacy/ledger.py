@@ -4,16 +4,35 @@ ClientApps are short-lived and runs get restarted, so a site's privacy spending
 cannot live in memory. The ledger (``<state_dir>/privacy_ledger.json``) holds the
 site's budget, the Opacus accountant history of every DP-SGD step it ever took
 (across rounds and runs), the current run's noise plan and a log of trained
-rounds. It is written atomically after every round. Only an operator's explicit
-reset starts a new one: the old file is archived and the reset is appended to
-``<state_dir>/privacy_audit.jsonl``.
+rounds. It is written atomically after every round.
+
+A ledger that is lost or edited would hand the site its budget again, so:
+
+* **Integrity**: every saved version carries ``digest = sha256(prev_digest + body)``,
+  a hash chain over the ledger's versions. A file whose body does not hash to its
+  digest (edited, history emptied) is refused.
+* **A marker outside the ledger** (``privacy_ledger.head``) holds the latest digest.
+  A ledger deleted while the marker exists, or replaced by an older or truncated copy
+  (a digest the marker does not know), is refused.
+* **A lock** (:func:`ledger_lock`, ``privacy.lock``) serialises the private rounds of
+  one state folder: a second training waits, then is refused with a clear error.
+
+Only an operator's explicit, audited reset (:func:`reset_ledger`) starts a new ledger:
+the old files are archived and the reset is appended to
+``<state_dir>/privacy_audit.jsonl``. What this does not stop: someone with write
+access to the hospital's state folder who rewrites the ledger, its digests and the
+marker consistently (the hospital's own disk is trusted; docs/PRIVACY.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +40,20 @@ from typing import Any
 from fl_imaging.privacy.accounting import History, epsilon_of
 
 LEDGER_FILE = "privacy_ledger.json"
+MARKER_FILE = "privacy_ledger.head"
+LOCK_FILE = "privacy.lock"
 AUDIT_FILE = "privacy_audit.jsonl"
-_VERSION = 1
+_VERSION = 2
+# fields of the file that are not hashed: the chain itself, and a derived figure
+_UNHASHED = ("digest", "prev_digest", "epsilon_spent")
 
 
 class LedgerError(ValueError):
-    """A ledger is unreadable or does not match the site's configured budget."""
+    """A ledger is unreadable, fails its integrity check or does not match the budget."""
+
+
+class LedgerBusyError(LedgerError):
+    """Another training holds the site's privacy lock."""
 
 
 @dataclass
@@ -53,6 +80,8 @@ class Ledger:
     plan: NoisePlan | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
     created: float = field(default_factory=time.time)
+    # digest of the version last read or written ("" for a ledger never saved)
+    digest: str = ""
 
     @property
     def epsilon_spent(self) -> float:
@@ -73,22 +102,77 @@ def ledger_path(state_dir: Path) -> Path:
     return state_dir / LEDGER_FILE
 
 
+def has_ledger(state_dir: Path) -> bool:
+    """True when the site has (or had, per its marker) a privacy ledger."""
+    return ledger_path(state_dir).exists() or (state_dir / MARKER_FILE).exists()
+
+
+def _digest(prev: str, body: dict[str, Any]) -> str:
+    """``sha256(prev + canonical JSON of body)``: one link of the ledger's hash chain."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256((prev + canonical).encode()).hexdigest()
+
+
+def _marker(state_dir: Path) -> dict[str, Any] | None:
+    path = state_dir / MARKER_FILE
+    if not path.exists():
+        return None
+    try:
+        marker = json.loads(path.read_text())
+        str(marker["digest"])
+        return marker
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LedgerError(
+            f"{path}: the ledger marker is unreadable ({exc}); the site cannot tell whether "
+            f"its ledger is the latest. Reset with `fl-imaging privacy reset` (audited)"
+        ) from exc
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def read_ledger(state_dir: Path) -> Ledger | None:
     """The ledger in ``state_dir``, or None when the site never trained privately.
 
     Raises:
-        LedgerError: the file exists but cannot be read as a ledger (never ignored:
-            a site must not lose track of what it spent).
+        LedgerError: the file exists but cannot be read as a ledger, fails its hash
+            check (edited), is not the version the marker recorded (replaced by an
+            older or truncated copy), or is missing while the marker says the site
+            had one (deleted). Never ignored: a site must not lose track of what it
+            spent.
     """
     path = ledger_path(state_dir)
+    marker = _marker(state_dir)
+    how_to_fix = (
+        "Restore the ledger from a backup, or reset it with `fl-imaging privacy reset "
+        "--site ...` (audited; only for new patients or a new policy)"
+    )
     if not path.exists():
+        if marker is not None:
+            raise LedgerError(
+                f"{path}: the privacy ledger is missing, but {state_dir / MARKER_FILE} records "
+                f"that this site had one (epsilon spent {marker.get('epsilon_spent', '?')}). "
+                f"Its budget is not restored by deleting the ledger. {how_to_fix}"
+            )
         return None
     try:
         raw = json.loads(path.read_text())
-        if raw.get("version") != _VERSION:
-            raise LedgerError(f"{path}: unsupported ledger version {raw.get('version')!r}")
+        version = raw.get("version")
+        if version not in (1, _VERSION):
+            raise LedgerError(f"{path}: unsupported ledger version {version!r}")
         plan = raw.get("plan")
-        return Ledger(
+        ledger = Ledger(
             site=str(raw["site"]),
             accountant=str(raw["accountant"]),
             epsilon_budget=float(raw["epsilon_budget"]),
@@ -97,15 +181,37 @@ def read_ledger(state_dir: Path) -> Ledger | None:
             plan=NoisePlan(**plan) if plan else None,
             rounds=list(raw.get("rounds", [])),
             created=float(raw.get("created", 0.0)),
+            digest=str(raw.get("digest", "")),
         )
     except LedgerError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LedgerError(
             f"{path}: privacy ledger is unreadable ({type(exc).__name__}: {exc}); the site "
-            f"cannot tell what it has spent. Restore it, or reset it with "
-            f"`fl-imaging privacy reset --site ...`"
+            f"cannot tell what it has spent. {how_to_fix}"
         ) from exc
+    if version == 1:  # written before the hash chain: accepted once, unless a marker exists
+        if marker is not None:
+            raise LedgerError(
+                f"{path}: a ledger without digest where a marker exists. {how_to_fix}"
+            )
+        return ledger
+    body = {k: v for k, v in raw.items() if k not in _UNHASHED}
+    if _digest(str(raw.get("prev_digest", "")), body) != ledger.digest:
+        raise LedgerError(
+            f"{path}: the privacy ledger fails its integrity check (its content was changed "
+            f"after the site wrote it: an edited history or budget). {how_to_fix}"
+        )
+    # a crash between the two writes of save_ledger leaves the marker one version behind
+    known = {ledger.digest, str(raw.get("prev_digest", ""))}
+    if marker is None or marker["digest"] not in known:
+        what = "missing" if marker is None else f"at {str(marker['digest'])[:12]}"
+        raise LedgerError(
+            f"{path}: the privacy ledger is not the latest version the site wrote (marker "
+            f"{state_dir / MARKER_FILE} {what}, ledger at {ledger.digest[:12]}): an older, "
+            f"truncated or copied ledger. {how_to_fix}"
+        )
+    return ledger
 
 
 def open_ledger(
@@ -137,44 +243,97 @@ def open_ledger(
 
 
 def save_ledger(state_dir: Path, ledger: Ledger) -> None:
-    """Write the ledger atomically (temp file, fsync, rename)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    """Write the ledger atomically as the next link of its hash chain, then the marker.
+
+    Files are created readable by the site's user only (0600; the folder 0700).
+    """
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     doc = {"version": _VERSION, **asdict(ledger)}
     doc["history"] = [list(h) for h in ledger.history]
-    doc["epsilon_spent"] = ledger.epsilon_spent  # for people reading the file; recomputed on load
-    path = ledger_path(state_dir)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as fh:
-        fh.write(json.dumps(doc, indent=1) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    body = {k: v for k, v in doc.items() if k not in _UNHASHED}
+    body = json.loads(json.dumps(body))  # the types the file will hold when read back
+    prev = ledger.digest
+    ledger.digest = _digest(prev, body)
+    doc = {**body, "prev_digest": prev, "digest": ledger.digest,
+           "epsilon_spent": ledger.epsilon_spent}  # fmt: skip  # for readers; recomputed on load
+    _write_atomic(ledger_path(state_dir), json.dumps(doc, indent=1) + "\n")
+    marker = {"site": ledger.site, "digest": ledger.digest, "epsilon_spent": doc["epsilon_spent"],
+              "time": time.time()}  # fmt: skip
+    _write_atomic(state_dir / MARKER_FILE, json.dumps(marker) + "\n")
+
+
+@contextlib.contextmanager
+def ledger_lock(state_dir: Path, *, site: str, timeout: float) -> Iterator[None]:
+    """Hold the site's exclusive privacy lock (``privacy.lock``) for a whole private round.
+
+    A second training on the same state folder waits up to ``timeout`` seconds for the
+    first to finish, then is refused: two rounds at once would both release weights
+    while the ledger kept only one of them.
+
+    Raises:
+        LedgerBusyError: the lock is still held after ``timeout`` seconds.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                    raise LedgerBusyError(
+                        f"site {site}: another training holds the privacy lock {path} "
+                        f"({holder or 'holder unknown'}) after {timeout:g} s; the private "
+                        f"rounds of one site never run at once: wait for it, or stop it"
+                    ) from None
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def reset_ledger(state_dir: Path, *, operator: str, reason: str) -> Path | None:
-    """Archive the site's ledger and log the reset in the audit trail.
+    """Archive the site's ledger and marker and log the reset in the audit trail.
 
-    Returns the archived file (None when there was no ledger).
+    Works on a ledger that fails its checks too (deleted, edited, replaced): that is
+    what the reset is for, and the audit entry says what was found.
+
+    Returns the archived ledger (None when there was none; a lone marker is archived).
     """
-    ledger = read_ledger(state_dir)
-    if ledger is None:
+    path, marker_path = ledger_path(state_dir), state_dir / MARKER_FILE
+    if not path.exists() and not marker_path.exists():
         return None
+    found: dict[str, Any] = {}
+    try:
+        ledger = read_ledger(state_dir)
+        if ledger is not None:
+            found = {"site": ledger.site, "epsilon_spent": ledger.epsilon_spent,
+                     "epsilon_budget": ledger.epsilon_budget, "delta": ledger.delta}  # fmt: skip
+    except LedgerError as exc:
+        found = {"problem": str(exc)}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     archive = state_dir / f"privacy_ledger.{stamp}.json"
-    os.replace(ledger_path(state_dir), archive)
+    if path.exists():
+        os.replace(path, archive)
+    if marker_path.exists():
+        os.replace(marker_path, state_dir / f"privacy_ledger.{stamp}.head")
     event = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "event": "reset",
-        "site": ledger.site,
         "operator": operator,
         "reason": reason,
-        "epsilon_spent": ledger.epsilon_spent,
-        "epsilon_budget": ledger.epsilon_budget,
-        "delta": ledger.delta,
-        "archived_to": archive.name,
+        **found,
+        "archived_to": archive.name if archive.exists() else None,
     }
-    with (state_dir / AUDIT_FILE).open("a") as fh:
+    fd = os.open(state_dir / AUDIT_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as fh:
         fh.write(json.dumps(event) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
-    return archive
+    return archive if archive.exists() else None
