@@ -23,7 +23,15 @@ from flwr.clientapp import ClientApp
 from fl_imaging.compression import codec_of, encode_update
 from fl_imaging.config import RunPlan, compose
 from fl_imaging.logs import setup_logging
-from fl_imaging.protocol import ConfigKey, MetricKey, RecordKey, RunConfigKey, SiteKey
+from fl_imaging.privacy.policy import REFUSED_BY_POLICY
+from fl_imaging.protocol import (
+    ConfigKey,
+    MetricKey,
+    RecordKey,
+    RefusalKey,
+    RunConfigKey,
+    SiteKey,
+)
 from fl_imaging.wire import to_numpy, to_record, update_records
 
 if TYPE_CHECKING:
@@ -134,9 +142,15 @@ def train(msg: Message, context: Context) -> Message:
         MetricKey.EPSILON_BUDGET: privacy.epsilon_budget if privacy else math.inf,
     }
     if outcome.result is None or outcome.weights is None:
-        # budget exhausted: the site says so and sends no update (keys match a normal reply)
+        # budget exhausted, or refused by the site's own privacy policy: the site says so
+        # and sends no update (metric keys match a normal reply)
         metrics.update({MetricKey.NUM_EXAMPLES: 0, MetricKey.LOSS: math.nan, MetricKey.STEPS: 0,
-                        MetricKey.TRAIN_SECONDS: 0.0, MetricKey.TRAINED: 0})  # fmt: skip
+                        MetricKey.TRAIN_SECONDS: 0.0, MetricKey.TRAINED: 0,
+                        MetricKey.REFUSED: int(outcome.refusal is not None)})  # fmt: skip
+        if outcome.refusal is not None:
+            extra[RecordKey.REFUSAL] = ConfigRecord(
+                {RefusalKey.STATUS: REFUSED_BY_POLICY, RefusalKey.REASON: outcome.refusal}
+            )
         return _reply(msg, site, metrics, extra)
     result = outcome.result
     logger.info(

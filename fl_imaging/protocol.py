@@ -23,6 +23,15 @@ class RecordKey(StrEnum):
     # full weights under ARRAYS before screening and aggregation
     UPDATE = "update"
     CODEC = "codec"
+    # ConfigRecord of a train reply whose site refused the run (RefusalKey)
+    REFUSAL = "refusal"
+
+
+class RefusalKey(StrEnum):
+    """Keys of the ``refusal`` ConfigRecord: why a site's own policy refused a run."""
+
+    STATUS = "status"  # refused_by_policy
+    REASON = "reason"
 
 
 class RunConfigKey(StrEnum):
@@ -41,6 +50,8 @@ class NodeConfigKey(StrEnum):
     DATA_ROOT = "data-root"  # deployment: overrides the configured data root
     STATE_DIR = "state-dir"  # deployment: overrides the configured state folder
     MANIFEST = "manifest"  # deployment: the site's own manifest file (overrides the configured)
+    # the hospital's own privacy policy file (fl_imaging.privacy.policy); never sent
+    PRIVACY_POLICY = "privacy-policy"
 
 
 class ConfigKey(StrEnum):
@@ -80,8 +91,11 @@ class MetricKey(StrEnum):
     # Unix time at which the site began its local training (start-up measurements)
     TRAIN_STARTED_AT = "train-started-at"
     STEPS = "steps"
-    # 1: the site trained and sent an update; 0: it did not (privacy budget exhausted)
+    # 1: the site trained and sent an update; 0: it did not (privacy budget exhausted, or
+    # its own privacy policy refused the run: then REFUSED is 1 and the reply carries a
+    # RecordKey.REFUSAL record with the reason)
     TRAINED = "trained"
+    REFUSED = "refused"
     # cumulative DP epsilon of the site (inf: the site trains without DP)
     EPSILON_SPENT = "epsilon-spent"
     EPSILON_BUDGET = "epsilon-budget"

@@ -35,7 +35,15 @@ from fl_imaging.grid import (
 )
 from fl_imaging.logs import setup_logging
 from fl_imaging.overlays import legend, render_run_overlays
-from fl_imaging.protocol import ConfigKey, MetricKey, RecordKey, RunConfigKey, SiteKey
+from fl_imaging.privacy.policy import REFUSED_BY_POLICY
+from fl_imaging.protocol import (
+    ConfigKey,
+    MetricKey,
+    RecordKey,
+    RefusalKey,
+    RunConfigKey,
+    SiteKey,
+)
 from fl_imaging.reporting import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -119,7 +127,11 @@ def site_rows(
             # non-private sites report inf (no DP guarantee); recorded as null
             row["epsilon_spent"] = float(metrics[MetricKey.EPSILON_SPENT])
             row["epsilon_budget"] = float(metrics[MetricKey.EPSILON_BUDGET])
-        if MetricKey.TRAINED in metrics and not int(metrics[MetricKey.TRAINED]):
+        if RecordKey.REFUSAL in msg.content:
+            refusal = msg.content[RecordKey.REFUSAL]
+            row["status"] = str(refusal[RefusalKey.STATUS])
+            row["reason"] = str(refusal[RefusalKey.REASON])
+        elif MetricKey.TRAINED in metrics and not int(metrics[MetricKey.TRAINED]):
             row["status"] = "budget_exhausted"
         row.update(traffic)
         rows.append(row)
@@ -373,10 +385,18 @@ def run_federation(
                     "site %s: privacy budget exhausted (spent %.2f of %g); it sent no update",
                     row["site"], row["epsilon_spent"], row["epsilon_budget"],
                 )  # fmt: skip
-            updated = len(rows) - len(exhausted)
+            refused = [r for r in rows if r.get("status") == REFUSED_BY_POLICY]
+            for row in refused:
+                logger.warning(
+                    "round %d: site %s refused the run (its own privacy policy): %s",
+                    server_round, row["site"], row["reason"],
+                )  # fmt: skip
+                summary.setdefault("refused_by_policy", {})[row["site"]] = row["reason"]
+            updated = len(rows) - len(exhausted) - len(refused)
             if updated < plan.strategy.min_sites:
                 failed = {f["site"]: f["error"] for f in failures}
                 failed.update({r["site"]: "privacy budget exhausted" for r in exhausted})
+                failed.update({r["site"]: f"refused: {r['reason']}" for r in refused})
                 failed.update({r["site"]: r["reason"] for r in rejected})
                 raise FederationError(
                     f"round {server_round}: only {updated} sites returned an update "
@@ -510,6 +530,9 @@ def serve(grid: Grid, context: Context, node_sites: Mapping[int, str] | None = N
         run.close()
         if (run.path / "metrics.jsonl").is_file():
             _write_report(run, plan)
+    for site, reason in summary.get("refused_by_policy", {}).items():
+        logger.warning("site %s did not train: its own privacy policy refused the run: %s",
+                       site, reason)  # fmt: skip
     logger.info(
         "finished %d rounds in %.1f min: final mean Dice %.3f %s; results in %s",
         summary["rounds_completed"],

@@ -34,9 +34,16 @@ from fl_imaging.data.manifest import (
     require_valid,
 )
 from fl_imaging.models import build_model
-from fl_imaging.privacy.accounting import EXHAUSTED_FRACTION, noise_for_budget
+from fl_imaging.privacy.accounting import EXHAUSTED_FRACTION, default_delta, noise_for_budget
 from fl_imaging.privacy.dp_sgd import train_private
-from fl_imaging.privacy.ledger import NoisePlan, open_ledger, save_ledger
+from fl_imaging.privacy.ledger import (
+    NoisePlan,
+    has_ledger,
+    ledger_lock,
+    open_ledger,
+    save_ledger,
+)
+from fl_imaging.privacy.policy import PrivacyRequest, find_policy, noise_refusal, refusal
 from fl_imaging.protocol import NodeConfigKey
 from fl_imaging.training import EvalResult, TrainResult, evaluate, select_device, train_local
 
@@ -53,6 +60,9 @@ class Site:
     data_root: Path | None
     state_dir: Path
     config: SiteConfig
+    # the hospital's privacy policy file named by its node config (None: the one in
+    # state_dir, if any; fl_imaging.privacy.policy)
+    policy_file: Path | None = None
 
 
 def resolve_site(node_config: Mapping[str, Any], plan: RunPlan) -> Site:
@@ -86,6 +96,7 @@ def resolve_site(node_config: Mapping[str, Any], plan: RunPlan) -> Site:
     data_root = node_config.get(NodeConfigKey.DATA_ROOT)
     state_dir = node_config.get(NodeConfigKey.STATE_DIR)
     manifest = node_config.get(NodeConfigKey.MANIFEST) or cfg.manifest
+    policy = node_config.get(NodeConfigKey.PRIVACY_POLICY)
     return Site(
         name=cfg.name,
         index=plan.site_names.index(cfg.name),
@@ -93,6 +104,7 @@ def resolve_site(node_config: Mapping[str, Any], plan: RunPlan) -> Site:
         data_root=plan.resolve_path(str(data_root)) if data_root else plan.site_data_root(cfg),
         state_dir=plan.resolve_path(str(state_dir)) if state_dir else plan.site_state_dir(cfg),
         config=cfg,
+        policy_file=plan.resolve_path(str(policy)) if policy else None,
     )
 
 
@@ -255,16 +267,64 @@ class RoundOutcome:
     weights: dict[str, torch.Tensor] | None
     result: TrainResult | None
     privacy: PrivacyReport | None
+    # why the site refused the run (its own privacy policy); None: it did not refuse
+    refusal: str | None = None
 
 
 def site_delta(site: Site, plan: RunPlan, num_train: int) -> float:
-    """The site's delta: its own, else ``privacy.delta``, else 1 / (10 x training cases)."""
+    """The site's delta: its own, else ``privacy.delta``, else ``min(1e-5, N^-1.1)``."""
     budget = site.config.privacy
     if budget.delta is not None:
         return budget.delta
     if plan.privacy.delta is not None:
         return plan.privacy.delta
-    return 1.0 / (10 * num_train)
+    return default_delta(num_train)
+
+
+def privacy_request(site: Site, plan: RunPlan, num_train: int, epochs: int) -> PrivacyRequest:
+    """What the run asks of ``site``'s privacy, defaults resolved (epsilon None: no DP)."""
+    budget = site.config.privacy
+    private = budget.epsilon is not None
+    return PrivacyRequest(
+        epsilon=budget.epsilon,
+        delta=site_delta(site, plan, num_train) if private else None,
+        max_grad_norm=(budget.max_grad_norm or plan.privacy.max_grad_norm) if private else None,
+        accountant=plan.privacy.accountant,
+        rounds=plan.rounds,
+        local_epochs=epochs,
+    )
+
+
+def _refused(prefix: str, reason: str) -> RoundOutcome:
+    logger.warning("%srefused to train: %s", prefix, reason)
+    return RoundOutcome(None, None, None, refusal=reason)
+
+
+def privacy_refusal(site: Site, plan: RunPlan, num_train: int, epochs: int) -> str | None:
+    """Why the site refuses to train in this run (None: it trains).
+
+    The site's own policy (:mod:`fl_imaging.privacy.policy`) is checked against what
+    the run asks; a site that has a privacy ledger never trains without DP-SGD (that
+    would void the guarantee its ledger accounts for) until an audited reset.
+
+    Raises:
+        PolicyError: the site's policy file is missing or invalid.
+        LedgerError: the site's ledger fails its checks.
+    """
+    request = privacy_request(site, plan, num_train, epochs)
+    policy = find_policy(str(site.policy_file) if site.policy_file else None, site.state_dir)
+    if policy is not None:
+        reason = refusal(policy, request)
+        if reason:
+            return reason
+    if request.epsilon is None and has_ledger(site.state_dir):
+        return (
+            f"the run asks for training without DP-SGD, but this site has a privacy ledger "
+            f"in {site.state_dir}: its patients are protected by DP, and a plain round would "
+            f"void that. Give the site its budget, or reset the ledger for new patients "
+            f"(`fl-imaging privacy reset`, audited)"
+        )
+    return None
 
 
 def train_round(
@@ -294,11 +354,15 @@ def train_round(
         validate_data: read every training case once and check it first (errors
             name the case and file).
     """
+    epochs = epochs or site.config.local_epochs or plan.train.local_epochs
+    prefix = f"[{site.name} r{server_round}] "
+    num_train = len(load_site_manifest(site, plan).split(TRAIN))
+    reason = privacy_refusal(site, plan, num_train, epochs)
+    if reason:
+        return _refused(prefix, reason)
     cases, model = _prepare(site, plan, weights, TRAIN, validate_data)
     seed = plan.seed * 1_000_003 + server_round * 1009 + site.index
     batch_size = site.config.batch_size or plan.train.batch_size
-    epochs = epochs or site.config.local_epochs or plan.train.local_epochs
-    prefix = f"[{site.name} r{server_round}] "
     if site.config.privacy.epsilon is not None:
         loader = private_train_loader(
             cases, plan.data, batch_size=batch_size, seed=seed,
@@ -333,10 +397,35 @@ def _train_private(
     run_id: str,
     prefix: str,
 ) -> RoundOutcome:
-    """DP-SGD round: plan the run's noise once, refuse if over budget, train, record."""
+    """DP-SGD round under the site's privacy lock (:func:`ledger_lock`).
+
+    Plan the run's noise once, refuse if over budget, train, record in the ledger.
+    """
+    with ledger_lock(site.state_dir, site=site.name, timeout=plan.privacy.lock_timeout):
+        return _train_private_locked(
+            site, plan, model, loader, epochs, server_round, run_id, prefix
+        )
+
+
+def _train_private_locked(
+    site: Site,
+    plan: RunPlan,
+    model: torch.nn.Module,
+    loader: TorchDataLoader,
+    epochs: int,
+    server_round: int,
+    run_id: str,
+    prefix: str,
+) -> RoundOutcome:
     budget = site.config.privacy
     epsilon = float(budget.epsilon)  # type: ignore[arg-type]
-    delta = site_delta(site, plan, len(loader.dataset))
+    num_train = len(loader.dataset)
+    delta = site_delta(site, plan, num_train)
+    if delta >= 1 / num_train:
+        raise ConfigError(
+            f"site {site.name}: delta={delta:g} must be below 1/{num_train} (1 / the site's "
+            f"training cases), or a single patient's record could leak"
+        )
     max_grad_norm = budget.max_grad_norm or plan.privacy.max_grad_norm
     accountant = plan.privacy.accountant
     ledger = open_ledger(
@@ -377,6 +466,10 @@ def _train_private(
             prefix, sigma, sample_rate, steps, rounds_left, epsilon, delta, ledger.epsilon_spent,
         )  # fmt: skip
     sigma = ledger.plan.noise_multiplier  # type: ignore[union-attr]
+    policy = find_policy(str(site.policy_file) if site.policy_file else None, site.state_dir)
+    too_little_noise = noise_refusal(policy, sigma)
+    if too_little_noise:
+        return _refused(prefix, too_little_noise)
     if ledger.epsilon_after(sigma, sample_rate, steps) > epsilon:
         return exhausted(sigma)
     weights, result, history = train_private(
