@@ -165,7 +165,7 @@ class SecureAggregation:
             strategy=adapter,
             client_manager=manager,
         )
-        stages = _StageGrid(self, server_round)
+        stages = _StageGrid(self, server_round, min_contributors=max(threshold, 2))
         workflow = SecAggPlusWorkflow(
             num_shares=shares,
             reconstruction_threshold=threshold,
@@ -280,10 +280,11 @@ class _StageGrid(DelegatingGrid):
     failures in the other stages become failure rows of their own.
     """
 
-    def __init__(self, secure: SecureAggregation, server_round: int) -> None:
+    def __init__(self, secure: SecureAggregation, server_round: int, min_contributors: int) -> None:
         super().__init__(secure.grid)
         self.secure = secure
         self.server_round = server_round
+        self.min_contributors = min_contributors
         self.rows: list[Row] = []
         self.failures: list[Row] = []
         self.last_stage = ""
@@ -305,12 +306,33 @@ class _StageGrid(DelegatingGrid):
                     self.secure.node_sites[reply.metadata.src_node_id] = name
             self.rows += rows
             self.failures += failures
+            self._require_contributors(rows)
         else:
             replies = list(self.inner.send_and_receive(messages, timeout=timeout))
             self._record_failures(stage, messages, replies)
         self.active = sum(not r.has_error() for r in replies)
         self.seconds[stage] = time.monotonic() - started
         return replies
+
+    def _require_contributors(self, rows: list[Row]) -> None:
+        """Stop before unmasking unless enough sites contributed a real update.
+
+        A site out of budget (or refused by its policy) sends a zero update of weight 0:
+        were it the only other site, the unmasked "sum" would be one hospital's update.
+        The rule is enforced here, in the coordinator's code, before the unmask stage
+        is sent: no share that could unmask anything leaves a site.
+        """
+        contributors = sorted(r["site"] for r in rows if r.get("num_examples", 0) > 0)
+        if len(contributors) >= self.min_contributors:
+            return
+        others = {r["site"]: r.get("status", "no update") for r in rows
+                  if r["site"] not in contributors}  # fmt: skip
+        raise SecureAggregationError(
+            f"round {self.server_round}: only {len(contributors)} sites contributed an update "
+            f"({', '.join(contributors) or 'none'}); secure aggregation unmasks a sum of at "
+            f"least {self.min_contributors} (max(reconstruction_threshold, 2)), else the sum "
+            f"would be one site's update. Not unmasked. Others: {others}"
+        )
 
     def _record_failures(self, stage: str, messages: list[Message], replies: list[Message]) -> None:
         # an error reply the SuperLink writes for a lost node comes from the SuperLink:
@@ -392,6 +414,8 @@ def _train_for_mod(fit: Message, context: Context, plan: RunPlan, train: TrainHa
     out = compat.fitres_to_recorddict(fitres, keep_input=False)
     out[RecordKey.METRICS] = metrics
     out[RecordKey.SITE] = content[RecordKey.SITE]
+    if RecordKey.REFUSAL in content:
+        out[RecordKey.REFUSAL] = content[RecordKey.REFUSAL]
     return Message(out, reply_to=fit)
 
 
