@@ -288,7 +288,7 @@ def test_too_few_sites_left_for_the_threshold_stops_with_a_clear_error(
 ) -> None:
     with pytest.raises(SecureAggregationError, match="reconstruction_threshold"):
         federate(
-            [*base, *SECURE, "strategy.min_sites=1"],
+            [*base, *SECURE],
             tmp_path,
             offline=[(2, Stage.COLLECT_MASKED_VECTORS), (3, Stage.COLLECT_MASKED_VECTORS)],
         )
@@ -300,7 +300,10 @@ def test_private_sites_mask_their_noised_update_and_an_exhausted_one_weighs_noth
     tmp_path: Path,
     identity: None,
 ) -> None:
-    private = [*base, *SECURE, "federation.sites.2.privacy.epsilon=1", "privacy.delta=1e-3"]
+    # its own state folder: a site with a ledger never trains without DP again, and the
+    # module's other runs are not private
+    private = [*base, *SECURE, "federation.sites.2.privacy.epsilon=1", "privacy.delta=1e-3",
+               f"paths.state={tmp_path / 'state'}"]  # fmt: skip
     first = federate(private, tmp_path / "first")  # hospital_c spends its whole budget
     row = train_rows(first)["hospital_c"]
     assert 0.9 <= row["epsilon_spent"] <= 1.0 and row["num_examples"] > 0
@@ -311,6 +314,38 @@ def test_private_sites_mask_their_noised_update_and_an_exhausted_one_weighs_noth
     expected = weighted_mean(models[s] for s in ("hospital_a", "hospital_b"))
     examples = sum(models[s][1] for s in ("hospital_a", "hospital_b"))
     assert max_gap(final_model(second), expected) <= quantisation_bound(second.plan, 3, examples)
+
+
+def test_one_contributing_site_is_never_unmasked(
+    base: list[str], tmp_path: Path, identity: None
+) -> None:
+    # the audit: with the other two sites out of budget (zero updates of weight 0), the
+    # unmasked "sum" equalled hospital_a's update to 2.9e-6
+    private = [
+        *base, *SECURE, "privacy.delta=1e-3", f"paths.state={tmp_path / 'state'}",
+        "federation.sites.1.privacy.epsilon=1", "federation.sites.2.privacy.epsilon=1",
+    ]  # fmt: skip
+    federate(private, tmp_path / "first")  # hospital_b and hospital_c spend their budgets
+    plan = compose("demo", private)
+    run = RunFolder.create(tmp_path / "second", plan.name, plan_to_yaml(plan))
+    wire = WireGrid(private)
+    with pytest.raises(SecureAggregationError, match=r"only 1 sites contributed an update "
+                       r"\(hospital_a\).*Not unmasked") as info:  # fmt: skip
+        server.run_federation(wire, plan, run, run_id=1)
+    assert "budget_exhausted" in str(info.value)
+    # nothing after the masked vectors was asked: no site sent the shares that unmask
+    configs = [r.content.config_records.get(RECORD_KEY_CONFIGS) for r in wire.inbox]
+    assert not [c for c in configs if c is not None and Key.SHARE_LIST in c]
+    assert sum(c is not None and Key.MASKED_PARAMETERS in c for c in configs) == 3
+    rows = read_metrics(run.path)
+    assert {r["site"]: r.get("status") for r in rows if r["split"] == "train"} == {
+        "hospital_a": None, "hospital_b": "budget_exhausted", "hospital_c": "budget_exhausted"
+    }  # fmt: skip
+
+
+def test_min_sites_below_two_is_refused_with_secure_aggregation(base: list[str]) -> None:
+    with pytest.raises(ConfigError, match=r"strategy\.min_sites=1 with secure_aggregation"):
+        compose("demo", [*base, *SECURE, "strategy.min_sites=1"])
 
 
 def test_sites_say_when_the_clipping_range_cuts_their_update(
