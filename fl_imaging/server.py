@@ -127,7 +127,7 @@ def site_rows(
             # non-private sites report inf (no DP guarantee); recorded as null
             row["epsilon_spent"] = float(metrics[MetricKey.EPSILON_SPENT])
             row["epsilon_budget"] = float(metrics[MetricKey.EPSILON_BUDGET])
-        if RecordKey.REFUSAL in msg.content:
+        if metrics_key == RecordKey.METRICS and RecordKey.REFUSAL in msg.content:
             refusal = msg.content[RecordKey.REFUSAL]
             row["status"] = str(refusal[RefusalKey.STATUS])
             row["reason"] = str(refusal[RefusalKey.REASON])

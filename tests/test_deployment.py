@@ -33,6 +33,12 @@ KILLED = "hospital_c"
 INTRUDER = "intruder"
 
 
+# hospital_a's own privacy policy, held on its side and named by its --node-config
+POLICY_SITE = "hospital_a"
+POLICY = "require_dp: true\nepsilon: 8\ndelta: 1.0e-3\n"
+PRIVATE_A = ["federation.sites.0.privacy.epsilon=8", "federation.sites.0.privacy.delta=1e-3"]
+
+
 @dataclass
 class Deployment:
     folder: Path
@@ -40,6 +46,9 @@ class Deployment:
     run_dir: Path
     intruder_alive: bool
     pids: list[int]
+    # a second run that asks hospital_a to train without DP (its policy refuses)
+    refused_outcome: dict
+    refused_run_dir: Path
 
 
 def _free_base_port(count: int) -> int:
@@ -92,8 +101,11 @@ def deployment(
     outputs = folder / "outputs"
     data_dir = tiny_sites[0].parent.parent
     port = _free_base_port(len(SITES) + 2)
-    up = _federation(folder, "up", "--port", str(port), "--data-dir", str(data_dir), "--sites",
-                     *SITES)  # fmt: skip
+    policies = folder / "policies"
+    policies.mkdir()
+    (policies / f"{POLICY_SITE}.yaml").write_text(POLICY)
+    up = _federation(folder, "up", "--port", str(port), "--data-dir", str(data_dir),
+                     "--policy-dir", str(policies), "--sites", *SITES)  # fmt: skip
     try:
         assert up.returncode == 0, up.stderr[-3000:]
         intruder = _federation(folder, "node", INTRUDER, "--unregistered")
@@ -104,6 +116,7 @@ def deployment(
             "strategy.min_sites=2",
             "strategy.cross_site_epochs=0",
             f"paths.outputs={outputs}",
+            *PRIVATE_A,  # what hospital_a's policy allows
         ]
         run_log = (folder / "logs" / "run.log").open("w")
         run = subprocess.Popen(
@@ -134,10 +147,20 @@ def deployment(
         run_log.close()
         assert run.returncode == 0, (folder / "logs" / "run.log").read_text()[-4000:]
         outcome = json.loads(out.strip().splitlines()[-1])
+        # the coordinator turns DP off for hospital_a: the hospital's policy refuses
+        refused_outputs = folder / "outputs-refused"
+        plain = [o for o in overrides if o not in PRIVATE_A and not o.startswith("paths.outputs")]
+        second = _federation(folder, "run", "--overrides", " ".join(
+            [*plain, "rounds=1", f"paths.outputs={refused_outputs}"]), timeout=300)  # fmt: skip
+        assert second.returncode == 0, second.stderr[-4000:]
+        refused_outcome = json.loads(second.stdout.strip().splitlines()[-1])
         state = json.loads((folder / "deployment.json").read_text())
         pids = [p for n in state["nodes"].values() for p in n["pids"]] + [state["superlink"]]
         intruder_alive = _pid_alive(state["nodes"][INTRUDER]["pids"][0])
-        yield Deployment(folder, outcome, next(outputs.glob("*-demo")), intruder_alive, pids)
+        yield Deployment(
+            folder, outcome, next(outputs.glob("*-demo")), intruder_alive, pids,
+            refused_outcome, next(refused_outputs.glob("*-demo")),
+        )  # fmt: skip
     finally:
         down = _federation(folder, "down")
         assert down.returncode == 0, down.stderr
@@ -183,6 +206,30 @@ def test_killed_hospital_does_not_end_the_run_and_rejoins_after_restart(
     assert any(r.get("num_examples", 0) > 0 for r in rejoined), rows
     node_log = (deployment.folder / "logs" / f"{KILLED}.log").read_text()
     assert node_log.count("Starting Flower SuperNode") == 2
+
+
+def test_a_hospitals_own_policy_refuses_a_run_without_dp_over_tls(
+    deployment: Deployment,
+) -> None:
+    # first run: hospital_a trained privately, as its policy allows
+    first = [r for r in read_metrics(deployment.run_dir)
+             if r["site"] == POLICY_SITE and r["split"] == "train"]  # fmt: skip
+    assert first and all(0 < r["epsilon_spent"] <= 8 for r in first)
+    # second run: the coordinator asked for no DP; hospital_a refused, the others trained
+    assert deployment.refused_outcome["status"] == "finished:completed"
+    summary = json.loads((deployment.refused_run_dir / "summary.json").read_text())
+    assert "requires it" in summary["refused_by_policy"][POLICY_SITE]
+    rows = [r for r in read_metrics(deployment.refused_run_dir) if r["split"] == "train"]
+    [refused] = [r for r in rows if r["site"] == POLICY_SITE]
+    assert refused["status"] == "refused_by_policy" and refused["num_examples"] == 0
+    assert f"{POLICY_SITE}.yaml" in refused["reason"]
+    assert {r["site"] for r in rows if r.get("num_examples", 0) > 0} == {
+        "hospital_b", "hospital_c"
+    }  # fmt: skip
+    node_log = (deployment.folder / "logs" / f"{POLICY_SITE}.log").read_text()
+    node_log += "".join(p.read_text() for p in (deployment.folder / "logs").glob(
+        f"{POLICY_SITE}.executor.log"))  # fmt: skip
+    assert "refused to train" in node_log
 
 
 def test_down_stops_every_process_it_started(deployment: Deployment) -> None:

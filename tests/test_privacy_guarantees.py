@@ -252,7 +252,9 @@ def test_the_server_records_a_refusal_and_the_run_goes_on(
     write_policy(plan.site_state_dir(plan.federation.sites[0]), "require_dp: true\n")
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
     summary = server.run_federation(LocalGrid(overrides), plan, run, run_id=1)
-    [row] = [r for r in read_metrics(run.path) if r["split"] == "train" and "status" in r]
+    rows = read_metrics(run.path)
+    [row] = [r for r in rows if r["split"] == "train" and "status" in r]
+    assert not [r for r in rows if r["split"] == "val" and "status" in r]  # its Dice is fine
     assert (row["site"], row["status"]) == ("hospital_a", "refused_by_policy")
     assert "requires it" in row["reason"] and row["num_examples"] == 0
     assert "requires it" in summary["refused_by_policy"]["hospital_a"]

@@ -185,6 +185,9 @@ def node_config(site: str, state: dict, folder: Path) -> str:
         root = Path(state["data_dir"]) / site
         items["data-root"] = str(root)
         items["manifest"] = str(root / "dataset.json")
+    policy = Path(state["policy_dir"]) / f"{site}.yaml" if state.get("policy_dir") else None
+    if policy is not None and policy.is_file():  # the hospital's own privacy policy
+        items["privacy-policy"] = str(policy)
     return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
 
 
@@ -248,6 +251,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "isolation": args.isolation,
         "object_poll": args.object_poll,
         "data_dir": str(args.data_dir.resolve()) if args.data_dir else None,
+        "policy_dir": str(args.policy_dir.resolve()) if args.policy_dir else None,
         "next_port": args.port + 1,
         "superlink": None,
         "nodes": {},
@@ -437,6 +441,12 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=PROJECT_ROOT / "data" / "synthetic",
         help="<data-dir>/<site>/dataset.json is each site's manifest (default: the demo's)",
+    )
+    up.add_argument(
+        "--policy-dir",
+        type=Path,
+        help="<policy-dir>/<site>.yaml, where present, is that hospital's privacy policy "
+        "(passed as --node-config privacy-policy=...)",
     )
     up.add_argument("--port", type=int, default=9300, help="SuperLink port; SuperNodes use +1..")
     up.add_argument("--certs", type=Path, help="certificate folder (default: <dir>/certs)")
