@@ -236,21 +236,35 @@ def _privacy_reset(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import nibabel as nib
     import numpy as np
+    import torch
 
     from fl_imaging.inference import dice_per_label, load_predictor, predict_file, scans_in
+    from fl_imaging.regions import region_metrics, regions_of
 
-    predictor = load_predictor(args.checkpoint)
-    scans = scans_in(args.input)
-    single = len(scans) == 1 and not args.input.is_dir()
-    for scan in scans:
+    predictor = load_predictor(args.checkpoint, allow_untrained=args.allow_untrained)
+    if len(args.input) > 1:  # one case, one 3D file per modality (in the model's order)
+        cases: list[list[Path]] = [list(args.input)]
+    else:
+        cases = [[scan] for scan in scans_in(args.input[0])]
+    single = len(cases) == 1 and not args.input[0].is_dir()
+    for files in cases:
+        scan = files[0]
         out = args.output if single and not args.output.is_dir() else args.output / scan.name
-        pred = predict_file(predictor, scan, out)
-        line = f"{scan} -> {out}"
+        pred = predict_file(predictor, files, out)
+        line = f"{' + '.join(str(f) for f in files)} -> {out}"
         if args.label is not None:
             label_path = args.label if single and args.label.is_file() else args.label / scan.name
-            label = np.asarray(nib.load(str(label_path)).dataobj).round().astype(np.int64)
+            label_img = nib.load(str(label_path))
+            label = np.asarray(label_img.dataobj).round().astype(np.int64)
             dice = dice_per_label(pred, label, predictor.labels)
             line += " | Dice " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
+            regions = regions_of(predictor.plan.data.label_scheme)
+            if regions:  # on the scan's own grid, in mm
+                found = region_metrics(torch.as_tensor(pred), torch.as_tensor(label), regions,
+                                       label_img.header.get_zooms()[:3])  # fmt: skip
+                line += " | regions " + ", ".join(
+                    f"{r} Dice {d:.3f} HD95 {h:.1f} mm" for r, (d, h) in found.items()
+                )
         print(line)
     return 0
 
@@ -368,11 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment NIfTI scans with a run's checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True, help="e.g. RUN/checkpoints/best.pt")
-    p.add_argument("--input", type=Path, required=True, help="a NIfTI scan or a folder of them")
+    p.add_argument("--input", type=Path, nargs="+", required=True,
+                   help="a NIfTI scan (3D, or 4D channels last), a folder of them, or one 3D "
+                   "file per modality of one case, in the training order")  # fmt: skip
     p.add_argument("--output", type=Path, required=True,
                    help="output file (single scan) or folder (same file names)")  # fmt: skip
     p.add_argument("--label", type=Path, default=None,
                    help="ground truth (file, or folder of same names): report Dice")  # fmt: skip
+    p.add_argument("--allow-untrained", action="store_true",
+                   help="accept a round-0 checkpoint or a failed run's (else refused)")  # fmt: skip
     p.set_defaults(func=_predict)
 
     p = sub.add_parser(

@@ -13,12 +13,26 @@ Ray; with both modules light, Ray starts while the ServerApp imports torch and M
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
+import time
+import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from fl_imaging.compression import codec_of, encode_update
 from fl_imaging.config import RunPlan, compose
@@ -60,13 +74,71 @@ def _plan_and_site(context: Context) -> tuple[RunPlan, Site]:
     return plan, resolve_site(context.node_config, plan)
 
 
-def _first_time(context: Context, split: str) -> bool:
-    """True once per run and split: the site reads and checks every case then."""
+def _unchecked(context: Context, split: str) -> bool:
+    """True until the site's cases of ``split`` passed the full check in this run."""
     record = context.state.config_records.get(_CHECKED, ConfigRecord())
-    done = bool(record.get(split, False))
+    return not bool(record.get(split, False))
+
+
+def _mark_checked(context: Context, split: str) -> None:
+    """Remember that ``split`` passed (only after it did: a failing site checks again)."""
+    record = context.state.config_records.get(_CHECKED, ConfigRecord())
     record[split] = True
     context.state.config_records[_CHECKED] = record
-    return not done
+
+
+# the longest error reason a site sends (the traceback stays in the site's own log)
+MAX_REASON_CHARS = 800
+ERRORS_FILE = "site_errors.log"
+
+
+def short_reason(exc: BaseException) -> str:
+    """One line naming the error type and its message (case and file for data errors)."""
+    text = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
+
+
+def _keep_traceback(context: Context, text: str) -> None:
+    """Append the traceback to the site's own ``site_errors.log`` (never sent)."""
+    from fl_imaging.site import resolve_site
+
+    try:
+        plan = compose(
+            str(context.run_config.get(RunConfigKey.EXPERIMENT, "")),
+            str(context.run_config.get(RunConfigKey.OVERRIDES, "")),
+        )
+        state_dir = resolve_site(context.node_config, plan).state_dir
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(state_dir / ERRORS_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as fh:
+            fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} run {context.run_id}\n{text}\n")
+    except Exception as exc:  # the site's reply must still go out
+        logger.warning("could not keep the traceback in the site's %s: %s", ERRORS_FILE, exc)
+
+
+Handler = Callable[[Message, Context], Message]
+
+
+def _site_errors(handler: Handler) -> Handler:
+    """Reply with a one-line error (type, case, file) instead of a traceback.
+
+    Flower would send the whole multi-line traceback as the reason; the server shows
+    this short one, and the traceback goes to the site's log and ``site_errors.log``.
+    """
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            text = traceback.format_exc()
+            logger.error("%s failed: %s\n%s", handler.__name__, short_reason(exc), text)
+            _keep_traceback(context, text)
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=short_reason(exc))
+            return Message(error, reply_to=msg)
+
+    return wrapped
 
 
 def _reply(
@@ -107,6 +179,7 @@ def _encode(
 
 
 @app.train()
+@_site_errors
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training cases."""
     from fl_imaging.secure_aggregation import is_secure_message, secure_train
@@ -123,8 +196,9 @@ def train(msg: Message, context: Context) -> Message:
     if int(config.get(ConfigKey.EVALUATE_FIRST, 0)):
         # the global model this site received, on its validation cases, before training
         result = evaluate_round(
-            site, plan, received.to_torch_state_dict(), validate_data=_first_time(context, "val")
+            site, plan, received.to_torch_state_dict(), validate_data=_unchecked(context, "val")
         )
+        _mark_checked(context, "val")
         extra[RecordKey.EVALUATION] = ConfigRecord(_eval_metrics(result))
     outcome = train_round(
         site,
@@ -134,8 +208,9 @@ def train(msg: Message, context: Context) -> Message:
         run_id=str(context.run_id),
         proximal_mu=float(config.get(ConfigKey.PROXIMAL_MU, 0.0)),
         epochs=finetune or None,
-        validate_data=_first_time(context, "train"),
+        validate_data=_unchecked(context, "train"),
     )
+    _mark_checked(context, "train")
     privacy = outcome.privacy
     metrics: dict[str, float | int] = {
         MetricKey.EPSILON_SPENT: privacy.epsilon_spent if privacy else math.inf,
@@ -172,6 +247,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.query()
+@_site_errors
 def identify(msg: Message, context: Context) -> Message:
     """Name this site (the server asks once per run, so it can name a site that fails)."""
     _, site = _plan_and_site(context)
@@ -181,13 +257,15 @@ def identify(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_site_errors
 def evaluate(msg: Message, context: Context) -> Message:
     """Dice of the received global model on this site's validation cases."""
     from fl_imaging.site import evaluate_round
 
     plan, site = _plan_and_site(context)
     weights = msg.content[RecordKey.ARRAYS].to_torch_state_dict()
-    result = evaluate_round(site, plan, weights, validate_data=_first_time(context, "val"))
+    result = evaluate_round(site, plan, weights, validate_data=_unchecked(context, "val"))
+    _mark_checked(context, "val")
     return _reply(msg, site, _eval_metrics(result))
 
 
@@ -199,4 +277,7 @@ def _eval_metrics(result: EvalResult) -> dict[str, float | int]:
         MetricKey.DICE_MEAN: result.dice_mean,
     }
     metrics.update({MetricKey.dice_of(k): v for k, v in result.dice_per_class.items()})
+    for region, (dice, hd95) in result.regions.items():
+        metrics[MetricKey.region_dice_of(region)] = dice
+        metrics[MetricKey.region_hd95_of(region)] = hd95
     return metrics

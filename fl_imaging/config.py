@@ -27,6 +27,8 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fl_imaging.regions import scheme_problems
+
 CONF_DIR_ENV = "FL_IMAGING_CONF"
 KNOWN_MODELS = ("unet",)
 KNOWN_STRATEGIES = (
@@ -150,6 +152,11 @@ class DataConfig:
     # label value -> name, 0 = background; every site's manifest must declare these
     # (no default entries: dicts merge key by key, so defaults would leak into every data/ file)
     labels: dict[int, str] = field(default_factory=dict)
+    # what the label values mean: exclusive (default; Dice per label), or a tumour
+    # convention whose nested regions are evaluated too (WT/TC/ET Dice and HD95):
+    # brats2021 (1 NCR/NET, 2 ED, 4 ET), brats2023 (1 NCR, 2 ED, 3 ET), msd_task01
+    # (1 oedema, 2 non-enhancing, 3 enhancing); fl_imaging/regions.py
+    label_scheme: str = "exclusive"
     # target voxel spacing in mm (None: keep each scan's own)
     spacing: list[float] | None = None
     # training patch / padded volume size in voxels
@@ -217,6 +224,10 @@ class StrategyConfig:
     params: dict[str, Any] = field(default_factory=dict)
     connect_timeout: float = 120.0
     round_timeout: float = 3600.0
+    # a site that failed (its data, its config, a crash) and did not recover by the end
+    # makes the run "finished_with_failures" and fail (non-zero exit); true: the run
+    # still reports it, but counts as completed (outputs/latest moves to it)
+    allow_site_failures: bool = False
 
 
 @dataclass
@@ -506,6 +517,7 @@ def validate(plan: RunPlan) -> list[str]:
             f"data.labels must map 0 (background) and at least one foreground label, "
             f"got {dict(plan.data.labels)}"
         )
+    problems += scheme_problems(plan.data.label_scheme, plan.data.labels)
     if plan.data.spacing is not None and (
         len(plan.data.spacing) != 3 or min(plan.data.spacing) <= 0
     ):

@@ -9,6 +9,7 @@ voxel grid; the label map is written with the input's affine and header.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,9 @@ from omegaconf import OmegaConf
 
 from fl_imaging.config import RunPlan, to_plan
 from fl_imaging.data.loading import preprocessing
+from fl_imaging.data.manifest import geometry_mismatch
 from fl_imaging.models import build_model
+from fl_imaging.reporting import read_summary
 
 logger = logging.getLogger(__name__)
 _NIFTI = (".nii.gz", ".nii")
@@ -44,12 +47,31 @@ class Predictor:
     modalities: list[str]
 
 
-def load_predictor(checkpoint: Path) -> Predictor:
+def untrained_reason(checkpoint: Path, ckpt: dict[str, Any]) -> str | None:
+    """Why a checkpoint should not be used for predictions (None: it is a trained model).
+
+    A round-0 checkpoint is the initial, untrained model; a checkpoint of a run whose
+    ``summary.json`` says it failed, is still running or lost sites may be partial.
+    """
+    if int(ckpt.get("round", -1)) == 0:
+        return f"{checkpoint} is the round-0 model: it was never trained"
+    status = read_summary(checkpoint.parent.parent).get("status")
+    if status in ("failed", "running", "finished_with_failures"):
+        return f"{checkpoint} comes from a run whose summary.json says status {status!r}"
+    return None
+
+
+def load_predictor(checkpoint: Path, *, allow_untrained: bool = False) -> Predictor:
     """Load ``checkpoints/best.pt`` (or ``last.pt``) of a run folder.
 
+    Args:
+        checkpoint: the checkpoint file.
+        allow_untrained: accept a round-0 checkpoint or one of a failed run (logged).
+
     Raises:
-        CheckpointError: not a checkpoint of this app, or its weights do not fit the
-            network its stored configuration describes.
+        CheckpointError: not a checkpoint of this app, its weights do not fit the
+            network its stored configuration describes, or (without
+            ``allow_untrained``) it is untrained or from a failed run.
     """
     try:
         ckpt: dict[str, Any] = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -60,6 +82,14 @@ def load_predictor(checkpoint: Path) -> Predictor:
         raise CheckpointError(
             f"{checkpoint}: not an fl-imaging checkpoint (missing {sorted(missing)})"
         )
+    reason = untrained_reason(checkpoint, ckpt)
+    if reason and not allow_untrained:
+        raise CheckpointError(
+            f"{reason}; predictions from it would look valid and be wrong. Use the "
+            f"checkpoint of a completed run (outputs/latest), or pass --allow-untrained"
+        )
+    if reason:
+        logger.warning("%s (used anyway: --allow-untrained)", reason)
     plan = to_plan(OmegaConf.create(ckpt["config"]), check=False)
     labels = {int(k): str(v) for k, v in ckpt["labels"].items()}
     modalities = [str(m) for m in ckpt["modalities"]]
@@ -88,24 +118,63 @@ def _channels(path: Path) -> tuple[int, nib.Nifti1Image]:
     raise ValueError(f"{path}: expected a 3D scan or a 4D scan with channels last, got {shape}")
 
 
+def _per_modality(images: Sequence[Path], modalities: Sequence[str]) -> nib.Nifti1Image:
+    """Check one case's per-modality files (3D, one grid, one per modality); the first."""
+    if len(images) != len(modalities):
+        raise ValueError(
+            f"{len(images)} files given but the model expects {len(modalities)} modalities "
+            f"({', '.join(modalities)}): one 3D file per modality, in that order"
+        )
+    loaded = []
+    for path in images:
+        channels, img = _channels(path)
+        if channels != 1:
+            raise ValueError(f"{path}: a per-modality file must be 3D, has shape {img.shape}")
+        loaded.append((path, img))
+    first_path, first = loaded[0]
+    for path, img in loaded[1:]:
+        problem = (
+            f"shapes {first.shape} vs {img.shape}"
+            if img.shape != first.shape
+            else geometry_mismatch(first, img)
+        )
+        if problem:
+            raise ValueError(
+                f"{first_path} and {path} are not on one voxel grid ({problem}); resample "
+                f"the modalities onto one grid"
+            )
+    return first
+
+
 @torch.no_grad()
-def predict_file(predictor: Predictor, image: Path, output: Path) -> np.ndarray:
+def predict_file(predictor: Predictor, image: Path | Sequence[Path], output: Path) -> np.ndarray:
     """Segment one scan and write its label map; return the label array (input grid).
 
+    Args:
+        predictor: the loaded model.
+        image: one file (3D, or 4D with the modalities as channels last), or one 3D file
+            per modality in the model's modality order (the output takes the first's grid).
+        output: the label map to write.
+
     Raises:
-        ValueError: the scan is unreadable or has a different number of channels
-            than the model's modalities.
+        ValueError: a scan is unreadable, has another number of channels than the
+            model's modalities, or per-modality files are not on one grid.
     """
-    channels, img = _channels(image)
-    if channels != len(predictor.modalities):
-        raise ValueError(
-            f"{image}: has {channels} channel(s) but the model expects "
-            f"{len(predictor.modalities)} ({', '.join(predictor.modalities)}); multi-modal "
-            f"scans must be one 4D file with channels last in that order"
-        )
+    files = [image] if isinstance(image, Path) else list(image)
+    if len(files) > 1:
+        img = _per_modality(files, predictor.modalities)
+    else:
+        channels, img = _channels(files[0])
+        if channels != len(predictor.modalities):
+            raise ValueError(
+                f"{files[0]}: has {channels} channel(s) but the model expects "
+                f"{len(predictor.modalities)} ({', '.join(predictor.modalities)}); give one "
+                f"4D file with channels last in that order, or one 3D file per modality"
+            )
+    image = files[0]
     plan = predictor.plan
     pre = Compose(preprocessing(plan.data, keys=("image",), track_meta=True))
-    data = pre({"image": str(image)})
+    data = pre({"image": [str(f) for f in files] if len(files) > 1 else str(files[0])})
     logits = sliding_window_inference(
         data["image"][None], roi_size=tuple(plan.data.patch_size), sw_batch_size=4,
         predictor=predictor.model, overlap=0.25,

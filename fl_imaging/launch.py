@@ -35,6 +35,7 @@ from pathlib import Path
 
 from fl_imaging.bundle import stage_app
 from fl_imaging.config import ConfigError, RunPlan, compose, split_overrides, with_root
+from fl_imaging.reporting import find_run
 from fl_imaging.site import check_sites
 from fl_imaging.strategies import strategy_problems
 
@@ -55,7 +56,7 @@ class RunOutcome:
 
     run_id: str
     status: str  # e.g. "finished:completed", "finished:failed"
-    run_dir: Path | None  # the run folder the ServerApp wrote (outputs/latest after the run)
+    run_dir: Path | None  # the run folder the ServerApp wrote for this run id
     seconds: float
 
     @property
@@ -273,6 +274,6 @@ def run_simulation(
                 )
             else:
                 stop_processes(started)
-    latest = plan.resolve_path(plan.paths.outputs) / "latest"
-    run_dir = latest.resolve() if latest.exists() else None
+    # the run's own folder (outputs/latest moves only to a run that completed)
+    run_dir = find_run(plan.resolve_path(plan.paths.outputs), run_id)
     return RunOutcome(run_id, status, run_dir, time.monotonic() - start)

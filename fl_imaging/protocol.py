@@ -104,3 +104,13 @@ class MetricKey(StrEnum):
     def dice_of(label: int) -> str:
         """Metric key of the Dice of foreground label ``label`` (e.g. ``dice-1``)."""
         return f"dice-{label}"
+
+    @staticmethod
+    def region_dice_of(region: str) -> str:
+        """Metric key of a region's Dice (``data.label_scheme``; e.g. ``dice-WT``)."""
+        return f"dice-{region}"
+
+    @staticmethod
+    def region_hd95_of(region: str) -> str:
+        """Metric key of a region's 95th-percentile Hausdorff distance in mm (``hd95-WT``)."""
+        return f"hd95-{region}"

@@ -73,26 +73,26 @@ class RunFolder:
             path = outputs / f"{stamp}-{name}-{suffix}"
         folder = cls(path)
         _atomic_write_bytes(path / CONFIG_FILE, config_yaml.encode())
-        link = outputs / LATEST
-        tmp_link = outputs / f".{LATEST}.{os.getpid()}"
-        tmp_link.unlink(missing_ok=True)
-        tmp_link.symlink_to(path.name)
-        os.replace(tmp_link, link)
         return folder
 
     @classmethod
     def reopen(cls, path: Path, outputs: Path) -> RunFolder:
-        """An existing run folder (to resume it); ``outputs/latest`` points at it again."""
+        """An existing run folder (to resume it); ``outputs/latest`` moves once it completes."""
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{path}: not a run folder (no {CONFIG_FILE})")
-        folder = cls(path)
-        link = outputs / LATEST
-        if path.parent == outputs and link.resolve() != path:
-            tmp_link = outputs / f".{LATEST}.{os.getpid()}"
-            tmp_link.unlink(missing_ok=True)
-            tmp_link.symlink_to(path.name)
-            os.replace(tmp_link, link)
-        return folder
+        return cls(path)
+
+    def mark_latest(self) -> None:
+        """Point ``<outputs>/latest`` at this run: only for a run that completed.
+
+        A failed or cut-short run stays in its own folder; ``latest`` (and the README's
+        ``predict`` example) keeps pointing at the last run that completed.
+        """
+        outputs = self.path.parent
+        tmp_link = outputs / f".{LATEST}.{os.getpid()}"
+        tmp_link.unlink(missing_ok=True)
+        tmp_link.symlink_to(self.path.name)
+        os.replace(tmp_link, outputs / LATEST)
 
     def truncate_metrics(self, last_round: int, *, drop_val_of_last: bool = False) -> int:
         """Drop ``metrics.jsonl`` rows after ``last_round`` (a round cut short); return how many.
@@ -166,6 +166,43 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
         return dict(json.loads((run_dir / SUMMARY_FILE).read_text()))
     except (OSError, ValueError):
         return {}
+
+
+def run_folders(outputs: Path) -> list[Path]:
+    """Every run folder under ``outputs``, the most recently active last.
+
+    Activity is the newest of ``summary.json`` and ``config.yaml`` (a resumed run
+    rewrites its summary), so a failed run that is being retried comes last.
+    """
+    if not outputs.is_dir():
+        return []
+    runs = [p for p in outputs.iterdir() if (p / CONFIG_FILE).is_file() and not p.is_symlink()]
+
+    def active(path: Path) -> float:
+        return max((path / f).stat().st_mtime for f in (CONFIG_FILE, SUMMARY_FILE)
+                   if (path / f).is_file())  # fmt: skip
+
+    return sorted(runs, key=lambda p: (active(p), p.name))
+
+
+def last_started_run(outputs: Path) -> Path:
+    """The most recently active run folder (what ``resume=latest`` continues).
+
+    Raises:
+        FileNotFoundError: ``outputs`` holds no run folder.
+    """
+    runs = run_folders(outputs)
+    if not runs:
+        raise FileNotFoundError(f"{outputs}: no run folder to resume")
+    return runs[-1]
+
+
+def find_run(outputs: Path, run_id: int | str) -> Path | None:
+    """The run folder whose ``summary.json`` has Flower run id ``run_id`` (newest first)."""
+    for path in reversed(run_folders(outputs)):
+        if str(read_summary(path).get("run_id")) == str(run_id):
+            return path
+    return None
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -325,9 +362,14 @@ def write_report(
             f"- best round: {summary.get('best_round')} "
             f"(mean Dice {_fmt(summary.get('best_dice_mean'))})",
             f"- minutes: {_fmt(summary.get('minutes'))}",
+            f"- status: {summary.get('status')}",
             *([f"- {traffic}"] if (traffic := traffic_line(summary)) else []),
             "",
         ]
+        for title, problems in _site_problems(summary):
+            lines += [f"## {title}", ""]
+            lines += [f"- **{site}**: {reason}" for site, reason in problems.items()]
+            lines += [""]
     lines += ["## Validation mean Dice per round", ""]
     lines += _table_lines(rounds, table, mean=True)
     lines += ["", f"![Dice per round]({REPORT_DIR}/dice.png)", ""]
@@ -372,6 +414,7 @@ def write_report(
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+h2.problem{color:#b00020}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;
 text-align:right}th{background:#f3f3f3}.figs img{max-width:48%;margin:.5%}
 .overlay img{max-width:100%;image-rendering:pixelated}pre{background:#f7f7f7;padding:1em;
@@ -421,6 +464,10 @@ def _html_page(
         )
         if traffic := traffic_line(summary):
             parts.append(f"<p>{esc(traffic)}</p>")
+        for title, problems in _site_problems(summary):
+            items = "".join(f"<li><b>{esc(site)}</b>: {esc(reason)}</li>"
+                            for site, reason in problems.items())  # fmt: skip
+            parts.append(f"<h2 class='problem'>{esc(title)}</h2><ul>{items}</ul>")
         rows = "".join(
             f"<tr><td style='text-align:left'>{esc(site)}</td><td>{_fmt(dice)}</td>"
             f"<td>{_fmt(spent.get(site))}</td></tr>"
@@ -449,6 +496,18 @@ def _html_page(
         parts.append(f"<p class='note'>{esc(overlay_note)}</p>")
     parts.append(f"<h2>Resolved configuration</h2><pre>{esc(config_text)}</pre></body></html>")
     return "\n".join(parts)
+
+
+def _site_problems(summary: Mapping[str, Any]) -> list[tuple[str, dict[str, str]]]:
+    """Sections for sites that failed or refused (shown above everything else)."""
+    sections = []
+    if summary.get("failed_sites"):
+        sections.append(("Sites that FAILED (their traceback is in the site's log)",
+                         dict(summary["failed_sites"])))  # fmt: skip
+    if summary.get("refused_by_policy"):
+        sections.append(("Sites that refused the run (their own privacy policy)",
+                         dict(summary["refused_by_policy"])))  # fmt: skip
+    return sections
 
 
 def traffic_line(summary: Mapping[str, Any]) -> str | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,11 +44,12 @@ from fl_imaging.protocol import (
     RunConfigKey,
     SiteKey,
 )
+from fl_imaging.regions import regions_of
 from fl_imaging.reporting import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
-    LATEST,
     RunFolder,
+    last_started_run,
     read_summary,
     write_cross_site,
     write_report,
@@ -62,6 +63,10 @@ from fl_imaging.wire import message_bytes, read_update, to_numpy, to_record
 logger = logging.getLogger("fl_imaging.server")
 
 
+class SiteFailureError(RuntimeError):
+    """Sites failed and did not recover (the run's results are kept; it counts as failed)."""
+
+
 def site_rows(
     replies: Iterable[Message],
     server_round: int,
@@ -73,6 +78,7 @@ def site_rows(
     *,
     metrics_key: str = RecordKey.METRICS,
     count_bytes: bool = True,
+    regions: Sequence[str] = (),
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Metrics rows of the sites that replied, and rows describing failed replies.
 
@@ -84,6 +90,7 @@ def site_rows(
     (e.g. the node went offline): its source is the SuperLink, not the node.
     ``metrics_key`` names the record holding the metrics (``evaluation``: the validation
     a train reply carries); ``count_bytes=False`` leaves the sizes to the train rows.
+    ``regions``: the ``data.label_scheme`` regions whose Dice and HD95 validation reports.
     """
     rows, failures = [], []
     bytes_down = bytes_down or {}
@@ -118,6 +125,9 @@ def site_rows(
             for label, name in sorted(labels.items()):
                 if label:
                     row[f"dice_{name}"] = float(metrics[MetricKey.dice_of(label)])
+            for region in regions:
+                row[f"dice_{region}"] = float(metrics[MetricKey.region_dice_of(region)])
+                row[f"hd95_{region}"] = float(metrics[MetricKey.region_hd95_of(region)])
         if MetricKey.TRAIN_SECONDS in metrics:
             row["steps"] = int(metrics[MetricKey.STEPS])
             row["train_seconds"] = float(metrics[MetricKey.TRAIN_SECONDS])
@@ -143,10 +153,16 @@ def _mean(values: Iterable[float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-def _round_line(server_round: int, rows: list[dict[str, Any]], labels: dict[int, str]) -> str:
+def _round_line(
+    server_round: int,
+    rows: list[dict[str, Any]],
+    labels: dict[int, str],
+    regions: Sequence[str] = (),
+) -> str:
     parts = []
     for row in rows:
-        per_class = ", ".join(f"{n} {row[f'dice_{n}']:.3f}" for k, n in sorted(labels.items()) if k)
+        names = [n for k, n in sorted(labels.items()) if k] + list(regions)
+        per_class = ", ".join(f"{n} {row[f'dice_{n}']:.3f}" for n in names)
         parts.append(f"{row['site']} {row['dice_mean']:.3f} ({per_class})")
     mean = _mean(r["dice_mean"] for r in rows)
     return f"round {server_round} Dice: mean {mean:.3f} | " + " | ".join(parts)
@@ -207,6 +223,7 @@ def run_federation(
     sites already identified; the other connected nodes are asked.
     """
     labels = dict(plan.data.labels)
+    regions = list(regions_of(plan.data.label_scheme))
     num_sites = len(plan.federation.sites)
     started = time.monotonic()
     wait_for_sites(grid, num_sites, plan.strategy.connect_timeout)
@@ -234,6 +251,9 @@ def run_federation(
         "bytes_per_round": {},
         "bytes_up_total": 0,
         "bytes_down_total": 0,
+        # every failed reply per site ({round, split, error}); failed_sites: those that
+        # had not recovered (no later successful reply) when the run ended
+        "site_failures": {},
     }
     if resume is not None:
         arrays = ArrayRecord(resume.state_dict)
@@ -257,6 +277,10 @@ def run_federation(
     if unnamed:
         node_sites.update(identify_sites(grid, plan.strategy.round_timeout, unnamed))
     traffic: dict[str, int] = {}  # this round's bytes up and down (summary)
+    # the last round each site replied successfully / failed (recovered failures clear)
+    replied_at: dict[str, int] = {}
+    failed_at: dict[str, tuple[int, str]] = {}
+    round_failures: list[dict[str, Any]] = []
     meta = {
         "config": plan_to_dict(plan),
         "labels": labels,
@@ -271,7 +295,8 @@ def run_federation(
         sent = {m.metadata.dst_node_id: message_bytes(m) for m in messages}
         replies = list(grid.send_and_receive(messages, timeout=plan.strategy.round_timeout))
         sent_to = destinations(messages)
-        rows, failures = site_rows(replies, server_round, split, labels, node_sites, sent, sent_to)
+        rows, failures = site_rows(replies, server_round, split, labels, node_sites, sent, sent_to,
+                                   regions=regions)  # fmt: skip
         silent = {m.metadata.dst_node_id for m in messages} - {
             replied_node(r, sent_to) for r in replies
         }
@@ -288,8 +313,23 @@ def run_federation(
                 "round %d %s failed at %s: %s", server_round, split, failure["site"],
                 failure["error"],
             )  # fmt: skip
+        record_failures(server_round, split, rows, failures)
         run.append_metrics(rows + failures)
         return replies, rows, failures
+
+    def record_failures(
+        server_round: int, split: str, rows: list[dict[str, Any]], failures: list[dict[str, Any]]
+    ) -> None:
+        """Keep each site's failures in the summary and whether it recovered since."""
+        for row in rows:
+            replied_at[row["site"]] = server_round
+        for failure in failures:
+            site = failure["site"]
+            failed_at[site] = (server_round, failure["error"])
+            summary["site_failures"].setdefault(site, []).append(
+                {"round": server_round, "split": split, "error": failure["error"]}
+            )
+            round_failures.append(failure)
 
     def connected() -> NodeSnapshot:
         """The sites a round samples from, as one list for Flower's whole sampling.
@@ -311,7 +351,7 @@ def run_federation(
     ) -> float:
         """Dice of the global model of ``evaluated_round`` into the summary; best checkpoint."""
         if rows:
-            logger.info(_round_line(evaluated_round, rows, labels))
+            logger.info(_round_line(evaluated_round, rows, labels, regions))
         dice_per_site = {r["site"]: r["dice_mean"] for r in rows}
         dice_mean = _mean(dice_per_site.values())
         best = summary["best_dice_mean"]
@@ -344,6 +384,7 @@ def run_federation(
         round_started = time.monotonic()
         phase = {"train": 0.0, "aggregate": 0.0, "evaluate": 0.0}
         traffic.clear()
+        round_failures.clear()
         if server_round > 0:
             logger.info("round %d/%d: training at %d sites", server_round, plan.rounds, num_sites)
             summary.setdefault("first_train_sent_at", time.time())
@@ -360,7 +401,7 @@ def run_federation(
                 val_rows, _ = site_rows(
                     [m for m in replies if not m.has_error() and RecordKey.EVALUATION in m.content],
                     server_round - 1, "val", labels, node_sites,
-                    metrics_key=RecordKey.EVALUATION, count_bytes=False,
+                    metrics_key=RecordKey.EVALUATION, count_bytes=False, regions=regions,
                 )  # fmt: skip
                 run.append_metrics(val_rows)
                 dice_mean = record_evaluation(
@@ -437,11 +478,14 @@ def run_federation(
         elapsed = time.monotonic() - started
         done = server_round - first_round + 1
         eta = elapsed / done * (plan.rounds - server_round) if server_round else 0
-        logger.info(
+        failed_now = sorted({f["site"] for f in round_failures})
+        logger.log(
+            logging.WARNING if failed_now else logging.INFO,
             "round %d/%d done | %d/%d sites evaluated%s | mean Dice %.3f | %.0f s elapsed | "
-            "eta %.0f s", server_round, plan.rounds, evaluated, num_sites,
+            "eta %.0f s%s", server_round, plan.rounds, evaluated, num_sites,
             f" (the round {server_round - 1} model)" if fused and server_round < plan.rounds
             else "", dice_mean, elapsed, eta,
+            f" | FAILED: {', '.join(failed_now)}" if failed_now else "",
         )  # fmt: skip
     if plan.strategy.cross_site_epochs > 0 and first_round <= plan.rounds:
         matrix = cross_site_evaluation(grid, plan, arrays, node_sites, plan.rounds)
@@ -451,8 +495,13 @@ def run_federation(
             for site in plan.site_names
             if f"{site} fine-tuned" in matrix["dice"]
         }
-    summary["status"] = "finished"
+    failed = {site: f"round {r}: {error}" for site, (r, error) in sorted(failed_at.items())
+              if replied_at.get(site, -1) <= r}  # fmt: skip
+    summary["failed_sites"] = failed
+    summary["status"] = "finished_with_failures" if failed else "finished"
     run.write_summary(summary)
+    if not failed or plan.strategy.allow_site_failures:
+        run.mark_latest()
     return summary
 
 
@@ -514,7 +563,9 @@ def serve(grid: Grid, context: Context, node_sites: Mapping[int, str] | None = N
     outputs = plan.resolve_path(plan.paths.outputs)
     resume = None
     if plan.resume:
-        target = outputs / LATEST if plan.resume == "latest" else plan.resolve_path(plan.resume)
+        # latest: the most recently active run folder (a failed run is not outputs/latest)
+        target = last_started_run(outputs) if plan.resume == "latest" else plan.resolve_path(
+            plan.resume)  # fmt: skip
         run = RunFolder.reopen(target.resolve(), outputs)
         resume = load_resume_state(run, plan)
     else:
@@ -533,14 +584,26 @@ def serve(grid: Grid, context: Context, node_sites: Mapping[int, str] | None = N
     for site, reason in summary.get("refused_by_policy", {}).items():
         logger.warning("site %s did not train: its own privacy policy refused the run: %s",
                        site, reason)  # fmt: skip
-    logger.info(
-        "finished %d rounds in %.1f min: final mean Dice %.3f %s; results in %s",
+    failed = summary.get("failed_sites", {})
+    for site, reason in failed.items():
+        logger.error("site %s FAILED: %s (the traceback is in the site's log and its "
+                     "state folder's site_errors.log)", site, reason)  # fmt: skip
+    logger.log(
+        logging.ERROR if failed else logging.INFO,
+        "%s %d rounds in %.1f min: final mean Dice %.3f %s; results in %s",
+        f"FINISHED WITH {len(failed)} FAILED SITE(S):" if failed else "finished",
         summary["rounds_completed"],
         summary["minutes"],
         summary["final_dice_mean"],
         {k: round(v, 3) for k, v in summary["final_dice_per_site"].items()},
         run.path,
     )
+    if failed and not plan.strategy.allow_site_failures:
+        raise SiteFailureError(
+            f"{len(failed)} site(s) failed and did not recover: {failed}. The run folder "
+            f"{run.path} keeps the results (outputs/latest was not moved). Fix the site, or "
+            f"accept partial runs with strategy.allow_site_failures=true"
+        )
 
 
 def _decode_updates(

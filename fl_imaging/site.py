@@ -45,6 +45,7 @@ from fl_imaging.privacy.ledger import (
 )
 from fl_imaging.privacy.policy import PrivacyRequest, find_policy, noise_refusal, refusal
 from fl_imaging.protocol import NodeConfigKey
+from fl_imaging.regions import regions_of
 from fl_imaging.training import EvalResult, TrainResult, evaluate, select_device, train_local
 
 logger = logging.getLogger(__name__)
@@ -506,4 +507,7 @@ def evaluate_round(
         eval_loader(cases, plan.data, cache_dir=cache_dir(site, plan, VAL)),
         num_classes=max(plan.data.labels) + 1,
         roi_size=plan.data.patch_size,
+        foreground=[k for k in plan.data.labels if k],
+        regions=regions_of(plan.data.label_scheme),
+        spacing=plan.data.spacing,
     )

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +21,8 @@ from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.transforms import AsDiscrete
 from torch import nn
+
+from fl_imaging.regions import region_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +43,11 @@ class EvalResult:
     """Validation of one model on one site's validation cases."""
 
     loss: float  # mean DiceCE loss over cases
-    dice_per_class: dict[
-        int, float
-    ]  # foreground label -> mean Dice over cases (NaN: never present)
+    # foreground label -> mean Dice over the cases whose truth has it (NaN: none has)
+    dice_per_class: dict[int, float]
     num_cases: int
+    # region name -> (mean Dice, mean HD95 in mm) over cases (data.label_scheme regions)
+    regions: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def dice_mean(self) -> float:
@@ -175,22 +178,35 @@ def evaluate(
     *,
     num_classes: int,
     roi_size: Sequence[int],
+    foreground: Sequence[int] | None = None,
+    regions: Mapping[str, Sequence[int]] | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> EvalResult:
     """Dice per foreground class of ``model`` on whole volumes.
+
+    A class absent from a case's ground truth is left out of that case (MONAI's
+    ``ignore_empty``), and a class absent from every case gets NaN and is left out of
+    :attr:`EvalResult.dice_mean`: never averaged in as 0. (MONAI 1.6's ``mean_batch``
+    reduction returns 0.0 for such a class, so the per-case values are reduced here.)
 
     Args:
         model: network producing ``[1, num_classes, X, Y, Z]`` logits.
         loader: batches of one whole case ``{"image": [1, C, X, Y, Z], "label": [1, 1, X, Y, Z]}``.
         num_classes: classes including background.
         roi_size: sliding-window size in voxels (the training patch size).
+        foreground: the foreground labels to report (default: 1 .. num_classes - 1).
+        regions: region name -> label values (:mod:`fl_imaging.regions`): also Dice and
+            HD95 of each region, averaged over every case (BraTS rule for empty ones).
+        spacing: voxel size in mm of the evaluated volumes (HD95 in mm); default 1 mm.
     """
     loss_fn = segmentation_loss()
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
     to_pred = AsDiscrete(argmax=True, to_onehot=num_classes)
     to_onehot = AsDiscrete(to_onehot=num_classes)
     model.eval()
     device = _device_of(model)
     total_loss, cases = 0.0, 0
+    per_region: dict[str, list[tuple[float, float]]] = {name: [] for name in regions or {}}
     for batch in loader:
         image, label = batch["image"].to(device), batch["label"].to(device)
         logits = sliding_window_inference(
@@ -204,15 +220,28 @@ def evaluate(
         preds = [to_pred(x) for x in decollate_batch(logits)]
         labels = [to_onehot(y) for y in decollate_batch(label)]
         metric(y_pred=preds, y=labels)
+        if regions:
+            found = region_metrics(logits[0].argmax(0), label[0, 0].round().long(), regions,
+                                   spacing)  # fmt: skip
+            for name, values in found.items():
+                per_region[name].append(values)
         cases += 1
     if cases == 0:
         raise ValueError("evaluation loader is empty")
-    per_class = metric.aggregate().tolist()
+    per_case = metric.aggregate()  # [cases, num_classes - 1], NaN where the truth is empty
     metric.reset()
+    per_class = torch.nanmean(per_case, dim=0).tolist()  # NaN: absent from every case
+    wanted = set(foreground) if foreground is not None else set(range(1, num_classes))
     return EvalResult(
         loss=total_loss / cases,
         dice_per_class={
-            label: float(d) for label, d in zip(range(1, num_classes), per_class, strict=True)
+            label: float(d)
+            for label, d in zip(range(1, num_classes), per_class, strict=True)
+            if label in wanted
         },
         num_cases=cases,
+        regions={
+            name: (sum(d for d, _ in v) / len(v), sum(h for _, h in v) / len(v))
+            for name, v in per_region.items()
+        },
     )

@@ -9,6 +9,10 @@ Measures, for each patch size (default 32^3 and 64^3) and batch size B (default 
   ``hooks`` is what the sites run: Opacus' hooks mode with fl-imaging's convolution
   and PReLU samplers (``fl_imaging.privacy.grad_samplers``); ``hooks-opacus`` is
   Opacus' hooks mode with its own samplers (unfolded convolutions), for comparison.
+  ``hooks`` draws its noise as the sites do: from a generator seeded by ``os.urandom``
+  with Opacus' floating-point-safe sampling (four Gaussian draws per entry);
+  ``hooks-global-rng`` is the same step with the global torch RNG and one draw per
+  entry (before the secret randomness), so the two give the cost of the secrecy.
 
 Step time is the median over ``--steps`` timed steps after one warm-up step. Peak
 memory is the process's peak RSS (``ru_maxrss``): since it never goes down, every
@@ -32,7 +36,8 @@ that when other processes compete for them)::
 
 Options: ``--experiment hippocampus`` plus Hydra overrides as positional arguments
 (e.g. ``model=unet_small``), ``--sizes 32 64``, ``--batch-size 4``, ``--steps 5``,
-``--modes hooks functorch hooks-opacus ew ghost``, ``--threads 2``. ``ratio`` compares medians,
+``--modes hooks hooks-global-rng functorch hooks-opacus ew ghost``, ``--threads 2``. ``ratio``
+compares medians,
 ``ratio_min`` the fastest steps (steadier when other processes share the CPU).
 """
 
@@ -50,7 +55,7 @@ import warnings
 from dataclasses import asdict
 from typing import Any
 
-DEFAULT_MODES = ("hooks", "functorch", "hooks-opacus", "ew", "ghost")
+DEFAULT_MODES = ("hooks", "hooks-global-rng", "functorch", "hooks-opacus", "ew", "ghost")
 TARGET_RATIO = 1.6
 WARMUP_STEPS = 1
 CHILD_TIMEOUT_S = 600.0
@@ -128,10 +133,19 @@ def run_one(args: argparse.Namespace, size: int, mode: str) -> dict[str, Any]:
     if mode != "none":
         from opacus import PrivacyEngine
 
-        if mode == "hooks":  # what the sites run; "hooks-opacus" keeps Opacus' samplers
+        # "hooks" is what the sites run; "hooks-opacus" keeps Opacus' samplers;
+        # "hooks-global-rng" is "hooks" before the secret randomness (the global torch RNG
+        # and Opacus' single Gaussian draw per entry)
+        if mode in ("hooks", "hooks-global-rng"):
             from fl_imaging.privacy import grad_samplers
 
             grad_samplers.register()
+        if mode == "hooks":
+            from fl_imaging.privacy.randomness import secret_generator
+
+            kwargs_noise: dict[str, Any] = {"noise_generator": secret_generator()}
+        else:
+            kwargs_noise = {}
 
         loader = DataLoader(TensorDataset(images, labels), batch_size=batch, shuffle=False)
         engine = PrivacyEngine(accountant=plan.privacy.accountant)
@@ -146,13 +160,16 @@ def run_one(args: argparse.Namespace, size: int, mode: str) -> dict[str, Any]:
             noise_multiplier=1.0,
             max_grad_norm=1.0,
             poisson_sampling=False,
-            grad_sample_mode="hooks" if mode == "hooks-opacus" else mode,
+            grad_sample_mode="hooks" if mode in ("hooks-opacus", "hooks-global-rng") else mode,
             **kwargs,
+            **kwargs_noise,
         )
         if mode == "ghost":
             model, optimizer, criterion, loader = made
         else:
             model, optimizer, loader = made
+        if mode == "hooks":  # as fl_imaging.privacy.dp_sgd.train_private does
+            optimizer.secure_mode = True
         x, y = next(iter(loader))
 
     def step() -> float:

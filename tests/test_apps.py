@@ -160,6 +160,33 @@ def test_a_failing_site_is_recorded_and_the_round_goes_on(
     assert summary["rounds_completed"] == 1  # the other two sites carried the round
 
 
+@pytest.mark.parametrize("allow", [False, True])
+def test_a_site_failing_on_its_data_makes_the_run_finish_with_failures(
+    allow: bool, tiny_sites: list[Path], tmp_path: Path, task_identity: None
+) -> None:
+    # the audit: exit 0, "status": "finished", the site listed with a final Dice, and the
+    # case and file buried at the end of a multi-line traceback
+    victim = _corrupt_first_training_case(tiny_sites[0], tmp_path / "hospital_a")
+    manifests = [tmp_path / "hospital_a" / "dataset.json", *tiny_sites[1:]]
+    overrides = [*tiny_overrides(manifests, tmp_path), "rounds=2",
+                 f"strategy.allow_site_failures={str(allow).lower()}"]  # fmt: skip
+    plan = compose("demo", overrides)
+    run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
+    summary = server.run_federation(LocalGrid(overrides), plan, run, run_id=1)
+
+    assert summary["status"] == "finished_with_failures"
+    reason = summary["failed_sites"]["hospital_a"]
+    assert str(victim) in reason and "\n" not in reason and len(reason) < 900
+    assert "Traceback" not in reason and reason.startswith("round 2: ManifestError: ")
+    assert [f["round"] for f in summary["site_failures"]["hospital_a"]] == [1, 2]
+    # the traceback stays at the site, in its state folder
+    errors_log = plan.site_state_dir(plan.federation.sites[0]) / "site_errors.log"
+    assert "Traceback" in errors_log.read_text()
+    # outputs/latest moves only to a run that completed (or whose failures are accepted)
+    latest = tmp_path / "outputs" / "latest"
+    assert (latest.resolve() == run.path) if allow else not latest.exists()
+
+
 def test_too_few_sites_left_stops_with_the_failing_site_named(
     tiny_sites: list[Path], tmp_path: Path, task_identity: None
 ) -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
+from fl_imaging.cli import main
+from fl_imaging.data.manifest import load_manifest
 from fl_imaging.launch import local_superlink_pids, run_simulation
 from fl_imaging.reporting import read_metrics
 from tests.conftest import REPO_ROOT, tiny_overrides
@@ -49,3 +52,30 @@ def test_flwr_run_trains_three_sites_and_writes_the_run_folder(
     assert summary["final_dice_mean"] == pytest.approx(mean_dice[2])
     # the SuperLink this test started is gone again
     assert local_superlink_pids(flwr_home) == []
+
+
+@pytest.mark.e2e
+def test_a_site_with_broken_data_makes_fl_imaging_run_fail_loudly(
+    tiny_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    # the audit: a site whose training case was truncated gave exit 0 and "finished"
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / ".flwr"))
+    broken = tmp_path / "hospital_c"
+    shutil.copytree(tiny_sites[2].parent, broken)
+    victim = load_manifest(broken / "dataset.json").split("train")[0].images[0]
+    victim.write_bytes(victim.read_bytes()[:200])  # a truncated download
+    overrides = [*tiny_overrides([*tiny_sites[:2], broken / "dataset.json"], tmp_path),
+                 "rounds=1", "strategy.cross_site_epochs=0"]  # fmt: skip
+
+    code = main(["run", "--app", str(REPO_ROOT), "experiment=demo", *overrides])
+
+    assert code == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and str(victim) in out
+    [run_dir] = [p for p in (tmp_path / "outputs").iterdir() if not p.is_symlink()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished_with_failures"
+    assert str(victim) in summary["failed_sites"]["hospital_c"]
+    assert "hospital_c" in (run_dir / "report.md").read_text().split("## Validation")[0]
+    assert not (tmp_path / "outputs" / "latest").exists()  # never an unfinished model

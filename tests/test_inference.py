@@ -24,7 +24,7 @@ from fl_imaging.site import new_model
 def save_checkpoint(plan: RunPlan, tmp_path: Path, **changes: object) -> Path:
     run = RunFolder(tmp_path / "run")
     meta = {"config": plan_to_dict(plan), "labels": dict(plan.data.labels),
-            "modalities": list(plan.data.modalities), "round": 0}  # fmt: skip
+            "modalities": list(plan.data.modalities), "round": 1}  # fmt: skip
     meta.update(changes)
     state = meta.pop("state_dict", new_model(plan).state_dict())
     return run.save_checkpoint("best", state, **meta)
@@ -92,3 +92,52 @@ def test_predict_command_reports_dice_per_scan(
     scans = sorted((site_dir / "imagesTr").glob("*.nii.gz"))
     assert len(lines) == len(scans) and all("Dice oedema" in line for line in lines)
     assert sorted(p.name for p in out.iterdir()) == [s.name for s in scans]
+
+
+def test_a_round_0_checkpoint_is_refused_unless_asked_for(
+    tiny_plan: RunPlan, tmp_path: Path
+) -> None:
+    # the initial model of a run that stopped before training would predict nonsense
+    checkpoint = save_checkpoint(tiny_plan, tmp_path, round=0)
+    with pytest.raises(CheckpointError, match=r"round-0 model: it was never trained"):
+        load_predictor(checkpoint)
+    assert load_predictor(checkpoint, allow_untrained=True).labels
+
+
+def test_a_checkpoint_of_a_failed_run_is_refused(tiny_plan: RunPlan, tmp_path: Path) -> None:
+    checkpoint = save_checkpoint(tiny_plan, tmp_path)
+    RunFolder(tmp_path / "run").write_summary({"status": "finished_with_failures"})
+    with pytest.raises(CheckpointError, match=r"status 'finished_with_failures'"):
+        load_predictor(checkpoint)
+
+
+def test_predict_takes_one_file_per_modality(
+    tiny_plan: RunPlan, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # BraTS-style: t1c.nii.gz and flair.nii.gz, not one 4D file
+    from fl_imaging.data.synthetic import generate_federation
+
+    [manifest, *_] = generate_federation(tmp_path / "mm", num_sites=3, total_cases=12,
+                                         fov_mm=32.0, modalities=("T1c", "FLAIR"),
+                                         modality_layout="files", seed=1)  # fmt: skip
+    tiny_plan.data.modalities = ["T1c", "FLAIR"]
+    case = load_manifest(manifest).cases[0]
+    checkpoint = save_checkpoint(tiny_plan, tmp_path)
+    out = tmp_path / "seg.nii.gz"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input",
+                 *map(str, case.images), "--output", str(out),
+                 "--label", str(case.label)]) == 0  # fmt: skip
+    assert "Dice oedema" in capsys.readouterr().out
+    first = nib.load(str(case.images[0]))
+    written = nib.load(str(out))
+    assert written.shape == first.shape and np.allclose(written.affine, first.affine)
+    predictor = load_predictor(checkpoint)
+    with pytest.raises(ValueError, match=r"3 files given but the model expects 2 modalities"):
+        predict_file(predictor, [*case.images, case.images[0]], out)
+    moved = tmp_path / "flair_moved.nii.gz"
+    img = nib.load(str(case.images[1]))
+    shifted = img.affine.copy()
+    shifted[0, 3] += 5.0
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), shifted), str(moved))
+    with pytest.raises(ValueError, match=r"not on one voxel grid \(origins 5 mm apart\)"):
+        predict_file(predictor, [case.images[0], moved], out)

@@ -305,3 +305,49 @@ def test_hold_out_leaves_a_training_case(num_cases: int) -> None:
     ids = [f"c{i}" for i in range(num_cases)]
     held = hold_out(ids, 0.95, seed=0)
     assert 1 <= len(held) < num_cases
+
+
+# --- geometry: image, label and modalities on one voxel grid ---------------------------
+
+LPS_1MM = np.array([[-1.0, 0, 0, 120.0], [0, -1.0, 0, 120.0], [0, 0, 1.0, -70.0], [0, 0, 0, 1]])
+
+
+def rewrite_affine(path: Path, affine: np.ndarray) -> None:
+    img = nib.load(str(path))
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), affine), str(path))
+
+
+def test_a_label_with_another_orientation_than_its_image_is_named(tmp_path: Path) -> None:
+    # BraTS-style: image saved LPS, label saved with an identity (RAS) affine. The same
+    # voxel array, yet after reorientation the two would not overlap at all.
+    manifest = one_case(tmp_path, volume(), label_map())
+    rewrite_affine(tmp_path / "imagesTr/c0.nii.gz", LPS_1MM)
+    problem = only_problem(manifest)
+    assert "not on one voxel grid" in problem and "orientation LPS vs RAS" in problem
+    assert str(tmp_path / "labelsTr/c0.nii.gz") in problem
+    assert str(tmp_path / "imagesTr/c0.nii.gz") in problem
+
+
+def test_a_label_shifted_from_its_image_says_how_far(tmp_path: Path) -> None:
+    manifest = one_case(tmp_path, volume(), label_map())
+    shifted = np.eye(4)
+    shifted[:3, 3] = [3.0, 4.0, 0.0]
+    rewrite_affine(tmp_path / "labelsTr/c0.nii.gz", shifted)
+    assert "origins 5 mm apart" in only_problem(manifest)
+
+
+def test_modalities_on_different_grids_are_named(tmp_path: Path) -> None:
+    manifest = one_case(tmp_path, [volume(), volume()], label_map(), modality=("T1", "FLAIR"))
+    rewrite_affine(tmp_path / "imagesTr/c0_0001.nii.gz", np.diag([1.0, 1.0, 2.0, 1.0]))
+    problem = only_problem(manifest)
+    assert "modalities are not on one voxel grid" in problem
+    assert "spacing (1.0, 1.0, 1.0) vs (1.0, 1.0, 2.0) mm" in problem
+
+
+def test_affines_equal_up_to_float32_rounding_pass(tmp_path: Path) -> None:
+    manifest = one_case(tmp_path, volume(), label_map())
+    nudged = np.eye(4)
+    nudged[:3, 3] = 1e-4
+    rewrite_affine(tmp_path / "labelsTr/c0.nii.gz", nudged)
+    (report,) = check_manifest(load_manifest(manifest))
+    assert report.ok, report.problems

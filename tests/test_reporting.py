@@ -9,15 +9,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_imaging.reporting import RunFolder, dice_table, read_metrics, write_report
+from fl_imaging.reporting import (
+    RunFolder,
+    dice_table,
+    last_started_run,
+    read_metrics,
+    write_report,
+)
 
 
-def test_create_writes_config_and_points_latest(tmp_path: Path) -> None:
+def test_create_writes_config_and_latest_moves_only_to_a_completed_run(tmp_path: Path) -> None:
     first = RunFolder.create(tmp_path, "demo", "a: 1\n")
+    first.mark_latest()  # the server marks a run that completed
     second = RunFolder.create(tmp_path, "demo", "a: 2\n")
     assert first.path != second.path  # same second: distinct folders
-    assert (tmp_path / "latest").resolve() == second.path
     assert (second.path / "config.yaml").read_text() == "a: 2\n"
+    # the second has not completed (it may fail): latest still names the first
+    assert (tmp_path / "latest").resolve() == first.path
+    assert last_started_run(tmp_path) == second.path  # what resume=latest continues
+    second.mark_latest()
+    assert (tmp_path / "latest").resolve() == second.path
 
 
 def test_metrics_append_and_nan_becomes_null(tmp_path: Path) -> None:

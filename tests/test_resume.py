@@ -12,7 +12,7 @@ from flwr.app import Message, MessageType
 
 from fl_imaging import server
 from fl_imaging.config import ConfigError, compose, plan_to_yaml
-from fl_imaging.reporting import RunFolder
+from fl_imaging.reporting import RunFolder, last_started_run
 from tests.conftest import tiny_overrides
 from tests.local_grid import LocalGrid
 
@@ -70,7 +70,8 @@ def test_a_killed_run_resumes_without_losing_or_repeating_rounds(
     assert set(checkpoint["strategy_state"]) == {"m_t", "v_t"}
 
     resumed_plan = compose("demo", [*overrides, "resume=latest"])
-    reopened = RunFolder.reopen((tmp_path / "outputs" / "latest").resolve(), tmp_path / "outputs")
+    # resume=latest: the most recently active run (outputs/latest moves only on completion)
+    reopened = RunFolder.reopen(last_started_run(tmp_path / "outputs"), tmp_path / "outputs")
     state = server.load_resume_state(reopened, resumed_plan)
     assert state.last_round == last_round
     summary = server.run_federation(LocalGrid(overrides), resumed_plan, reopened, 2, state)

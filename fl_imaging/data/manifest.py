@@ -284,9 +284,47 @@ def _read(path: Path, role: str, case_id: str) -> tuple[np.ndarray, nib.Nifti1Im
     return data, img
 
 
-def _image_shape(case: Case, num_channels: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """Read the image file(s) of ``case``; return the spatial shape and voxel spacing."""
+# Geometry tolerance: two files are on one voxel grid when their affines' linear parts
+# (direction x spacing, in mm) and origins agree to within these (float32 headers)
+AFFINE_TOLERANCE_MM = 1e-3
+ORIGIN_TOLERANCE_MM = 1e-2
+
+
+def geometry_mismatch(a: nib.Nifti1Image, b: nib.Nifti1Image) -> str | None:
+    """How the voxel grids of two images differ (None: the same within tolerance).
+
+    Compares the affines that map voxels to scanner millimetres: orientation codes,
+    voxel spacing, direction and origin. Files saved by different tools with other
+    orientations, spacings or origins would be resampled onto different grids.
+    """
+    fa, fb = np.asarray(a.affine, dtype=np.float64), np.asarray(b.affine, dtype=np.float64)
+    linear = float(np.abs(fa[:3, :3] - fb[:3, :3]).max())
+    origin = float(np.linalg.norm(fa[:3, 3] - fb[:3, 3]))
+    if linear <= AFFINE_TOLERANCE_MM and origin <= ORIGIN_TOLERANCE_MM:
+        return None
+    parts = []
+    codes = "".join(nib.aff2axcodes(fa)), "".join(nib.aff2axcodes(fb))
+    if codes[0] != codes[1]:
+        parts.append(f"orientation {codes[0]} vs {codes[1]}")
+    zooms = np.sqrt((fa[:3, :3] ** 2).sum(axis=0)), np.sqrt((fb[:3, :3] ** 2).sum(axis=0))
+    if float(np.abs(zooms[0] - zooms[1]).max()) > AFFINE_TOLERANCE_MM:
+        parts.append(
+            f"spacing {tuple(round(float(z), 4) for z in zooms[0])} vs "
+            f"{tuple(round(float(z), 4) for z in zooms[1])} mm"
+        )
+    if origin > ORIGIN_TOLERANCE_MM:
+        parts.append(f"origins {origin:.3g} mm apart")
+    if not parts:
+        parts.append(f"directions differ by up to {linear:.3g}")
+    return ", ".join(parts)
+
+
+def _image_shape(
+    case: Case, num_channels: int
+) -> tuple[tuple[int, ...], tuple[float, ...], nib.Nifti1Image]:
+    """Read the image file(s) of ``case``; return spatial shape, spacing and the first image."""
     shapes = []
+    images: list[tuple[Path, nib.Nifti1Image]] = []
     spacing: tuple[float, ...] = ()
     for path in case.images:
         data, img = _read(path, "image", case.case_id)
@@ -319,6 +357,7 @@ def _image_shape(case: Case, num_channels: int) -> tuple[tuple[int, ...], tuple[
                     f"expected {expected}"
                 )
         shapes.append((path, tuple(int(s) for s in data.shape[:3])))
+        images.append((path, img))
         spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
     first_path, first_shape = shapes[0]
     for path, shape in shapes[1:]:
@@ -327,25 +366,40 @@ def _image_shape(case: Case, num_channels: int) -> tuple[tuple[int, ...], tuple[
                 f"case '{case.case_id}': modalities differ in shape: {first_path} is "
                 f"{first_shape}, {path} is {shape}"
             )
-    return first_shape, spacing
+    for path, img in images[1:]:
+        mismatch = geometry_mismatch(images[0][1], img)
+        if mismatch:
+            raise ManifestError(
+                f"case '{case.case_id}': modalities are not on one voxel grid: {first_path} "
+                f"and {path} differ ({mismatch}); resample them onto one grid"
+            )
+    return first_shape, spacing, images[0][1]
 
 
 def check_case(case: Case, manifest: Manifest) -> CaseReport:
     """Read a case's files and check them against the manifest.
 
     Checks: files exist and are readable NIfTI; the image has the declared number
-    of channels; modalities and label share one spatial shape; intensities are
-    finite; label values are integers declared in ``labels``.
+    of channels; modalities and label share one spatial shape and one voxel grid
+    (affine: orientation, spacing, origin; :func:`geometry_mismatch`); intensities
+    are finite; label values are integers declared in ``labels``.
     """
     try:
-        shape, spacing = _image_shape(case, manifest.num_channels)
-        label, _ = _read(case.label, "label", case.case_id)
+        shape, spacing, image = _image_shape(case, manifest.num_channels)
+        label, label_img = _read(case.label, "label", case.case_id)
         if label.ndim == 4 and label.shape[-1] == 1:
             label = label[..., 0]
         if tuple(label.shape) != shape:
             raise ManifestError(
                 f"case '{case.case_id}': label {case.label} has shape {tuple(label.shape)} "
                 f"but image {case.images[0]} has spatial shape {shape}"
+            )
+        mismatch = geometry_mismatch(image, label_img)
+        if mismatch:
+            raise ManifestError(
+                f"case '{case.case_id}': label {case.label} and image {case.images[0]} are "
+                f"not on one voxel grid ({mismatch}); after reorientation they would not "
+                f"overlap. Save the label with the image's affine"
             )
         values = np.unique(label)
         if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):

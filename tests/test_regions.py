@@ -1,0 +1,102 @@
+"""Tumour regions (WT/TC/ET) from label conventions: Dice and HD95 against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fl_imaging.config import ConfigError, compose
+from fl_imaging.regions import SCHEMES, region_metrics, regions_of, scheme_problems
+from fl_imaging.training import evaluate
+from tests.test_dice import Oracle
+
+BRATS21 = SCHEMES["brats2021"]
+
+
+def volume() -> torch.Tensor:
+    return torch.zeros(12, 12, 12, dtype=torch.long)
+
+
+def test_region_dice_unions_the_labels_of_the_region() -> None:
+    truth, pred = volume(), volume()
+    truth[2:6, 2:6, 2:6] = 2  # oedema, 64 voxels...
+    truth[3:5, 3:5, 3:5] = 4  # ...around 8 voxels of enhancing tumour
+    pred[2:6, 2:6, 2:6] = 2
+    pred[3:5, 3:5, 3:5] = 1  # the core called necrosis instead of enhancing
+    found = region_metrics(pred, truth, BRATS21)
+    assert found["WT"] == (1.0, 0.0)  # every tumour voxel found
+    assert found["TC"] == (1.0, 0.0)  # {1, 4} in both: the same 8 voxels
+    assert found["ET"] == (0.0, pytest.approx(math.sqrt(3) * 12))  # missed: diagonal
+
+
+def test_region_hd95_is_in_millimetres_of_the_given_spacing() -> None:
+    truth, pred = volume(), volume()
+    truth[2:6, 2:6, 2:6] = 4
+    pred[4:8, 2:6, 2:6] = 4  # shifted by 2 voxels along the first axis
+    dice, hd95 = region_metrics(pred, truth, {"ET": (4,)}, spacing=(2.0, 1.0, 1.0))["ET"]
+    assert dice == pytest.approx(2 * 32 / 128)  # half of each overlaps
+    assert hd95 == pytest.approx(4.0)  # 2 voxels x 2 mm
+
+
+def test_empty_truth_and_empty_prediction_score_as_brats_does() -> None:
+    empty = volume()
+    assert region_metrics(empty, empty, BRATS21)["ET"] == (1.0, 0.0)
+    something = volume()
+    something[1, 1, 1] = 4
+    assert region_metrics(something, empty, BRATS21)["ET"][0] == 0.0
+
+
+def test_evaluate_reports_regions_averaged_over_every_case() -> None:
+    cases = []
+    for with_et in (True, False):  # the second case has no enhancing tumour at all
+        label = torch.zeros(1, 1, 8, 8, 8)
+        label[0, 0, 2:6, 2:6, 2:6] = 2
+        if with_et:
+            label[0, 0, 3:5, 3:5, 3:5] = 4
+        cases.append({"image": label.clone(), "label": label})
+    result = evaluate(Oracle(5), cases, num_classes=5, roi_size=[8, 8, 8],
+                      foreground=[1, 2, 4], regions=BRATS21)  # fmt: skip
+    # a perfect model: 1.0 everywhere, the case without ET included (nothing predicted)
+    assert result.regions == {"WT": (1.0, 0.0), "TC": (1.0, 0.0), "ET": (1.0, 0.0)}
+    assert math.isnan(result.dice_per_class[1])  # no necrosis anywhere: left out
+
+
+def test_schemes_are_checked_against_the_labels() -> None:
+    assert regions_of("exclusive") == {}
+    with pytest.raises(ValueError, match="unknown label scheme 'brats2099'"):
+        regions_of("brats2099")
+    assert scheme_problems("brats2021", {0: "bg", 1: "ncr", 2: "ed"}) == [
+        "data.label_scheme=brats2021 needs label values [1, 2, 4]; data.labels lacks [4]"
+    ]
+    [clash] = scheme_problems("brats2023", {0: "bg", 1: "NCR", 2: "ED", 3: "ET"})
+    assert "['ET'] clash" in clash
+
+
+def test_a_label_scheme_is_validated_at_composition() -> None:
+    with pytest.raises(ConfigError, match=r"data\.label_scheme=brats2021 needs label values"):
+        compose("demo", "data.label_scheme=brats2021")  # demo labels are {0, 1, 2}
+    labels = "+data.labels={0: background, 1: oedema, 2: core, 4: enhancing}"
+    plan = compose("demo", ["data.label_scheme=brats2021", labels])
+    assert plan.data.label_scheme == "brats2021"
+
+
+def test_region_metrics_travel_from_site_to_the_run_folder_rows() -> None:
+    from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+    from fl_imaging.client_app import _eval_metrics
+    from fl_imaging.server import site_rows
+    from fl_imaging.training import EvalResult
+    from tests.local_grid import make_message
+
+    result = EvalResult(loss=0.5, dice_per_class={1: 0.7, 2: 0.8, 4: float("nan")}, num_cases=2,
+                        regions={"WT": (0.9, 3.5), "TC": (0.8, 4.0), "ET": (1.0, 0.0)})  # fmt: skip
+    content = RecordDict({"metrics": MetricRecord(_eval_metrics(result)),
+                          "site": ConfigRecord({"name": "hospital_a"})})  # fmt: skip
+    request = make_message(RecordDict(), MessageType.EVALUATE, dst=1)
+    reply = Message(content, reply_to=request)
+    labels = {0: "bg", 1: "ncr", 2: "ed", 4: "et"}
+    [row], _ = site_rows([reply], 1, "val", labels, {}, regions=["WT", "TC", "ET"])
+    assert (row["dice_WT"], row["hd95_WT"], row["dice_ET"]) == (0.9, 3.5, 1.0)
+    assert row["dice_mean"] == pytest.approx(0.75)  # exclusive labels; et absent: left out
