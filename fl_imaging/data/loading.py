@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.transforms import (
+    CastToTyped,
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
@@ -83,6 +84,31 @@ def preprocessing(
     return steps
 
 
+class ToFloat32:
+    """Cast cached ``image`` / ``label`` back to float32 (ends MONAI's cached part).
+
+    Deliberately not a MONAI ``Transform``: Persistent/CacheDataset store the result
+    of the transforms before the first random *or non-MONAI* one, so the cache keeps the
+    compact dtypes and every use gets float32.
+    """
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Return ``item`` with its image and label as float32 (metadata kept)."""
+        return {k: (v.float() if k in KEYS and torch.is_tensor(v) else v) for k, v in item.items()}
+
+
+def _compact(data: DataConfig) -> list[Any]:
+    """What a site's cache stores (``data.cache_dtype``), then float32 for use.
+
+    float16 keeps the [0, 1]-scaled intensities to about 5e-4 and the labels as uint8:
+    a third of the float32 bytes for one image and its label.
+    """
+    if data.cache_dtype == "float32":
+        return []
+    label_dtype = torch.uint8 if max(data.labels, default=0) < 256 else torch.int16
+    return [CastToTyped(keys=list(KEYS), dtype=[torch.float16, label_dtype]), ToFloat32()]
+
+
 def train_transforms(data: DataConfig) -> Compose:
     """Preprocessing plus padding to ``patch_size``, a random patch and light augmentation.
 
@@ -93,6 +119,7 @@ def train_transforms(data: DataConfig) -> Compose:
     steps = [
         *preprocessing(data),
         SpatialPadd(keys=list(KEYS), spatial_size=patch),
+        *_compact(data),
         RandCropByPosNegLabeld(
             keys=list(KEYS), label_key="label", spatial_size=patch, pos=2, neg=1, num_samples=1
         ),
@@ -105,11 +132,11 @@ def train_transforms(data: DataConfig) -> Compose:
 
 def eval_transforms(data: DataConfig) -> Compose:
     """Preprocessing only: whole volumes for sliding-window evaluation."""
-    return Compose(preprocessing(data))
+    return Compose([*preprocessing(data), *_compact(data)])
 
 
 # bump when the preprocessing code changes meaning, so that old disk caches are not reused
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 def preprocessing_key(data: DataConfig, split: str) -> str:
@@ -125,6 +152,7 @@ def preprocessing_key(data: DataConfig, split: str) -> str:
         "spacing": None if data.spacing is None else list(data.spacing),
         "intensity_percentiles": list(data.intensity_percentiles),
         "patch_size": list(data.patch_size) if split == "train" else None,
+        "cache_dtype": data.cache_dtype,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
