@@ -134,3 +134,25 @@ def test_process_memory_keeps_the_most_recent_cases_within_its_limit() -> None:
 def test_negative_memory_cache_is_a_config_error(tiny_sites: list[Path], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"data\.memory_cache_mb"):
         compose("demo", [*tiny_overrides(tiny_sites, tmp_path), "data.memory_cache_mb=-1"])
+
+
+def test_the_cache_stores_float16_images_and_uint8_labels_and_serves_float32(
+    tiny_plan: RunPlan,
+) -> None:
+    from fl_imaging.data.loading import eval_loader
+
+    site = resolve_site({"partition-id": 0}, tiny_plan)
+    folder = cache_dir(site, tiny_plan, VAL)
+    batch = next(iter(eval_loader(_cases(site, tiny_plan, VAL), tiny_plan.data, cache_dir=folder)))
+    assert batch["image"].dtype == torch.float32 and batch["label"].dtype == torch.float32
+    assert folder is not None
+    stored = torch.load(next(folder.glob("*.pt")), weights_only=False)
+    assert stored["image"].dtype == torch.float16 and stored["label"].dtype == torch.uint8
+    # what a site trains on differs from float32 only by the float16 rounding
+    exact = compose("demo", [f"paths.root={tiny_plan.paths.root}", "data.cache_dtype=float32",
+                             *[f"federation.sites.{i}.manifest={s.manifest}"
+                               for i, s in enumerate(tiny_plan.federation.sites)],
+                             "data.patch_size=[16,16,16]"])  # fmt: skip
+    full = next(iter(eval_loader(_cases(site, exact, VAL), exact.data, cache_dir=None)))
+    assert torch.allclose(batch["image"], full["image"], atol=1e-3)
+    assert torch.equal(batch["label"], full["label"])
