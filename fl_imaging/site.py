@@ -369,7 +369,10 @@ def train_round(
             cases, plan.data, batch_size=batch_size, seed=seed,
             cache_dir=cache_dir(site, plan, TRAIN),
         )  # fmt: skip
-        return _train_private(site, plan, model, loader, epochs, server_round, run_id, prefix)
+        # the whole private round holds the site's privacy lock: no second training of
+        # this site can release weights the ledger does not record
+        with ledger_lock(site.state_dir, site=site.name, timeout=plan.privacy.lock_timeout):
+            return _train_private(site, plan, model, loader, epochs, server_round, run_id, prefix)
     loader = train_loader(
         cases, plan.data, batch_size=batch_size, seed=seed, cache_dir=cache_dir(site, plan, TRAIN)
     )
@@ -398,26 +401,10 @@ def _train_private(
     run_id: str,
     prefix: str,
 ) -> RoundOutcome:
-    """DP-SGD round under the site's privacy lock (:func:`ledger_lock`).
+    """DP-SGD round, run under the site's privacy lock (:func:`ledger_lock`).
 
     Plan the run's noise once, refuse if over budget, train, record in the ledger.
     """
-    with ledger_lock(site.state_dir, site=site.name, timeout=plan.privacy.lock_timeout):
-        return _train_private_locked(
-            site, plan, model, loader, epochs, server_round, run_id, prefix
-        )
-
-
-def _train_private_locked(
-    site: Site,
-    plan: RunPlan,
-    model: torch.nn.Module,
-    loader: TorchDataLoader,
-    epochs: int,
-    server_round: int,
-    run_id: str,
-    prefix: str,
-) -> RoundOutcome:
     budget = site.config.privacy
     epsilon = float(budget.epsilon)  # type: ignore[arg-type]
     num_train = len(loader.dataset)
