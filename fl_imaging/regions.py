@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance
+if TYPE_CHECKING:  # the config imports this module; the Flower app modules stay torch-free
+    import torch
 
 # scheme -> region name -> label values inside it
 SCHEMES: dict[str, dict[str, tuple[int, ...]]] = {
@@ -86,6 +87,9 @@ def region_metrics(
     Returns:
         ``{region: (dice, hd95)}`` with the BraTS rule for empty regions.
     """
+    import torch
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+
     if pred.shape != truth.shape:
         raise ValueError(f"prediction shape {tuple(pred.shape)} != truth {tuple(truth.shape)}")
     spacing = [float(s) for s in (spacing or (1.0,) * pred.dim())]
