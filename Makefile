@@ -7,7 +7,7 @@ DEMO_DATA := data/synthetic/hospital_a/dataset.json
 # Keep Flower's state (SuperLink database, installed app bundles) inside the project.
 export FLWR_HOME ?= $(CURDIR)/.flwr
 
-.PHONY: demo test test-docker lint setup data hippocampus clean-outputs
+.PHONY: demo test test-docker lint setup data hippocampus tumour clean-outputs
 
 ## demo: set up if needed, make the synthetic hospitals if missing, run the federated demo
 demo: $(STAMP) $(DEMO_DATA)
@@ -35,6 +35,15 @@ data: $(DEMO_DATA)
 
 $(DEMO_DATA): | $(STAMP)
 	$(BIN)/fl-imaging synth --out data/synthetic
+
+## tumour: BraTS-like synthetic hospitals (T1c + FLAIR files, BraTS 2021 labels, WT/TC/ET)
+TUMOUR_DATA := data/tumour_synthetic/hospital_a/dataset.json
+tumour: $(STAMP) $(TUMOUR_DATA)
+	$(BIN)/fl-imaging run experiment=tumour_synthetic
+
+$(TUMOUR_DATA): | $(STAMP)
+	$(BIN)/fl-imaging synth --out data/tumour_synthetic --modalities T1c FLAIR --layout files \
+		--label-scheme brats2021 --fov-mm 96
 
 ## hippocampus: the real-data experiment on ../shared/data/msd_hippocampus
 hippocampus: $(STAMP)

@@ -42,6 +42,7 @@ def _synth(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         modality_layout=args.layout,
         val_fraction=args.val_fraction,
+        label_scheme=args.label_scheme,
     )
     for path in manifests:
         print(path)
@@ -309,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="multi-modal images as one 4D file or one file per modality",
     )
     p.add_argument("--val-fraction", type=float, default=0.25)
+    p.add_argument(
+        "--label-scheme",
+        choices=["exclusive", "brats2021", "brats2023", "msd_task01"],
+        default="exclusive",
+        help="label values: 1 oedema 2 core (exclusive), or a BraTS convention "
+        "(brats2021: 1 necrosis, 2 oedema, 4 enhancing rim)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_synth)

@@ -27,6 +27,7 @@ from fl_imaging.config import RunPlan, to_plan
 from fl_imaging.data.loading import preprocessing
 from fl_imaging.data.manifest import geometry_mismatch
 from fl_imaging.models import build_model
+from fl_imaging.regions import class_values
 from fl_imaging.reporting import read_summary
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def load_predictor(checkpoint: Path, *, allow_untrained: bool = False) -> Predic
     plan = to_plan(OmegaConf.create(ckpt["config"]), check=False)
     labels = {int(k): str(v) for k, v in ckpt["labels"].items()}
     modalities = [str(m) for m in ckpt["modalities"]]
-    model = build_model(plan.model, in_channels=len(modalities), out_channels=max(labels) + 1)
+    model = build_model(plan.model, in_channels=len(modalities), out_channels=len(labels))
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
@@ -187,7 +188,9 @@ def predict_file(predictor: Predictor, image: Path | Sequence[Path], output: Pat
         ]
     )
     pred = post(data)["pred"]
-    labels = np.asarray(pred[0].cpu().numpy()).round().astype(np.uint8)
+    classes = np.asarray(pred[0].cpu().numpy()).round().astype(np.int64)
+    # training classes back to the label values (BraTS 2021: class 3 is label 4)
+    labels = np.asarray(class_values(predictor.labels), dtype=np.uint8)[classes]
     if labels.shape != tuple(img.shape[:3]):
         raise RuntimeError(f"{image}: prediction shape {labels.shape} != scan {img.shape[:3]}")
     header = img.header.copy()

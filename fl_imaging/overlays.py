@@ -51,7 +51,7 @@ def render_site_overlays(
     from torchvision.io import write_png
     from torchvision.utils import draw_segmentation_masks, make_grid
 
-    num_classes = max(plan.data.labels) + 1
+    num_classes = len(plan.data.labels)  # training classes (label values remapped)
     colours = COLOURS[: num_classes - 1]
     model.eval()
     panels: list[torch.Tensor] = []

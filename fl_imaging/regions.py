@@ -39,6 +39,30 @@ SCHEMES: dict[str, dict[str, tuple[int, ...]]] = {
 }
 
 
+def class_values(labels: Mapping[int, str]) -> list[int]:
+    """The label values in training-class order: class ``i`` is label value ``values[i]``.
+
+    The network has one output channel per declared label, so label maps with gaps
+    (BraTS 2021: {0, 1, 2, 4}) are remapped to contiguous classes (0, 1, 2, 3) when a
+    site loads them, and predictions are mapped back to label values when written.
+    """
+    return sorted(int(k) for k in labels)
+
+
+def needs_remap(labels: Mapping[int, str]) -> bool:
+    """True when the label values are not already 0 .. K-1 (then they are remapped)."""
+    values = class_values(labels)
+    return values != list(range(len(values)))
+
+
+def regions_as_classes(
+    regions: Mapping[str, Sequence[int]], labels: Mapping[int, str]
+) -> dict[str, tuple[int, ...]]:
+    """``regions`` with label values replaced by training classes (:func:`class_values`)."""
+    index = {v: i for i, v in enumerate(class_values(labels))}
+    return {name: tuple(index[v] for v in values if v in index) for name, values in regions.items()}
+
+
 def regions_of(scheme: str) -> dict[str, tuple[int, ...]]:
     """The regions of ``scheme`` (empty for ``exclusive``).
 

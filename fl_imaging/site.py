@@ -7,6 +7,7 @@ label data.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -45,7 +46,7 @@ from fl_imaging.privacy.ledger import (
 )
 from fl_imaging.privacy.policy import PrivacyRequest, find_policy, noise_refusal, refusal
 from fl_imaging.protocol import NodeConfigKey
-from fl_imaging.regions import regions_of
+from fl_imaging.regions import class_values, regions_as_classes, regions_of
 from fl_imaging.training import EvalResult, TrainResult, evaluate, select_device, train_local
 
 logger = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def new_model(plan: RunPlan) -> torch.nn.Module:
     """The federation's network, freshly initialised (seeded by ``plan.seed``)."""
     torch.manual_seed(plan.seed)
     return build_model(
-        plan.model, in_channels=len(plan.data.modalities), out_channels=max(plan.data.labels) + 1
+        plan.model, in_channels=len(plan.data.modalities), out_channels=len(plan.data.labels)
     )
 
 
@@ -487,14 +488,16 @@ def evaluate_round(
     *,
     validate_data: bool = True,
 ) -> EvalResult:
-    """Dice of the global ``weights`` on the site's validation cases."""
+    """Dice of the global ``weights`` on the site's validation cases (keyed by label value)."""
     cases, model = _prepare(site, plan, weights, VAL, validate_data)
-    return evaluate(
+    values = class_values(plan.data.labels)  # training class i is label value values[i]
+    result = evaluate(
         model,
         eval_loader(cases, plan.data, cache_dir=cache_dir(site, plan, VAL)),
-        num_classes=max(plan.data.labels) + 1,
+        num_classes=len(values),
         roi_size=plan.data.patch_size,
-        foreground=[k for k in plan.data.labels if k],
-        regions=regions_of(plan.data.label_scheme),
+        regions=regions_as_classes(regions_of(plan.data.label_scheme), plan.data.labels),
         spacing=plan.data.spacing,
     )
+    per_label = {values[i]: dice for i, dice in result.dice_per_class.items()}
+    return dataclasses.replace(result, dice_per_class=per_label)

@@ -48,7 +48,7 @@ def main() -> int:
     sites = configured_sites(plan)
     manifests = {s.name: load_site_manifest(s, plan) for s in sites}
     val = {name: eval_loader(m.split(VAL), plan.data) for name, m in manifests.items()}
-    num_classes = max(plan.data.labels) + 1
+    num_classes = len(plan.data.labels)  # training classes (label values remapped)
 
     trainings = {f"local {name}": m.split(TRAIN) for name, m in manifests.items()}
     trainings["centralised"] = [c for m in manifests.values() for c in m.split(TRAIN)]

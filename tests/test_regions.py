@@ -100,3 +100,52 @@ def test_region_metrics_travel_from_site_to_the_run_folder_rows() -> None:
     [row], _ = site_rows([reply], 1, "val", labels, {}, regions=["WT", "TC", "ET"])
     assert (row["dice_WT"], row["hd95_WT"], row["dice_ET"]) == (0.9, 3.5, 1.0)
     assert row["dice_mean"] == pytest.approx(0.75)  # exclusive labels; et absent: left out
+
+
+@pytest.fixture(scope="module")
+def brats_sites(tmp_path_factory: pytest.TempPathFactory) -> list:
+    from fl_imaging.data.synthetic import generate_federation
+
+    return generate_federation(
+        tmp_path_factory.mktemp("brats"), num_sites=3, total_cases=12, fov_mm=40.0,
+        modalities=("T1c", "FLAIR"), modality_layout="files", label_scheme="brats2021", seed=2,
+    )  # fmt: skip
+
+
+def test_the_tumour_experiment_trains_classes_0_to_3_and_reports_regions(
+    brats_sites: list, tmp_path, task_identity: None
+) -> None:
+    # labels {0, 1, 2, 4}: four output channels (no dead channel 3), Dice per declared
+    # label, region Dice and HD95 per site, predictions written back as label values
+    import nibabel as nib
+    import numpy as np
+
+    from fl_imaging import server
+    from fl_imaging.config import plan_to_yaml
+    from fl_imaging.data.manifest import load_manifest
+    from fl_imaging.inference import load_predictor, predict_file
+    from fl_imaging.reporting import RunFolder, read_metrics
+    from fl_imaging.site import new_model
+    from tests.conftest import tiny_overrides
+    from tests.local_grid import LocalGrid
+
+    overrides = [*tiny_overrides(brats_sites, tmp_path), "rounds=1",
+                 "strategy.cross_site_epochs=0"]  # fmt: skip
+    plan = compose("tumour_synthetic", overrides)
+    assert new_model(plan)(torch.zeros(1, 2, 16, 16, 16)).shape[1] == 4
+    run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
+    grid = LocalGrid(overrides)
+    for context in grid.contexts.values():
+        context.run_config["experiment"] = "tumour_synthetic"
+    summary = server.run_federation(grid, plan, run, run_id=1)
+    assert summary["status"] == "finished"
+    val = [r for r in read_metrics(run.path) if r["split"] == "val" and r["round"] == 1]
+    assert len(val) == 3
+    for row in val:
+        assert {"dice_necrosis", "dice_oedema", "dice_enhancing"} <= row.keys()
+        for region in ("WT", "TC", "ET"):
+            assert 0.0 <= row[f"dice_{region}"] <= 1.0 and row[f"hd95_{region}"] >= 0.0
+    case = load_manifest(brats_sites[0]).cases[0]
+    out = tmp_path / "seg.nii.gz"
+    predict_file(load_predictor(run.path / "checkpoints" / "last.pt"), list(case.images), out)
+    assert set(np.unique(np.asarray(nib.load(str(out)).dataobj)).tolist()) <= {0, 1, 2, 4}

@@ -217,3 +217,20 @@ def test_bad_arguments_are_named(tmp_path: Path, kwargs: dict, name: str) -> Non
     with pytest.raises(ValueError, match=name):
         generate_federation(tmp_path, **{"num_sites": 2, "fov_mm": 32.0, **kwargs})
     assert not any(tmp_path.iterdir())
+
+
+def test_a_tumour_label_scheme_relabels_the_same_images(tmp_path: Path) -> None:
+    kwargs = {"num_sites": 3, "total_cases": 12, "fov_mm": 40.0, "seed": 3}
+    plain = generate_federation(tmp_path / "plain", **kwargs)
+    brats = generate_federation(tmp_path / "brats", label_scheme="brats2021", **kwargs)
+    doc = json.loads(brats[0].read_text())
+    assert doc["labels"] == {"0": "background", "1": "necrosis", "2": "oedema", "4": "enhancing"}
+    entry = doc["training"][0]
+    a_img = np.asarray(nib.load(str(plain[0].parent / entry["image"])).dataobj)
+    b_img = np.asarray(nib.load(str(brats[0].parent / entry["image"])).dataobj)
+    assert np.array_equal(a_img, b_img)  # only the labels change
+    old = np.asarray(nib.load(str(plain[0].parent / entry["label"])).dataobj)
+    new = np.asarray(nib.load(str(brats[0].parent / entry["label"])).dataobj)
+    assert set(np.unique(new).tolist()) == {0, 1, 2, 4}
+    assert np.array_equal(new == 2, old == 1)  # oedema outside the core
+    assert np.array_equal(np.isin(new, [1, 4]), old == 2)  # core = necrosis + enhancing rim

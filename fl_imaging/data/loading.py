@@ -27,6 +27,7 @@ from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
+    MapLabelValued,
     MapTransform,
     Orientationd,
     RandCropByPosNegLabeld,
@@ -42,6 +43,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from fl_imaging.config import DataConfig
 from fl_imaging.data.manifest import Case
+from fl_imaging.regions import class_values, needs_remap
 
 KEYS = ("image", "label")
 # axis labels of nibabel's RAS+ world (what NIfTI affines map to)
@@ -66,6 +68,12 @@ def preprocessing(
         EnsureChannelFirstd(keys=keys),
         Orientationd(keys=keys, axcodes="RAS", labels=_RAS_LABELS),
     ]
+    if "label" in keys and needs_remap(data.labels):
+        # label values with gaps (BraTS 2021: 0, 1, 2, 4) -> training classes 0 .. K-1
+        values = class_values(data.labels)
+        steps.append(
+            MapLabelValued(keys="label", orig_labels=values, target_labels=range(len(values)))
+        )
     if data.spacing is not None:
         modes = ["bilinear" if k == "image" else "nearest" for k in keys]
         steps.append(Spacingd(keys=keys, pixdim=tuple(data.spacing), mode=modes))
@@ -153,6 +161,7 @@ def preprocessing_key(data: DataConfig, split: str) -> str:
         "intensity_percentiles": list(data.intensity_percentiles),
         "patch_size": list(data.patch_size) if split == "train" else None,
         "cache_dtype": data.cache_dtype,
+        "label_values": class_values(data.labels) if needs_remap(data.labels) else None,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 

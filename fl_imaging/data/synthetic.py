@@ -36,6 +36,24 @@ logger = logging.getLogger(__name__)
 
 SITE_PREFIX = "hospital_"
 LABELS: dict[int, str] = {0: "background", 1: "oedema", 2: "core"}
+# label conventions (fl_imaging.regions.SCHEMES): the manifest's labels, and the value of
+# each tumour compartment: oedema (outside the core), the core's necrotic inside, and
+# its enhancing rim (one voxel thick, bright in T1c)
+SCHEME_LABELS: dict[str, tuple[dict[int, str], dict[str, int]]] = {
+    "exclusive": (LABELS, {"oedema": 1, "necrosis": 2, "rim": 2}),
+    "brats2021": (
+        {0: "background", 1: "necrosis", 2: "oedema", 4: "enhancing"},
+        {"oedema": 2, "necrosis": 1, "rim": 4},
+    ),
+    "brats2023": (
+        {0: "background", 1: "necrosis", 2: "oedema", 3: "enhancing"},
+        {"oedema": 2, "necrosis": 1, "rim": 3},
+    ),
+    "msd_task01": (
+        {0: "background", 1: "oedema", 2: "non_enhancing", 3: "enhancing"},
+        {"oedema": 1, "necrosis": 2, "rim": 3},
+    ),
+}
 MIN_CASES_PER_SITE = 4
 MANIFEST_NAME = "dataset.json"
 IMAGES_DIR = "imagesTr"
@@ -233,6 +251,7 @@ def generate_federation(
     seed: int = 0,
     overwrite: bool = False,
     modality_layout: str = "4d",
+    label_scheme: str = "exclusive",
 ) -> list[Path]:
     """Write ``num_sites`` synthetic hospitals under ``out_dir``; return their manifests.
 
@@ -254,6 +273,9 @@ def generate_federation(
         modality_layout: ``"4d"``: one image file per case, 3D for one modality, 4D
             with channels last otherwise; ``"files"``: one 3D file per modality in
             ``imagesTr/<modality>/``, listed in the manifest.
+        label_scheme: ``"exclusive"`` (1 oedema, 2 core) or a tumour convention of
+            :data:`SCHEME_LABELS` (``brats2021``: 1 necrosis, 2 oedema, 4 enhancing
+            rim; ``brats2023``; ``msd_task01``). The images are the same either way.
 
     Returns:
         The manifest paths (``out_dir/<site>/dataset.json``), in site order.
@@ -271,6 +293,10 @@ def generate_federation(
     if modality_layout not in MODALITY_LAYOUTS:
         raise ValueError(
             f"modality_layout must be one of {MODALITY_LAYOUTS}, got {modality_layout!r}"
+        )
+    if label_scheme not in SCHEME_LABELS:
+        raise ValueError(
+            f"label_scheme must be one of {sorted(SCHEME_LABELS)}, got {label_scheme!r}"
         )
     contrasts = _contrasts_for(modalities)
     counts = site_case_counts(num_sites, total_cases, skew, seed)
@@ -300,6 +326,7 @@ def generate_federation(
                 val_fraction=val_fraction,
                 seed=seed,
                 layout=modality_layout,
+                label_scheme=label_scheme,
             )
         )
     return manifests
@@ -346,6 +373,7 @@ def _write_site(
     val_fraction: float,
     seed: int,
     layout: str,
+    label_scheme: str = "exclusive",
 ) -> Path:
     # The manifest goes first and comes back last, so a crash never leaves a manifest
     # that lists files of another run.
@@ -365,7 +393,9 @@ def _write_site(
     for case_index in range(num_cases):
         case = f"{site}_{case_index:03d}"
         rng = np.random.default_rng([seed, _STREAM_CASE, site_index, case_index])
-        channels, label = _simulate_case(rng, coords, fov_mm, profile, contrasts)
+        channels, label = _simulate_case(
+            rng, coords, fov_mm, profile, contrasts, SCHEME_LABELS[label_scheme][1]
+        )
         file_name = f"{case}.nii.gz"
         image: str | list[str]
         if layout == "files":
@@ -393,10 +423,17 @@ def _write_site(
         folder / MANIFEST_NAME,
         name=site,
         modalities=modalities,
-        labels=LABELS,
+        labels=SCHEME_LABELS[label_scheme][0],
         entries=entries,
         description=f"synthetic BraTS-like hospital {site} (fl_imaging.data.synthetic)",
-        extra={"generator": {"seed": seed, "fov_mm": fov_mm, "shape": list(shape)}},
+        extra={
+            "generator": {
+                "seed": seed,
+                "fov_mm": fov_mm,
+                "shape": list(shape),
+                "label_scheme": label_scheme,
+            }
+        },
     )
     logger.info(
         "%s: wrote %d cases (%d train, %d val), shape %s, spacing %s mm, %s, modalities %s",
@@ -464,8 +501,14 @@ def _simulate_case(
     fov_mm: float,
     profile: ScannerProfile,
     contrasts: list[tuple[float, ...]],
+    values: dict[str, int] | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
-    """One case: encoded channel arrays, each (X, Y, Z), and the uint8 label (X, Y, Z)."""
+    """One case: encoded channel arrays, each (X, Y, Z), and the uint8 label (X, Y, Z).
+
+    ``values``: the label value of each compartment (``oedema``, ``necrosis``, ``rim``;
+    default :data:`LABELS`' 1 oedema, 2 core).
+    """
+    values = values or SCHEME_LABELS["exclusive"][1]
     head_axes = fov_mm * np.array([0.42, 0.46, 0.40]) * rng.uniform(0.95, 1.03, 3)
     head_centre = rng.uniform(-0.03, 0.03, 3) * fov_mm
     head_d = _ellipsoid_distance(coords, head_centre, head_axes)
@@ -503,8 +546,9 @@ def _simulate_case(
             _encode(noisy * profile.intensity_scale + profile.intensity_offset, profile)
         )
     label = np.zeros(head.shape, dtype=np.uint8)
-    label[oedema] = 1
-    label[core] = 2
+    label[oedema] = values["oedema"]
+    label[core] = values["necrosis"]
+    label[rim] = values["rim"]
     return channels, label
 
 
