@@ -223,6 +223,28 @@ def dice_table(rows: Iterable[Mapping[str, Any]]) -> tuple[list[int], dict[str, 
     return rounds, dict(table)
 
 
+def region_table(rows: Iterable[Mapping[str, Any]]) -> tuple[int | None, dict[str, dict[str, Any]]]:
+    """Tumour-region Dice and HD95 (mm) of the last evaluated round, ``(round, {site: {col: v}})``.
+
+    Columns are ``Dice WT``, ..., ``HD95 WT``, ... for the regions a run's
+    ``data.label_scheme`` evaluates (rows with ``hd95_<region>``); empty without regions.
+    """
+    val = [r for r in rows if r.get("split") == "val" and any(k.startswith("hd95_") for k in r)]
+    if not val:
+        return None, {}
+    last = max(int(r["round"]) for r in val)
+    table: dict[str, dict[str, Any]] = {}
+    for row in val:
+        if int(row["round"]) != last:
+            continue
+        regions = [k.removeprefix("hd95_") for k in row if k.startswith("hd95_")]
+        table[row["site"]] = {
+            **{f"Dice {g}": row.get(f"dice_{g}") for g in regions},
+            **{f"HD95 {g} (mm)": row.get(f"hd95_{g}") for g in regions},
+        }
+    return last, table
+
+
 def epsilon_table(
     rows: Iterable[Mapping[str, Any]],
 ) -> tuple[list[int], dict[str, dict[int, float]]]:
@@ -373,6 +395,14 @@ def write_report(
     lines += ["## Validation mean Dice per round", ""]
     lines += _table_lines(rounds, table, mean=True)
     lines += ["", f"![Dice per round]({REPORT_DIR}/dice.png)", ""]
+    region_round, regions = region_table(rows)
+    if regions:
+        columns = list(next(iter(regions.values())))
+        lines += [f"## Tumour regions, round {region_round} model (validation)", ""]
+        lines += ["| site | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        lines += [f"| {site} | " + " | ".join(_fmt(v.get(c)) for c in columns) + " |"
+                  for site, v in sorted(regions.items())]  # fmt: skip
+        lines += [""]
     cross_path = run_dir / CROSS_SITE_FILE
     if cross_path.is_file() and (out / "cross_site.png").is_file():
         images.append(("Cross-site Dice: models x sites' validation data", "cross_site.png"))
@@ -405,7 +435,8 @@ def write_report(
     config_path = run_dir / CONFIG_FILE
     config_text = config_path.read_text() if config_path.is_file() else ""
     page = _html_page(run_dir.name, summary, rounds, table, eps_rounds, eps, images,
-                      overlays or {}, overlay_note, legend, config_text)  # fmt: skip
+                      overlays or {}, overlay_note, legend, config_text, region_round,
+                      regions)  # fmt: skip
     index = out / "index.html"
     _atomic_write_bytes(index, page.encode())
     return index
@@ -449,6 +480,8 @@ def _html_page(
     overlay_note: str,
     legend: Sequence[tuple[str, str]],
     config_text: str,
+    region_round: int | None = None,
+    region_rows: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(name)}</title>",
@@ -481,6 +514,16 @@ def _html_page(
     parts += [f"<img src='{esc(f)}' alt='{esc(t)}' title='{esc(t)}'>" for t, f in images]
     parts.append("</div><h2>Validation mean Dice per round</h2>")
     parts.append(_html_table(rounds, table, mean=True))
+    if region_rows:
+        columns = list(next(iter(region_rows.values())))
+        head = "".join(f"<th>{esc(c)}</th>" for c in columns)
+        body = "".join(
+            f"<tr><td style='text-align:left'>{esc(site)}</td>"
+            + "".join(f"<td>{_fmt(v.get(c))}</td>" for c in columns) + "</tr>"
+            for site, v in sorted(region_rows.items())
+        )  # fmt: skip
+        parts.append(f"<h2>Tumour regions, round {region_round} model (validation)</h2>"
+                     f"<table><tr><th>site</th>{head}</tr>{body}</table>")  # fmt: skip
     if eps:
         parts.append("<h2>DP epsilon spent per site (cumulative)</h2>")
         parts.append(_html_table(eps_rounds, eps, mean=False))

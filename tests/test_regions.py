@@ -149,3 +149,20 @@ def test_the_tumour_experiment_trains_classes_0_to_3_and_reports_regions(
     out = tmp_path / "seg.nii.gz"
     predict_file(load_predictor(run.path / "checkpoints" / "last.pt"), list(case.images), out)
     assert set(np.unique(np.asarray(nib.load(str(out)).dataobj)).tolist()) <= {0, 1, 2, 4}
+
+
+def test_the_report_shows_region_dice_and_hd95_per_site(tmp_path) -> None:
+    from fl_imaging.reporting import RunFolder, write_report
+
+    run = RunFolder.create(tmp_path, "t", "a: 1\n")
+    run.append_metrics([
+        {"round": r, "site": s, "split": "val", "loss": 0.5, "dice_mean": 0.5 + r / 10,
+         "dice_WT": 0.8 + r / 100, "hd95_WT": 4.0 - r, "dice_ET": 0.6, "hd95_ET": 7.5}
+        for r in (0, 1) for s in ("hospital_a", "hospital_b")
+    ])  # fmt: skip
+    run.close()
+    write_report(run.path, {}, "", [])
+    markdown = (run.path / "report.md").read_text()
+    assert "## Tumour regions, round 1 model (validation)" in markdown
+    assert "| hospital_a | 0.810 | 0.600 | 3.000 | 7.500 |" in markdown
+    assert "HD95 WT (mm)" in (run.path / "report" / "index.html").read_text()
