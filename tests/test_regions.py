@@ -166,3 +166,26 @@ def test_the_report_shows_region_dice_and_hd95_per_site(tmp_path) -> None:
     assert "## Tumour regions, round 1 model (validation)" in markdown
     assert "| hospital_a | 0.810 | 0.600 | 3.000 | 7.500 |" in markdown
     assert "HD95 WT (mm)" in (run.path / "report" / "index.html").read_text()
+
+
+def test_label_values_with_gaps_round_trip_through_training_classes(tmp_path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    from fl_imaging.data.loading import eval_transforms
+    from fl_imaging.regions import class_values, needs_remap
+
+    labels = {0: "background", 1: "necrosis", 2: "oedema", 4: "enhancing"}
+    truth = np.zeros((8, 8, 8), dtype=np.uint8)
+    truth[1:3], truth[3:5], truth[5:7] = 1, 2, 4
+    for name, data in (("img", np.random.default_rng(0).random((8, 8, 8))), ("seg", truth)):
+        nib.save(nib.Nifti1Image(data.astype(np.float32), np.eye(4)), str(tmp_path / f"{name}.nii"))
+    gaps = "+data.labels={0: background, 1: necrosis, 2: oedema, 4: enhancing}"
+    plan = compose("demo", ["data.spacing=null", "data.label_scheme=brats2021", gaps])
+    assert needs_remap(labels) and not needs_remap({0: "bg", 1: "a", 2: "b"})
+    item = eval_transforms(plan.data)({"image": str(tmp_path / "img.nii"),
+                                       "label": str(tmp_path / "seg.nii")})  # fmt: skip
+    classes = item["label"][0].round().long().numpy()
+    assert set(np.unique(classes).tolist()) == {0, 1, 2, 3}  # contiguous: no dead channel
+    back = np.asarray(class_values(labels))[classes]
+    assert np.array_equal(back, truth)  # and the way back is exact
