@@ -28,7 +28,7 @@ from fl_imaging.data.loading import preprocessing
 from fl_imaging.data.manifest import geometry_mismatch
 from fl_imaging.models import build_model
 from fl_imaging.regions import class_values
-from fl_imaging.reporting import read_summary
+from fl_imaging.reporting import CheckpointReadError, load_checkpoint, read_summary
 
 logger = logging.getLogger(__name__)
 _NIFTI = (".nii.gz", ".nii")
@@ -75,9 +75,9 @@ def load_predictor(checkpoint: Path, *, allow_untrained: bool = False) -> Predic
             ``allow_untrained``) it is untrained or from a failed run.
     """
     try:
-        ckpt: dict[str, Any] = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{checkpoint}: cannot read checkpoint ({exc})") from exc
+        ckpt: dict[str, Any] = load_checkpoint(checkpoint)
+    except CheckpointReadError as exc:
+        raise CheckpointError(str(exc)) from exc
     missing = {"state_dict", "config", "labels", "modalities"} - set(ckpt)
     if missing:
         raise CheckpointError(

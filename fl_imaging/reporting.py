@@ -21,6 +21,7 @@ import html
 import json
 import math
 import os
+import pickle
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -158,6 +159,37 @@ class RunFolder:
         torch.save({"state_dict": dict(state_dict), **meta}, tmp)
         os.replace(tmp, path)
         return path
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file is unreadable, corrupt, or holds more than tensors and plain data."""
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A run's checkpoint, loaded with ``torch.load(weights_only=True)``: no code can run.
+
+    A checkpoint holds tensors and plain containers only (fl-imaging writes nothing
+    else), so a crafted file that would execute code on unpickling is refused.
+
+    Raises:
+        CheckpointReadError: one line naming the file: missing, corrupt, foreign or
+            unsafe (written by an older fl-imaging with NumPy server state, or crafted).
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointReadError(f"{path}: no such checkpoint") from exc
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError,
+            UnicodeDecodeError, AttributeError, TypeError) as exc:  # fmt: skip
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointReadError(
+            f"{path}: not a safe fl-imaging checkpoint ({type(exc).__name__}: {first}); it is "
+            f"corrupt, foreign, or holds objects other than tensors and plain data, and is "
+            f"not loaded"
+        ) from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointReadError(f"{path}: not an fl-imaging checkpoint (no state_dict)")
+    return ckpt
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:

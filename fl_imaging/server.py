@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from omegaconf import OmegaConf
@@ -48,8 +47,10 @@ from fl_imaging.regions import regions_of
 from fl_imaging.reporting import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
+    CheckpointReadError,
     RunFolder,
     last_started_run,
+    load_checkpoint,
     read_summary,
     write_cross_site,
     write_report,
@@ -200,7 +201,10 @@ def load_resume_state(run: RunFolder, plan: RunPlan) -> ResumeState:
     last = run.path / CHECKPOINT_DIR / "last.pt"
     if not last.is_file():
         raise ConfigError(f"cannot resume {run.path}: no completed round (no {last.name})")
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    try:
+        ckpt = load_checkpoint(last)
+    except CheckpointReadError as exc:
+        raise ConfigError(f"cannot resume {run.path}: {exc}") from exc
     summary = read_summary(run.path)
     return ResumeState(
         int(ckpt["round"]), ckpt["state_dict"], ckpt.get("strategy_state", {}), summary

@@ -212,6 +212,24 @@ def norm_keys(model: torch.nn.Module) -> set[str]:
     return keys
 
 
+def private_state_dir(state_dir: Path) -> None:
+    """Create the site's state folder readable by its own user only (0700).
+
+    It holds preprocessed patient volumes (the cache), the privacy ledger and logs;
+    with the folder 0700 no other user can read any file in it, whatever its mode.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if state_dir.stat().st_mode & 0o077:
+        try:
+            state_dir.chmod(0o700)
+        except PermissionError:  # e.g. a mount another user owns: say so, do not stop
+            logger.warning(
+                "state folder %s is readable by other users and cannot be made private "
+                "(not its owner): restrict it to the site's service user",
+                state_dir,
+            )
+
+
 def _prepare(
     site: Site, plan: RunPlan, weights: Mapping[str, torch.Tensor], split: str, validate: bool
 ) -> tuple[list[Case], torch.nn.Module]:
@@ -222,6 +240,7 @@ def _prepare(
     """
     if plan.train.threads > 0:
         torch.set_num_threads(plan.train.threads)
+    private_state_dir(site.state_dir)
     manifest = load_site_manifest(site, plan)
     cases = manifest.split(split)
     if validate:

@@ -102,10 +102,45 @@ def _inner(strategy: Strategy) -> Strategy:
     return getattr(strategy, "strategy", strategy)
 
 
+def _as_tensors(value: Any) -> Any:
+    """NumPy arrays (nested in dicts/lists) as torch tensors: what ``weights_only`` loads."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, dict):
+        return {k: _as_tensors(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_as_tensors(v) for v in value]
+    return value
+
+
+def _as_arrays(value: Any) -> Any:
+    """The inverse of :func:`_as_tensors` (Flower's strategies keep NumPy arrays)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if isinstance(value, dict):
+        return {k: _as_arrays(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_arrays(v) for v in value]
+    return value
+
+
 def strategy_state(strategy: Strategy) -> dict[str, Any]:
-    """Server-optimiser state worth checkpointing (FedOpt moments, FedAvgM momentum)."""
+    """Server-optimiser state worth checkpointing (FedOpt moments, FedAvgM momentum).
+
+    Arrays are returned as torch tensors, so that a checkpoint holds only tensors and
+    plain containers and loads with ``torch.load(weights_only=True)`` (no code runs).
+    """
     inner = _inner(strategy)
-    return {a: getattr(inner, a) for a in _STATE_ATTRS if getattr(inner, a, None) is not None}
+    return {
+        a: _as_tensors(getattr(inner, a))
+        for a in _STATE_ATTRS
+        if getattr(inner, a, None) is not None
+    }
 
 
 def restore_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
@@ -114,4 +149,4 @@ def restore_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
     for name, value in state.items():
         if name not in _STATE_ATTRS:
             raise ValueError(f"unknown strategy state {name!r} in checkpoint")
-        setattr(inner, name, value)
+        setattr(inner, name, _as_arrays(value))

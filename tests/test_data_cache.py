@@ -156,3 +156,16 @@ def test_the_cache_stores_float16_images_and_uint8_labels_and_serves_float32(
     full = next(iter(eval_loader(_cases(site, exact, VAL), exact.data, cache_dir=None)))
     assert torch.allclose(batch["image"], full["image"], atol=1e-3)
     assert torch.equal(batch["label"], full["label"])
+
+
+def test_the_state_folder_with_patient_volumes_is_private_to_the_site_user(
+    tiny_plan: RunPlan,
+) -> None:
+    # the audit: cached patient volumes in state/ were world-readable (0644)
+    import stat
+
+    site = resolve_site({"partition-id": 0}, tiny_plan)
+    site.state_dir.mkdir(parents=True, mode=0o755)
+    evaluate_round(site, tiny_plan, new_model(tiny_plan).state_dict())
+    assert stat.S_IMODE(site.state_dir.stat().st_mode) == 0o700
+    assert any(site.state_dir.rglob("*.pt"))  # the cache is inside it

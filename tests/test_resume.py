@@ -96,3 +96,36 @@ def test_resuming_with_another_model_is_refused(
     other = compose("demo", [*overrides, "model=unet_small", "resume=latest"])
     with pytest.raises(ConfigError, match="model config differs"):
         server.load_resume_state(run, other)
+
+
+class _Payload:
+    """Unpickling this runs code (a crafted checkpoint)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (Path.touch, (self.marker,))
+
+
+def test_a_crafted_or_corrupt_checkpoint_is_refused_before_any_code_runs(
+    tiny_sites: list[Path], tmp_path: Path, task_identity: None
+) -> None:
+    # the audit: a crafted last.pt ran code on resume (torch.load weights_only=False); a
+    # corrupt one failed with a raw UnicodeDecodeError that did not name the file
+    overrides = [*tiny_overrides(tiny_sites, tmp_path), "rounds=1", "strategy=fedadam"]
+    plan = compose("demo", overrides)
+    run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
+    server.run_federation(LocalGrid(overrides), plan, run, run_id=1)
+    last = run.path / "checkpoints" / "last.pt"
+    resumed = compose("demo", [*overrides, "resume=latest", "rounds=2"])
+    assert server.load_resume_state(run, resumed).strategy_state  # FedAdam moments load
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": {}, "round": 1, "evil": _Payload(marker)}, last)
+    with pytest.raises(ConfigError, match=rf"cannot resume .*{last.name}: not a safe"):
+        server.load_resume_state(run, resumed)
+    assert not marker.exists()
+    last.write_bytes(b"\\x80\\x02garbage" * 10)
+    with pytest.raises(ConfigError, match=r"last\.pt: not a safe fl-imaging checkpoint") as info:
+        server.load_resume_state(run, resumed)
+    assert "\\n" not in str(info.value)

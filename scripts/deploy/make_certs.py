@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+import os
 import sys
 from pathlib import Path
 
@@ -39,10 +40,16 @@ VALID_DAYS = 365
 
 
 def _write(path: Path, data: bytes, *, private: bool) -> None:
+    """Write ``data``; a private key is created 0600 (never readable by others, even briefly)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    if private:
-        path.chmod(0o600)
+    if not private:
+        path.write_bytes(data)
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
