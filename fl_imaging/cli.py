@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -272,12 +273,22 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from fl_imaging.overlays import render_run_overlays
-    from fl_imaging.reporting import write_report
+    from fl_imaging.reporting import read_summary, write_report
 
     run_dir = Path(args.run_dir).resolve()
     overlays, note = ({}, "") if args.no_overlays else render_run_overlays(run_dir)
     print(write_report(run_dir, overlays, note, _legend(run_dir)))
-    return 0
+    summary = read_summary(run_dir)
+    status = summary.get("status")
+    if status == "running":
+        age = time.time() - (run_dir / "summary.json").stat().st_mtime
+        print(f"warning: summary.json says the run is still running, but it was last written "
+              f"{age / 60:.0f} min ago: if no process runs it any more, it crashed (resume it "
+              f"with resume={run_dir})", file=sys.stderr)  # fmt: skip
+    elif status not in ("finished", None):
+        why = summary.get("failed_sites") or summary.get("error", "")
+        print(f"warning: the run's status is {status!r}: {why}", file=sys.stderr)
+    return 0 if status in ("finished", None) else 1
 
 
 def _legend(run_dir: Path) -> list[tuple[str, str]]:

@@ -65,6 +65,23 @@ class RunOutcome:
         return self.status == "finished:completed"
 
 
+def outputs_problems(plan: RunPlan) -> list[str]:
+    """Whether the run folder can be written, checked before any process starts.
+
+    A read-only or missing outputs folder otherwise fails half a minute later, inside the
+    ServerApp, with a bare ``OSError``.
+    """
+    outputs = plan.resolve_path(plan.paths.outputs)
+    try:
+        outputs.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=outputs, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        return [f"paths.outputs={outputs} is not writable ({exc.strerror or exc}); choose "
+                f"another folder or fix its permissions"]  # fmt: skip
+    return []
+
+
 def flwr_env(project_root: Path) -> dict[str, str]:
     """Environment for ``flwr``: project-local FLWR_HOME, offline runtime, this venv first."""
     env = os.environ.copy()
@@ -200,7 +217,7 @@ def run_simulation(
     items = with_root(split_overrides(overrides), project_root)
     if plan is None:
         plan = compose(experiment, items)  # fail fast, before any process starts
-    problems = check_sites(plan) + strategy_problems(plan)
+    problems = check_sites(plan) + strategy_problems(plan) + outputs_problems(plan)
     if problems:
         raise ConfigError("the configured sites are not usable:\n  - " + "\n  - ".join(problems))
     sim = plan.federation.simulation

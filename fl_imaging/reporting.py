@@ -40,8 +40,12 @@ TENSORBOARD_DIR = "tensorboard"
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no stray .tmp (the old file stays)
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def _json_safe(value: Any) -> Any:

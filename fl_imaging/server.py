@@ -577,9 +577,14 @@ def serve(grid: Grid, context: Context, node_sites: Mapping[int, str] | None = N
     logger.info("run folder: %s", run.path)
     try:
         summary = run_federation(PromptGrid(grid), plan, run, context.run_id, resume, node_sites)
-    except Exception as exc:
-        logger.error("run failed: %s", exc)
-        run.write_summary({**read_summary(run.path), "status": "failed", "error": str(exc)})
+    except BaseException as exc:  # every exit path leaves a status: failed, or crashed
+        status = "failed" if isinstance(exc, Exception) else "crashed"
+        logger.error("run %s: %s", status, exc or type(exc).__name__)
+        try:
+            run.write_summary({**read_summary(run.path), "status": status,
+                               "error": str(exc) or type(exc).__name__})  # fmt: skip
+        except OSError as write_error:
+            logger.error("could not record the %s status: %s", status, write_error)
         raise
     finally:
         run.close()

@@ -117,3 +117,52 @@ def test_tensorboard_gets_round_scalars(tmp_path: Path) -> None:
     events.Reload()
     [scalar] = events.Scalars("dice_mean/val/a")
     assert (scalar.step, scalar.value) == (2, pytest.approx(0.7))
+
+
+def test_report_says_a_stale_running_run_probably_crashed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fl_imaging.cli import main
+
+    run = RunFolder.create(tmp_path, "demo", "data: {labels: {0: bg, 1: a}}\n")
+    run.append_metrics([{"round": 0, "site": "a", "split": "val", "dice_mean": 0.1}])
+    run.write_summary({"status": "running", "rounds_completed": 0})
+    run.close()
+    assert main(["report", str(run.path), "--no-overlays"]) == 1
+    assert "if no process runs it any more, it crashed" in capsys.readouterr().err
+
+
+def test_a_crash_of_the_server_leaves_status_crashed(
+    tiny_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr.app import Context, RecordDict
+
+    from fl_imaging import server
+    from tests.conftest import tiny_overrides
+
+    tiny_plan_overrides = tiny_overrides(tiny_sites, tmp_path)
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(server, "run_federation", interrupted)
+    monkeypatch.setattr(server, "PromptGrid", lambda grid: grid)
+    context = Context(run_id=7, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"experiment": "demo",
+                                  "overrides": " ".join(tiny_plan_overrides)})  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        server.serve(object(), context)  # type: ignore[arg-type]
+    [run_dir] = [p for p in (tmp_path / "outputs").iterdir() if not p.is_symlink()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "crashed"
+
+
+def test_an_unwritable_outputs_folder_is_refused_before_launch(tmp_path: Path) -> None:
+    from fl_imaging.config import compose
+    from fl_imaging.launch import outputs_problems
+
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    plan = compose("demo", [f"paths.root={tmp_path}", f"paths.outputs={blocked / 'outputs'}"])
+    [problem] = outputs_problems(plan)
+    assert f"paths.outputs={blocked / 'outputs'} is not writable" in problem
