@@ -235,6 +235,29 @@ def _privacy_reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from fl_imaging.audit import AUDIT_LOG, audit_table, read_audit
+
+    if args.state_dir is None:
+        sites = {name: state for name, state, _ in _privacy_sites(args)}
+        if args.site not in sites:
+            print(f"error: give --state-dir, or --site with one of {', '.join(sites)}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        state_dir = sites[args.site]
+    else:
+        state_dir = args.state_dir
+    entries = list(read_audit(state_dir))
+    if not entries:
+        print(f"no replies logged in {state_dir / AUDIT_LOG}")
+        return 0
+    for line in (json.dumps(e) for e in entries) if args.json else audit_table(entries):
+        print(line)
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     import nibabel as nib
     import numpy as np
@@ -398,6 +421,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("overrides", nargs="*", help="experiment=NAME and Hydra overrides")
     p.set_defaults(func=_privacy_reset)
+
+    site = sub.add_parser("site", help="a hospital's own view: what its site sent")
+    ssub = site.add_subparsers(dest="site_command", required=True)
+    p = ssub.add_parser("audit", help="every reply the site sent (its outbound audit log)")
+    p.add_argument("--state-dir", type=Path, help="the site's state folder (deployment)")
+    p.add_argument("--site", help="a configured site (its state folder from the config)")
+    p.add_argument("--json", action="store_true", help="the raw JSON lines")
+    p.add_argument("overrides", nargs="*", help="experiment=NAME and Hydra overrides")
+    p.set_defaults(func=_site_audit)
 
     p = sub.add_parser("predict", help="segment NIfTI scans with a run's checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True, help="e.g. RUN/checkpoints/best.pt")

@@ -14,6 +14,7 @@ Ray; with both modules light, Ray starts while the ServerApp imports torch and M
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+from fl_imaging.audit import append_audit, audit_entry, describe_records
 from fl_imaging.compression import codec_of, encode_update
 from fl_imaging.config import RunPlan, compose
 from fl_imaging.logs import setup_logging
@@ -46,7 +48,7 @@ from fl_imaging.protocol import (
     RunConfigKey,
     SiteKey,
 )
-from fl_imaging.wire import to_numpy, to_record, update_records
+from fl_imaging.wire import message_bytes, to_numpy, to_record, update_records
 
 if TYPE_CHECKING:
     from fl_imaging.site import Site
@@ -120,6 +122,36 @@ def _keep_traceback(context: Context, text: str) -> None:
 Handler = Callable[[Message, Context], Message]
 
 
+def _audited(handler: Handler) -> Handler:
+    """Record every reply in the site's outbound audit log before Flower sends it."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        reply = handler(msg, context)
+        try:
+            _, site = _plan_and_site(context)
+        except Exception as exc:  # the site cannot be resolved: the error reply says why
+            logger.warning("outbound audit: no site to log the reply at (%s)", exc)
+            return reply
+        config = msg.content.config_records.get(RecordKey.CONFIG) if msg.has_content() else None
+        server_round = config.get(ConfigKey.SERVER_ROUND) if config is not None else None
+        if reply.has_error():
+            sha = hashlib.sha256(reply.error.reason.encode()).hexdigest()
+            records, error = None, reply.error.reason
+        else:
+            sha, records, error = reply.content.object_id, describe_records(reply.content), None
+        entry = audit_entry(
+            site=site.name, run_id=int(context.run_id),
+            server_round=int(server_round) if server_round is not None else None,
+            message_type=str(msg.metadata.message_type), num_bytes=message_bytes(reply),
+            sha256=sha, records=records, error=error,
+        )  # fmt: skip
+        append_audit(site.state_dir, entry)
+        return reply
+
+    return wrapped
+
+
 def _site_errors(handler: Handler) -> Handler:
     """Reply with a one-line error (type, case, file) instead of a traceback.
 
@@ -179,14 +211,21 @@ def _encode(
 
 
 @app.train()
+@_audited
 @_site_errors
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this site's training cases."""
+    """Train the received global model on this site's training cases (or a SecAgg+ stage)."""
     from fl_imaging.secure_aggregation import is_secure_message, secure_train
+
+    if is_secure_message(msg):  # a SecAgg+ stage: Flower's secaggplus_mod wraps the training
+        return secure_train(msg, context, _plan_and_site(context)[0], train_step)
+    return train_step(msg, context)
+
+
+def train_step(msg: Message, context: Context) -> Message:
+    """The plain training reply (SecAgg+'s masked-vector stage masks the update it holds)."""
     from fl_imaging.site import evaluate_round, train_round
 
-    if is_secure_message(msg):  # a SecAgg+ stage: Flower's secaggplus_mod wraps this handler
-        return secure_train(msg, context, _plan_and_site(context)[0], train)
     plan, site = _plan_and_site(context)
     config = msg.content[RecordKey.CONFIG]
     server_round = int(config.get(ConfigKey.SERVER_ROUND, 0))
@@ -247,6 +286,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.query()
+@_audited
 @_site_errors
 def identify(msg: Message, context: Context) -> Message:
     """Name this site (the server asks once per run, so it can name a site that fails)."""
@@ -257,6 +297,7 @@ def identify(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_audited
 @_site_errors
 def evaluate(msg: Message, context: Context) -> Message:
     """Dice of the received global model on this site's validation cases."""

@@ -29,7 +29,7 @@ from fl_imaging.launch import local_superlink_pids, run_simulation
 from fl_imaging.reporting import RunFolder, read_metrics
 from fl_imaging.secure_aggregation import SecureAggregationError
 from fl_imaging.site import new_model
-from fl_imaging.wire import read_update
+from fl_imaging.wire import message_bytes, read_update
 from tests.conftest import REPO_ROOT, tiny_overrides
 from tests.local_grid import LocalGrid
 
@@ -415,3 +415,22 @@ def test_flwr_run_with_secaggplus_trains_every_site_and_finishes(
             for r in (0, 2)}  # fmt: skip
     assert sum(dice[2]) > sum(dice[0])
     assert local_superlink_pids(flwr_home) == []
+
+
+def test_every_secure_aggregation_reply_is_in_the_sites_audit_log(
+    plain_and_secure: tuple[Federation, Federation],
+) -> None:
+    from fl_imaging.audit import read_audit
+
+    _, secure = plain_and_secure
+    logged = {
+        e["sha256"]: e
+        for site in secure.plan.federation.sites
+        for e in read_audit(secure.plan.site_state_dir(site))
+    }
+    for reply in secure.grid.inbox:  # as the server received them
+        entry = logged[reply.content.object_id]
+        assert entry["bytes"] == message_bytes(reply)
+        if stage_of_reply(reply) == "masked":  # the masked vector: no array, only its size
+            assert all(not record for record in entry["arrays"].values())
+            assert str(entry["configs"][RECORD_KEY_CONFIGS]["masked_params"][0]).endswith("bytes>")
