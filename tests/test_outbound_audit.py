@@ -3,6 +3,7 @@ and no array of any reply could hold an image or label volume of the site."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from fl_imaging.cli import main
 from fl_imaging.config import RunPlan, compose, plan_to_yaml
 from fl_imaging.data.manifest import load_manifest
 from fl_imaging.reporting import RunFolder
+from fl_imaging.site import new_model
 from fl_imaging.wire import message_bytes
 from tests.conftest import tiny_overrides
 from tests.local_grid import LocalGrid
@@ -63,15 +65,20 @@ def test_every_reply_is_logged_at_its_site_with_the_hash_the_server_sees(
     server.run_federation(grid, plan, run, run_id=1)
 
     shapes = volume_shapes(plan)
+    weights = sum(t.numel() for t in new_model(plan).state_dict().values())
     logged: list[tuple[int, str, int]] = []
     for node, site in enumerate(plan.federation.sites, start=1):
         entries = list(read_audit(plan.site_state_dir(site)))
         assert entries and all(e["site"] == site.name for e in entries)
         logged += [(node, e["sha256"], e["bytes"]) for e in entries]
         for entry in entries:
+            elements = 0
             for record in entry["arrays"].values():
                 for name, shape in record.items():
                     assert tuple(shape[-3:]) not in shapes, (site.name, name, shape)
+                    elements += math.prod(shape)
+            # no more numbers than the model's weights (plus the int8 codec's block scales)
+            assert elements <= weights * (1 + 1 / 256) + 64, (site.name, entry["message_type"])
         reports_epsilon = any("epsilon_spent" in e for e in entries)
         assert reports_epsilon == (site.name == "hospital_a" and "privacy.delta=1e-3" in extra)
     assert sorted(logged) == sorted(grid.seen)  # every reply, nothing else, same hash and size
