@@ -188,6 +188,21 @@ def _privacy_status(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _privacy_plan(args: argparse.Namespace) -> int:
+    from fl_imaging.config import compose
+    from fl_imaging.privacy.planning import plan_lines
+    from fl_imaging.site import privacy_plans
+
+    experiment, overrides = split_experiment(args.overrides)
+    plans = privacy_plans(compose(experiment, with_root(overrides, Path.cwd())))
+    if not plans:
+        print(f"experiment {experiment!r} has no private site (no federation.sites[*].privacy)")
+        return 0
+    for line in plan_lines(plans):
+        print(line)
+    return 0
+
+
 def _privacy_reset(args: argparse.Namespace) -> int:
     import getpass
 
@@ -415,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = psub.add_parser("status", help="epsilon spent and left per site")
     p.add_argument("overrides", nargs="*", help="experiment=NAME and Hydra overrides")
     p.set_defaults(func=_privacy_status)
+    p = psub.add_parser("plan", help="before training: each private site's DP-SGD plan")
+    p.add_argument("overrides", nargs="*", help="experiment=NAME and Hydra overrides")
+    p.set_defaults(func=_privacy_plan)
     p = psub.add_parser("reset", help="archive a site's ledger (asks to confirm, audited)")
     p.add_argument("--site", required=True)
     p.add_argument("--reason", default="", help="recorded in the audit trail")

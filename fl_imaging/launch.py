@@ -35,8 +35,9 @@ from pathlib import Path
 
 from fl_imaging.bundle import stage_app
 from fl_imaging.config import ConfigError, RunPlan, compose, split_overrides, with_root
+from fl_imaging.privacy.planning import plan_lines
 from fl_imaging.reporting import find_run
-from fl_imaging.site import check_sites
+from fl_imaging.site import check_sites, privacy_plans
 from fl_imaging.strategies import strategy_problems
 
 logger = logging.getLogger(__name__)
@@ -220,6 +221,11 @@ def run_simulation(
     problems = check_sites(plan) + strategy_problems(plan) + outputs_problems(plan)
     if problems:
         raise ConfigError("the configured sites are not usable:\n  - " + "\n  - ".join(problems))
+    plans = privacy_plans(plan)
+    if plans:  # what each private site will run (fl-imaging privacy plan)
+        logger.info("DP-SGD plan of the private sites (at their first round):")
+        for line in plan_lines(plans):
+            (logger.warning if line.startswith("warning:") else logger.info)("%s", line)
     sim = plan.federation.simulation
     federation_config = (
         f"num-supernodes={sim.num_supernodes or len(plan.federation.sites)} "

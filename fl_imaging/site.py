@@ -42,8 +42,10 @@ from fl_imaging.privacy.ledger import (
     has_ledger,
     ledger_lock,
     open_ledger,
+    read_ledger,
     save_ledger,
 )
+from fl_imaging.privacy.planning import SitePrivacyPlan, plan_site
 from fl_imaging.privacy.policy import PrivacyRequest, find_policy, noise_refusal, refusal
 from fl_imaging.protocol import NodeConfigKey
 from fl_imaging.regions import class_values, regions_as_classes, regions_of
@@ -520,3 +522,29 @@ def evaluate_round(
     )
     per_label = {values[i]: dice for i, dice in result.dice_per_class.items()}
     return dataclasses.replace(result, dice_per_class=per_label)
+
+
+def privacy_plans(plan: RunPlan) -> list[SitePrivacyPlan]:
+    """The pre-flight DP-SGD plan of every private configured site (docs: privacy plan).
+
+    The same figures the site computes at its first round of the run: its manifest's
+    training cases, the run's batch size and epochs, its ledger's history if it has one.
+    """
+    plans = []
+    for site in configured_sites(plan):
+        budget = site.config.privacy
+        if budget.epsilon is None:
+            continue
+        num_train = len(load_site_manifest(site, plan).split(TRAIN))
+        ledger = read_ledger(site.state_dir)
+        plans.append(
+            plan_site(
+                site=site.name, num_train=num_train,
+                batch_size=site.config.batch_size or plan.train.batch_size,
+                epochs=site.config.local_epochs or plan.train.local_epochs,
+                rounds=plan.rounds, epsilon=float(budget.epsilon),
+                delta=site_delta(site, plan, num_train), accountant=plan.privacy.accountant,
+                history=ledger.history if ledger is not None else (),
+            )
+        )  # fmt: skip
+    return plans

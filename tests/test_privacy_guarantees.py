@@ -20,6 +20,7 @@ from opacus.optimizers import optimizer as opacus_optimizer
 from fl_imaging import server
 from fl_imaging.cli import main
 from fl_imaging.config import ConfigError, RunPlan, compose, plan_to_yaml
+from fl_imaging.data.manifest import load_manifest
 from fl_imaging.privacy import dp_sgd, randomness
 from fl_imaging.privacy.accounting import default_delta, epsilon_of
 from fl_imaging.privacy.ledger import (
@@ -396,3 +397,42 @@ def test_a_delta_not_below_one_over_the_cohort_is_refused_at_the_site(
                     "federation.sites.0.privacy.delta=0.9")  # fmt: skip
     with pytest.raises(ConfigError, match=r"site hospital_a: delta=0.9 must be below 1/"):
         train(site_a(plan), plan)
+
+
+# ------------------------------------------------------------- the pre-flight plan
+
+
+def test_the_privacy_plan_equals_opacus_and_the_training_that_runs(
+    private_plan: RunPlan, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from fl_imaging.privacy.planning import plan_lines
+    from fl_imaging.site import privacy_plans
+
+    [plan] = privacy_plans(private_plan)
+    site = site_a(private_plan)
+    num_train = len(load_manifest(site.manifest).split("train"))
+    steps_per_epoch = -(-num_train // private_plan.train.batch_size)
+    assert (plan.num_train, plan.sample_rate) == (num_train, 1 / steps_per_epoch)
+    # an independent recount with Opacus' own functions
+    sigma = get_noise_multiplier(target_epsilon=8.0, target_delta=1e-3,
+                                 sample_rate=1 / steps_per_epoch, steps=plan.total_steps,
+                                 accountant="rdp", epsilon_tolerance=0.01)  # fmt: skip
+    assert plan.noise_multiplier == pytest.approx(sigma)
+    recount = RDPAccountant()
+    recount.history = [(sigma, 1 / steps_per_epoch, plan.steps_per_round)]
+    assert plan.epsilon_per_round[0] == pytest.approx(recount.get_epsilon(delta=1e-3))
+    assert plan.epsilon_per_round[-1] <= 8.0
+    # the site plans exactly this when its first round starts
+    train(site, private_plan)
+    ledger = read_ledger(site.state_dir)
+    assert ledger is not None and ledger.plan is not None
+    assert ledger.plan.noise_multiplier == pytest.approx(plan.noise_multiplier)
+    assert ledger.epsilon_spent == pytest.approx(plan.epsilon_per_round[0])
+    overrides = [f"paths.root={private_plan.paths.root}", *_sites(private_plan), *PRIVATE_A]
+    assert main(["privacy", "plan", "experiment=demo", "rounds=3", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:3] == ["site", "cases", "batch"]
+    assert "hospital_a" in out and "warning: site hospital_a: the noise" in out
+    assert plan_lines([plan])[1].split()[0] == "hospital_a"

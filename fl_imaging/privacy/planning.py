@@ -1,0 +1,140 @@
+"""Pre-flight privacy plan: what DP-SGD a private site will run, before any training.
+
+For each private site, from its manifest and the run plan, the same figures the site
+computes when its first round starts (:func:`fl_imaging.site.train_round`): training
+cases ``N``, batch ``B``, steps per epoch ``ceil(N / B)`` and so the Poisson sampling rate
+``q = 1 / steps per epoch``, steps per round and in all, the noise multiplier the
+accountant needs for what is left of the budget, and the epsilon after each round.
+
+``noise_to_signal`` is the noise std on the *averaged* gradient relative to the
+clipping norm, ``sigma / (q N)``: every weight of each step's update gets Gaussian noise
+of that many clipping norms. Every private run measured on this project did not learn:
+``demo_private`` (0.71-0.91 per site, final Dice 0.08) and ``hippocampus_private``
+(0.071, 0.12 and 1.07; final Dice 0.037, docs/RESULTS.md). A site at or above
+:data:`NOISY` is warned about, with what would lower it. No private run that learned
+has been measured yet, so the boundary may well lie lower.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fl_imaging.privacy.accounting import History, epsilon_of, noise_for_budget
+
+# noise std on the averaged gradient, in clipping norms: the lowest of the private sites
+# measured here (hippocampus_private B_float), none of which learned
+NOISY = 0.07
+
+
+@dataclass(frozen=True)
+class SitePrivacyPlan:
+    """The DP-SGD a private site will run in this run (before it trains)."""
+
+    site: str
+    num_train: int
+    batch_size: int
+    sample_rate: float
+    steps_per_round: int
+    total_steps: int
+    rounds: int
+    epsilon_budget: float
+    delta: float
+    accountant: str
+    already_spent: float
+    noise_multiplier: float | None  # None: the budget is already spent
+    epsilon_per_round: list[float] = field(default_factory=list)
+
+    @property
+    def expected_batch(self) -> float:
+        """Patients per step on average (Poisson sampling: q N)."""
+        return self.sample_rate * self.num_train
+
+    @property
+    def noise_to_signal(self) -> float | None:
+        """Noise std on the averaged gradient per weight, in clipping norms: sigma / (q N)."""
+        if self.noise_multiplier is None:
+            return None
+        return self.noise_multiplier / self.expected_batch
+
+    def warnings(self) -> list[str]:
+        """What in this plan is known not to learn, and what would change it."""
+        if self.noise_multiplier is None:
+            return [f"site {self.site}: its budget is spent ({self.already_spent:.3f} of "
+                    f"{self.epsilon_budget:g}); it will not train"]  # fmt: skip
+        ratio = self.noise_to_signal
+        if ratio is None or ratio < NOISY:
+            return []
+        return [
+            f"site {self.site}: the noise on each averaged gradient is {ratio:.2f} clipping "
+            f"norms per weight (sigma {self.noise_multiplier:.2f} / {self.expected_batch:.1f} "
+            f"patients per step); private runs at {NOISY:g} or more did not learn here. Larger "
+            f"batches (batch_size up to its {self.num_train} cases: q near 1), fewer rounds "
+            f"or local epochs, or a larger epsilon lower it"
+        ]
+
+
+def plan_site(
+    *,
+    site: str,
+    num_train: int,
+    batch_size: int,
+    epochs: int,
+    rounds: int,
+    epsilon: float,
+    delta: float,
+    accountant: str,
+    history: Sequence[Sequence[float]] = (),
+) -> SitePrivacyPlan:
+    """The plan of one private site, as its first round of the run will compute it.
+
+    ``history`` is the site's ledger history (earlier runs): the noise is planned for
+    what is left, as the site does.
+    """
+    steps_per_epoch = math.ceil(num_train / batch_size)
+    sample_rate = 1.0 / steps_per_epoch
+    steps = epochs * steps_per_epoch
+    prior: History = [(float(s), float(q), int(n)) for s, q, n in history]
+    spent = epsilon_of(prior, delta=delta, accountant=accountant)
+    try:
+        sigma: float | None = noise_for_budget(
+            history=prior, epsilon=epsilon, delta=delta, sample_rate=sample_rate,
+            steps=steps * rounds, accountant=accountant,
+        )  # fmt: skip
+    except ValueError:
+        sigma = None
+    per_round = []
+    if sigma is not None:
+        per_round = [
+            epsilon_of(
+                [*prior, (sigma, sample_rate, steps * r)], delta=delta, accountant=accountant
+            )
+            for r in range(1, rounds + 1)
+        ]
+    return SitePrivacyPlan(
+        site=site, num_train=num_train, batch_size=batch_size, sample_rate=sample_rate,
+        steps_per_round=steps, total_steps=steps * rounds, rounds=rounds,
+        epsilon_budget=epsilon, delta=delta, accountant=accountant, already_spent=spent,
+        noise_multiplier=sigma, epsilon_per_round=per_round,
+    )  # fmt: skip
+
+
+def plan_lines(plans: Sequence[SitePrivacyPlan]) -> list[str]:
+    """The table ``fl-imaging privacy plan`` and ``fl-imaging run`` print."""
+    lines = [
+        f"{'site':<18} {'cases':>5} {'batch':>5} {'q':>6} {'steps/rd':>8} {'steps':>6} "
+        f"{'sigma':>7} {'noise/C':>7} {'epsilon':>8} {'delta':>8}  epsilon after each round"
+    ]
+    for p in plans:
+        sigma = f"{p.noise_multiplier:.3f}" if p.noise_multiplier is not None else "spent"
+        ratio = f"{p.noise_to_signal:.3f}" if p.noise_to_signal is not None else "-"
+        rounds = " ".join(f"{e:.2f}" for e in p.epsilon_per_round)
+        lines.append(
+            f"{p.site:<18} {p.num_train:>5} {p.batch_size:>5} {p.sample_rate:>6.3f} "
+            f"{p.steps_per_round:>8} {p.total_steps:>6} {sigma:>7} {ratio:>7} "
+            f"{p.epsilon_budget:>8g} {p.delta:>8.1g}  {rounds}"
+        )
+    for p in plans:
+        lines += [f"warning: {w}" for w in p.warnings()]
+    return lines
