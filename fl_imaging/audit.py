@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from fl_imaging.private_files import append_private
 
 AUDIT_LOG = "outbound_audit.jsonl"
 
@@ -91,12 +92,7 @@ def audit_entry(
 
 def append_audit(state_dir: Path, entry: Mapping[str, Any]) -> None:
     """Append ``entry`` to the site's audit log (created 0600; the folder 0700)."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(state_dir / AUDIT_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a") as fh:
-        fh.write(json.dumps(entry, sort_keys=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    append_private(state_dir / AUDIT_LOG, json.dumps(entry, sort_keys=False) + "\n")
 
 
 def read_audit(state_dir: Path) -> Iterator[dict[str, Any]]:

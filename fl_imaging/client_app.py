@@ -17,7 +17,6 @@ import functools
 import hashlib
 import logging
 import math
-import os
 import time
 import traceback
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from fl_imaging.compression import codec_of, encode_update
 from fl_imaging.config import RunPlan, compose
 from fl_imaging.logs import setup_logging
 from fl_imaging.privacy.policy import REFUSED_BY_POLICY
+from fl_imaging.private_files import append_private
 from fl_imaging.protocol import (
     ConfigKey,
     MetricKey,
@@ -103,18 +103,10 @@ def short_reason(exc: BaseException) -> str:
 
 def _keep_traceback(context: Context, text: str) -> None:
     """Append the traceback to the site's own ``site_errors.log`` (never sent)."""
-    from fl_imaging.site import resolve_site
-
     try:
-        plan = compose(
-            str(context.run_config.get(RunConfigKey.EXPERIMENT, "")),
-            str(context.run_config.get(RunConfigKey.OVERRIDES, "")),
-        )
-        state_dir = resolve_site(context.node_config, plan).state_dir
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(state_dir / ERRORS_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "a") as fh:
-            fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} run {context.run_id}\n{text}\n")
+        _, site = _plan_and_site(context)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        append_private(site.state_dir / ERRORS_FILE, f"--- {stamp} run {context.run_id}\n{text}\n")
     except Exception as exc:  # the site's reply must still go out
         logger.warning("could not keep the traceback in the site's %s: %s", ERRORS_FILE, exc)
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_imaging.privacy.accounting import History, epsilon_of
+from fl_imaging.private_files import append_private, private_dir, write_private
 
 LEDGER_FILE = "privacy_ledger.json"
 MARKER_FILE = "privacy_ledger.head"
@@ -126,20 +127,6 @@ def _marker(state_dir: Path) -> dict[str, Any] | None:
             f"{path}: the ledger marker is unreadable ({exc}); the site cannot tell whether "
             f"its ledger is the latest. Reset with `fl-imaging privacy reset` (audited)"
         ) from exc
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_ledger(state_dir: Path) -> Ledger | None:
@@ -247,7 +234,6 @@ def save_ledger(state_dir: Path, ledger: Ledger) -> None:
 
     Files are created readable by the site's user only (0600; the folder 0700).
     """
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     doc = {"version": _VERSION, **asdict(ledger)}
     doc["history"] = [list(h) for h in ledger.history]
     body = {k: v for k, v in doc.items() if k not in _UNHASHED}
@@ -256,10 +242,10 @@ def save_ledger(state_dir: Path, ledger: Ledger) -> None:
     ledger.digest = _digest(prev, body)
     doc = {**body, "prev_digest": prev, "digest": ledger.digest,
            "epsilon_spent": ledger.epsilon_spent}  # fmt: skip  # for readers; recomputed on load
-    _write_atomic(ledger_path(state_dir), json.dumps(doc, indent=1) + "\n")
+    write_private(ledger_path(state_dir), json.dumps(doc, indent=1) + "\n")
     marker = {"site": ledger.site, "digest": ledger.digest, "epsilon_spent": doc["epsilon_spent"],
               "time": time.time()}  # fmt: skip
-    _write_atomic(state_dir / MARKER_FILE, json.dumps(marker) + "\n")
+    write_private(state_dir / MARKER_FILE, json.dumps(marker) + "\n")
 
 
 @contextlib.contextmanager
@@ -273,7 +259,7 @@ def ledger_lock(state_dir: Path, *, site: str, timeout: float) -> Iterator[None]
     Raises:
         LedgerBusyError: the lock is still held after ``timeout`` seconds.
     """
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(state_dir)
     path = state_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     deadline = time.monotonic() + timeout
@@ -331,9 +317,5 @@ def reset_ledger(state_dir: Path, *, operator: str, reason: str) -> Path | None:
         **found,
         "archived_to": archive.name if archive.exists() else None,
     }
-    fd = os.open(state_dir / AUDIT_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a") as fh:
-        fh.write(json.dumps(event) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    append_private(state_dir / AUDIT_FILE, json.dumps(event) + "\n")
     return archive if archive.exists() else None
