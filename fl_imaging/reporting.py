@@ -81,7 +81,7 @@ class RunFolder:
         return folder
 
     @classmethod
-    def reopen(cls, path: Path, outputs: Path) -> RunFolder:
+    def reopen(cls, path: Path) -> RunFolder:
         """An existing run folder (to resume it); ``outputs/latest`` moves once it completes."""
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{path}: not a run folder (no {CONFIG_FILE})")

@@ -570,7 +570,7 @@ def serve(grid: Grid, context: Context, node_sites: Mapping[int, str] | None = N
         # latest: the most recently active run folder (a failed run is not outputs/latest)
         target = last_started_run(outputs) if plan.resume == "latest" else plan.resolve_path(
             plan.resume)  # fmt: skip
-        run = RunFolder.reopen(target.resolve(), outputs)
+        run = RunFolder.reopen(target.resolve())
         resume = load_resume_state(run, plan)
     else:
         run = RunFolder.create(outputs, plan.name, plan_to_yaml(plan))

@@ -46,7 +46,14 @@ from fl_imaging.privacy.ledger import (
     save_ledger,
 )
 from fl_imaging.privacy.planning import SitePrivacyPlan, plan_site
-from fl_imaging.privacy.policy import PrivacyRequest, find_policy, noise_refusal, refusal
+from fl_imaging.privacy.policy import (
+    PrivacyRequest,
+    SitePolicy,
+    find_policy,
+    noise_refusal,
+    refusal,
+)
+from fl_imaging.private_files import private_dir
 from fl_imaging.protocol import NodeConfigKey
 from fl_imaging.regions import class_values, regions_as_classes, regions_of
 from fl_imaging.training import EvalResult, TrainResult, evaluate, select_device, train_local
@@ -214,36 +221,24 @@ def norm_keys(model: torch.nn.Module) -> set[str]:
     return keys
 
 
-def private_state_dir(state_dir: Path) -> None:
-    """Create the site's state folder readable by its own user only (0700).
-
-    It holds preprocessed patient volumes (the cache), the privacy ledger and logs;
-    with the folder 0700 no other user can read any file in it, whatever its mode.
-    """
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if state_dir.stat().st_mode & 0o077:
-        try:
-            state_dir.chmod(0o700)
-        except PermissionError:  # e.g. a mount another user owns: say so, do not stop
-            logger.warning(
-                "state folder %s is readable by other users and cannot be made private "
-                "(not its owner): restrict it to the site's service user",
-                state_dir,
-            )
-
-
 def _prepare(
-    site: Site, plan: RunPlan, weights: Mapping[str, torch.Tensor], split: str, validate: bool
+    site: Site,
+    plan: RunPlan,
+    weights: Mapping[str, torch.Tensor],
+    split: str,
+    validate: bool,
+    manifest: Manifest | None = None,
 ) -> tuple[list[Case], torch.nn.Module]:
     """The site's cases of ``split`` (checked when ``validate``) and the model with ``weights``.
 
-    With ``strategy.local_norm`` (FedBN) the site's own normalisation tensors, kept in
-    its state folder, replace the global ones.
+    ``manifest``: the site's manifest when the caller has loaded it already. With
+    ``strategy.local_norm`` (FedBN) the site's own normalisation tensors, kept in its
+    state folder, replace the global ones.
     """
     if plan.train.threads > 0:
         torch.set_num_threads(plan.train.threads)
-    private_state_dir(site.state_dir)
-    manifest = load_site_manifest(site, plan)
+    private_dir(site.state_dir)  # patient caches, ledger, logs: readable by the site only
+    manifest = manifest or load_site_manifest(site, plan)
     cases = manifest.split(split)
     if validate:
         require_valid(manifest, cases)
@@ -323,19 +318,13 @@ def _refused(prefix: str, reason: str) -> RoundOutcome:
     return RoundOutcome(None, None, None, refusal=reason)
 
 
-def privacy_refusal(site: Site, plan: RunPlan, num_train: int, epochs: int) -> str | None:
+def privacy_refusal(site: Site, request: PrivacyRequest, policy: SitePolicy | None) -> str | None:
     """Why the site refuses to train in this run (None: it trains).
 
     The site's own policy (:mod:`fl_imaging.privacy.policy`) is checked against what
     the run asks; a site that has a privacy ledger never trains without DP-SGD (that
     would void the guarantee its ledger accounts for) until an audited reset.
-
-    Raises:
-        PolicyError: the site's policy file is missing or invalid.
-        LedgerError: the site's ledger fails its checks.
     """
-    request = privacy_request(site, plan, num_train, epochs)
-    policy = find_policy(str(site.policy_file) if site.policy_file else None, site.state_dir)
     if policy is not None:
         reason = refusal(policy, request)
         if reason:
@@ -379,11 +368,14 @@ def train_round(
     """
     epochs = epochs or site.config.local_epochs or plan.train.local_epochs
     prefix = f"[{site.name} r{server_round}] "
-    num_train = len(load_site_manifest(site, plan).split(TRAIN))
-    reason = privacy_refusal(site, plan, num_train, epochs)
+    manifest = load_site_manifest(site, plan)
+    request = privacy_request(site, plan, len(manifest.split(TRAIN)), epochs)
+    # the hospital's policy, read once per round (PolicyError: missing or invalid file)
+    policy = find_policy(site.policy_file, site.state_dir)
+    reason = privacy_refusal(site, request, policy)
     if reason:
         return _refused(prefix, reason)
-    cases, model = _prepare(site, plan, weights, TRAIN, validate_data)
+    cases, model = _prepare(site, plan, weights, TRAIN, validate_data, manifest)
     seed = plan.seed * 1_000_003 + server_round * 1009 + site.index
     batch_size = site.config.batch_size or plan.train.batch_size
     if site.config.privacy.epsilon is not None:
@@ -394,7 +386,10 @@ def train_round(
         # the whole private round holds the site's privacy lock: no second training of
         # this site can release weights the ledger does not record
         with ledger_lock(site.state_dir, site=site.name, timeout=plan.privacy.lock_timeout):
-            return _train_private(site, plan, model, loader, epochs, server_round, run_id, prefix)
+            return _train_private(
+                site, plan, model, loader, epochs, server_round, run_id, prefix,
+                request=request, policy=policy,
+            )  # fmt: skip
     loader = train_loader(
         cases, plan.data, batch_size=batch_size, seed=seed, cache_dir=cache_dir(site, plan, TRAIN)
     )
@@ -422,22 +417,26 @@ def _train_private(
     server_round: int,
     run_id: str,
     prefix: str,
+    *,
+    request: PrivacyRequest,
+    policy: SitePolicy | None,
 ) -> RoundOutcome:
     """DP-SGD round, run under the site's privacy lock (:func:`ledger_lock`).
 
     Plan the run's noise once, refuse if over budget, train, record in the ledger.
+    ``request`` is what the run asks (:func:`privacy_request`), already checked
+    against the site's ``policy``; the policy's noise floor is checked here.
     """
-    budget = site.config.privacy
-    epsilon = float(budget.epsilon)  # type: ignore[arg-type]
+    epsilon = float(request.epsilon)  # type: ignore[arg-type]
+    delta = float(request.delta)  # type: ignore[arg-type]
+    max_grad_norm = float(request.max_grad_norm)  # type: ignore[arg-type]
+    accountant = request.accountant
     num_train = len(loader.dataset)
-    delta = site_delta(site, plan, num_train)
     if delta >= 1 / num_train:
         raise ConfigError(
             f"site {site.name}: delta={delta:g} must be below 1/{num_train} (1 / the site's "
             f"training cases), or a single patient's record could leak"
         )
-    max_grad_norm = budget.max_grad_norm or plan.privacy.max_grad_norm
-    accountant = plan.privacy.accountant
     ledger = open_ledger(
         site.state_dir, site=site.name, epsilon=epsilon, delta=delta, accountant=accountant
     )
@@ -476,7 +475,6 @@ def _train_private(
             prefix, sigma, sample_rate, steps, rounds_left, epsilon, delta, ledger.epsilon_spent,
         )  # fmt: skip
     sigma = ledger.plan.noise_multiplier  # type: ignore[union-attr]
-    policy = find_policy(str(site.policy_file) if site.policy_file else None, site.state_dir)
     too_little_noise = noise_refusal(policy, sigma)
     if too_little_noise:
         return _refused(prefix, too_little_noise)
@@ -532,18 +530,18 @@ def privacy_plans(plan: RunPlan) -> list[SitePrivacyPlan]:
     """
     plans = []
     for site in configured_sites(plan):
-        budget = site.config.privacy
-        if budget.epsilon is None:
+        if site.config.privacy.epsilon is None:
             continue
         num_train = len(load_site_manifest(site, plan).split(TRAIN))
+        epochs = site.config.local_epochs or plan.train.local_epochs
+        request = privacy_request(site, plan, num_train, epochs)  # what train_round asks
         ledger = read_ledger(site.state_dir)
         plans.append(
             plan_site(
                 site=site.name, num_train=num_train,
-                batch_size=site.config.batch_size or plan.train.batch_size,
-                epochs=site.config.local_epochs or plan.train.local_epochs,
-                rounds=plan.rounds, epsilon=float(budget.epsilon),
-                delta=site_delta(site, plan, num_train), accountant=plan.privacy.accountant,
+                batch_size=site.config.batch_size or plan.train.batch_size, epochs=epochs,
+                rounds=plan.rounds, epsilon=float(request.epsilon),  # type: ignore[arg-type]
+                delta=float(request.delta), accountant=request.accountant,  # type: ignore[arg-type]
                 history=ledger.history if ledger is not None else (),
             )
         )  # fmt: skip

@@ -71,7 +71,7 @@ def test_a_killed_run_resumes_without_losing_or_repeating_rounds(
 
     resumed_plan = compose("demo", [*overrides, "resume=latest"])
     # resume=latest: the most recently active run (outputs/latest moves only on completion)
-    reopened = RunFolder.reopen(last_started_run(tmp_path / "outputs"), tmp_path / "outputs")
+    reopened = RunFolder.reopen(last_started_run(tmp_path / "outputs"))
     state = server.load_resume_state(reopened, resumed_plan)
     assert state.last_round == last_round
     summary = server.run_federation(LocalGrid(overrides), resumed_plan, reopened, 2, state)

@@ -116,15 +116,15 @@ def load_policy(path: Path) -> SitePolicy:
     return SitePolicy(**values, source=str(path))
 
 
-def find_policy(named: str | None, state_dir: Path) -> SitePolicy | None:
+def find_policy(named: Path | None, state_dir: Path) -> SitePolicy | None:
     """The site's policy: the file ``named`` by its node config, else its state folder's.
 
     Raises:
         PolicyError: ``named`` does not exist (a hospital that names a policy must not
             train without it), or the file is invalid.
     """
-    if named:
-        path = Path(named).expanduser()
+    if named is not None:
+        path = named.expanduser()
         if not path.is_file():
             raise PolicyError(
                 f"privacy policy {path} (node_config privacy-policy) does not exist; the "
