@@ -37,7 +37,8 @@ KNOWN_STRATEGIES = (
 )  # fmt: skip
 KNOWN_ACCOUNTANTS = ("rdp", "prv", "gdp")
 KNOWN_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
-KNOWN_NORMS = ("instance", "batch")
+KNOWN_NORMS = ("instance", "group", "batch")
+KNOWN_OPTIMIZERS = ("adam", "sgd")
 KNOWN_ACTS = ("relu", "prelu", "leakyrelu")
 
 
@@ -124,6 +125,17 @@ class PrivacyConfig:
     # seconds a private round waits for another training of the same site (same state
     # folder) to release the privacy lock before it is refused
     lock_timeout: float = 60.0
+    # augmentation multiplicity: K augmented views of each sampled patient, their
+    # gradients averaged before clipping (still one clipped contribution per patient
+    # per step); K times the compute of a step
+    augmentations: int = 1
+    # at most this many cases (times augmentations) through the network at once: larger
+    # Poisson batches are split and their clipped gradients summed before the one noisy
+    # step (Opacus' BatchMemoryManager; same privacy, bounded memory); 0: no limit
+    max_physical_batch: int = 16
+    # private fine-tuning: train only parameters whose name starts with one of these
+    # (e.g. ["model.2"] for the output stage); empty: all. Frozen weights carry no noise
+    trainable: list[str] = field(default_factory=list)
     central: CentralDPConfig = field(default_factory=CentralDPConfig)
 
 
@@ -141,6 +153,13 @@ class ModelConfig:
     # (fl_imaging.privacy.grad_samplers), so the activation is not what DP-SGD costs
     act: str = "prelu"
     dropout: float = 0.0
+    # groups of model.norm=group (GroupNorm): must divide every entry of channels and
+    # the number of classes (1: statistics over all channels of a layer)
+    num_groups: int = 1
+    # start the run from these weights (a run folder's checkpoint, e.g.
+    # outputs/<run>/checkpoints/last.pt, or a saved state dict) instead of a fresh
+    # initialisation; they must fit this model config
+    init_checkpoint: str | None = None
 
 
 @dataclass
@@ -185,9 +204,17 @@ class TrainConfig:
     """Local training of one site in one round."""
 
     local_epochs: int = 1
+    # cases per step; 0: all of the site's training cases (one step per epoch; under
+    # DP-SGD a Poisson sampling rate of 1, the least noise per step)
     batch_size: int = 2
     lr: float = 1e-3
     weight_decay: float = 0.0
+    # adam or sgd (with momentum); DP-SGD sites learn with sgd (docs/RESULTS.md)
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    # end each local round with the exponential moving average of the weights over
+    # its steps (e.g. 0.9); null: the last weights
+    ema_decay: float | None = None
     threads: int = 1
     # site progress lines: "epoch" (one per local epoch) or "round" (one per round,
     # quieter with many sites)
@@ -547,10 +574,30 @@ def validate(plan: RunPlan) -> list[str]:
         problems.append(f"data.memory_cache_mb must be >= 0, got {plan.data.memory_cache_mb}")
     if plan.train.local_epochs < 1:
         problems.append(f"train.local_epochs must be >= 1, got {plan.train.local_epochs}")
-    if plan.train.batch_size < 1:
-        problems.append(f"train.batch_size must be >= 1, got {plan.train.batch_size}")
+    if plan.train.batch_size < 0:
+        problems.append(
+            f"train.batch_size must be >= 1, or 0 for all training cases, got "
+            f"{plan.train.batch_size}"
+        )
     if plan.train.lr <= 0:
         problems.append(f"train.lr must be > 0, got {plan.train.lr}")
+    if plan.train.optimizer not in KNOWN_OPTIMIZERS:
+        problems.append(
+            f"train.optimizer {plan.train.optimizer!r} is unknown; choose one of {KNOWN_OPTIMIZERS}"
+        )
+    if not 0 <= plan.train.momentum < 1:
+        problems.append(f"train.momentum must be in [0, 1), got {plan.train.momentum}")
+    if plan.train.ema_decay is not None and not 0 < plan.train.ema_decay < 1:
+        problems.append(f"train.ema_decay must be in (0, 1) or null, got {plan.train.ema_decay}")
+    widths = [*plan.model.channels, len(plan.data.labels)]  # MONAI's UNet norms its output too
+    if plan.model.norm == "group" and (
+        plan.model.num_groups < 1 or any(c % plan.model.num_groups for c in widths)
+    ):
+        problems.append(
+            f"model.num_groups={plan.model.num_groups} must divide every entry of "
+            f"model.channels {plan.model.channels} and the {len(plan.data.labels)} classes "
+            f"(model.norm=group)"
+        )
     if plan.train.progress not in ("epoch", "round"):
         problems.append(f"train.progress must be 'epoch' or 'round', got {plan.train.progress!r}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", plan.train.device):
@@ -617,6 +664,12 @@ def validate(plan: RunPlan) -> list[str]:
             f"choose one of {KNOWN_GRAD_SAMPLE_MODES}"
         )
     problems += budget_problems("privacy", None, plan.privacy.delta, plan.privacy.max_grad_norm)
+    if plan.privacy.max_physical_batch < 0:
+        problems.append(
+            f"privacy.max_physical_batch must be >= 0, got {plan.privacy.max_physical_batch}"
+        )
+    if plan.privacy.augmentations < 1:
+        problems.append(f"privacy.augmentations must be >= 1, got {plan.privacy.augmentations}")
     if not plan.privacy.lock_timeout >= 0:
         problems.append(f"privacy.lock_timeout must be >= 0, got {plan.privacy.lock_timeout}")
     problems += _compression_problems(plan.compression)

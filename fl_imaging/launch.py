@@ -37,7 +37,7 @@ from fl_imaging.bundle import stage_app
 from fl_imaging.config import ConfigError, RunPlan, compose, split_overrides, with_root
 from fl_imaging.privacy.planning import plan_lines
 from fl_imaging.reporting import find_run
-from fl_imaging.site import check_sites, privacy_plans
+from fl_imaging.site import check_sites, initial_weights, privacy_plans
 from fl_imaging.strategies import strategy_problems
 
 logger = logging.getLogger(__name__)
@@ -219,6 +219,11 @@ def run_simulation(
     if plan is None:
         plan = compose(experiment, items)  # fail fast, before any process starts
     problems = check_sites(plan) + strategy_problems(plan) + outputs_problems(plan)
+    if plan.model.init_checkpoint:
+        try:
+            initial_weights(plan)  # fits the model? (else the server would fail later)
+        except ConfigError as exc:
+            problems.append(str(exc))
     if problems:
         raise ConfigError("the configured sites are not usable:\n  - " + "\n  - ".join(problems))
     plans = privacy_plans(plan)

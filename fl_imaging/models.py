@@ -13,7 +13,9 @@ from torch import nn
 
 from fl_imaging.config import ModelConfig
 
-_NORMS = {"instance": Norm.INSTANCE, "batch": Norm.BATCH}
+# instance: InstanceNorm without affine weights or running statistics; group: GroupNorm
+# (per-case statistics too, with affine weights); both are per-sample, as DP-SGD needs
+_NORMS = {"instance": Norm.INSTANCE, "group": Norm.GROUP, "batch": Norm.BATCH}
 # prelu: MONAI's default (a learnt negative slope, initialised at 0.25); leakyrelu: that
 # slope fixed at 0.25, no weights of its own, so DP-SGD computes no per-sample
 # gradients for it (cheaper steps, the same function as prelu at initialisation)
@@ -22,6 +24,12 @@ _ACTS: dict[str, str | tuple[str, dict[str, float]]] = {
     "relu": "relu",
     "leakyrelu": ("leakyrelu", {"negative_slope": 0.25}),
 }
+
+
+def _norm(model: ModelConfig) -> str | tuple[str, dict[str, int]]:
+    if model.norm == "group":
+        return (Norm.GROUP, {"num_groups": model.num_groups})
+    return _NORMS[model.norm]
 
 
 def build_model(model: ModelConfig, *, in_channels: int, out_channels: int) -> nn.Module:
@@ -54,7 +62,7 @@ def build_model(model: ModelConfig, *, in_channels: int, out_channels: int) -> n
         channels=tuple(model.channels),
         strides=tuple(model.strides),
         num_res_units=model.num_res_units,
-        norm=_NORMS[model.norm],
+        norm=_norm(model),
         act=_ACTS[model.act],
         dropout=model.dropout,
     )

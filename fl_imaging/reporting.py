@@ -196,6 +196,35 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
+PRIVACY_AUDIT_FILE = "privacy_audit.json"
+AUDIT_TITLE = "Membership-inference audit (final model)"
+AUDIT_NOTE = (
+    "Loss-threshold attack at each site: how well the final model's loss tells the site's "
+    "training cases from its validation cases (AUC 0.5: chance). Evidence, not a proof: "
+    "epsilon bounds every attack, this shows one simple attack (fl-imaging privacy audit)."
+)
+
+
+def read_privacy_audit(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows ``fl-imaging privacy audit`` wrote for a run (empty: none)."""
+    path = run_dir / PRIVACY_AUDIT_FILE
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text())["sites"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [r for r in rows if isinstance(r, dict) and {"site", "auc", "low", "high"} <= set(r)]
+
+
+def write_privacy_audit(run_dir: Path, rows: Sequence[Mapping[str, Any]], checkpoint: str) -> Path:
+    """Store the audit's rows (AUCs and case counts only) in the run folder, atomically."""
+    path = run_dir / PRIVACY_AUDIT_FILE
+    payload = {"checkpoint": checkpoint, "time": time.time(), "sites": list(rows)}
+    _atomic_write_bytes(path, json.dumps(payload, indent=2).encode())
+    return path
+
+
 def read_summary(run_dir: Path) -> dict[str, Any]:
     """A run's ``summary.json``; empty when the run wrote none yet (or it is unreadable)."""
     try:
@@ -461,6 +490,17 @@ def write_report(
         if budgets:
             lines += ["", "Budgets: " + ", ".join(f"{k} {v:g}" for k, v in sorted(budgets.items()))]
         lines += ["", f"![epsilon per round]({REPORT_DIR}/epsilon.png)", ""]
+    audit = read_privacy_audit(run_dir)
+    spent = summary.get("epsilon_spent_per_site") or {}
+    if audit:
+        lines += [f"## {AUDIT_TITLE}", "", AUDIT_NOTE, "",
+                  "| site | attack AUC | 95 % interval | training / validation cases "
+                  "| epsilon spent |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['site']} | {r['auc']:.3f} | {r['low']:.3f}-{r['high']:.3f} | "
+                  f"{r['members']} / {r['non_members']} | {_fmt(spent.get(r['site']))} |"
+                  for r in audit]  # fmt: skip
+        lines += [""]
     if overlays:
         lines += ["## Overlays (ground truth left, prediction right)", ""]
         lines += [f"![{site}]({REPORT_DIR}/{p.name})" for site, p in sorted(overlays.items())]
@@ -472,7 +512,7 @@ def write_report(
     config_text = config_path.read_text() if config_path.is_file() else ""
     page = _html_page(run_dir.name, summary, rounds, table, eps_rounds, eps, images,
                       overlays or {}, overlay_note, legend, config_text, region_round,
-                      regions)  # fmt: skip
+                      regions, audit)  # fmt: skip
     index = out / "index.html"
     _atomic_write_bytes(index, page.encode())
     return index
@@ -518,6 +558,7 @@ def _html_page(
     config_text: str,
     region_round: int | None = None,
     region_rows: Mapping[str, Mapping[str, Any]] | None = None,
+    audit: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(name)}</title>",
@@ -563,6 +604,18 @@ def _html_page(
     if eps:
         parts.append("<h2>DP epsilon spent per site (cumulative)</h2>")
         parts.append(_html_table(eps_rounds, eps, mean=False))
+    if audit:
+        spent = summary.get("epsilon_spent_per_site") or {}
+        body = "".join(
+            f"<tr><td style='text-align:left'>{esc(r['site'])}</td><td>{r['auc']:.3f}</td>"
+            f"<td>{r['low']:.3f}-{r['high']:.3f}</td><td>{r['members']} / {r['non_members']}"
+            f"</td><td>{_fmt(spent.get(r['site']))}</td></tr>"
+            for r in audit
+        )
+        parts.append(f"<h2>{esc(AUDIT_TITLE)}</h2><p class='note'>{esc(AUDIT_NOTE)}</p><table>"
+                     "<tr><th>site</th><th>attack AUC</th><th>95 % interval</th>"
+                     "<th>training / validation cases</th><th>epsilon spent</th></tr>"
+                     f"{body}</table>")  # fmt: skip
     parts.append("<h2>Prediction vs ground truth (validation cases)</h2>")
     if legend:
         parts.append("<p>" + "".join(

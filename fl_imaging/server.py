@@ -57,7 +57,7 @@ from fl_imaging.reporting import (
 )
 from fl_imaging.screening import screen_updates
 from fl_imaging.secure_aggregation import SecureAggregation
-from fl_imaging.site import new_model
+from fl_imaging.site import initial_weights
 from fl_imaging.strategies import build_strategy, restore_strategy_state, strategy_state
 from fl_imaging.wire import message_bytes, read_update, to_numpy, to_record
 
@@ -232,7 +232,7 @@ def run_federation(
     started = time.monotonic()
     wait_for_sites(grid, num_sites, plan.strategy.connect_timeout)
     strategy = build_strategy(plan)
-    arrays = ArrayRecord(new_model(plan).state_dict())
+    arrays = ArrayRecord(initial_weights(plan))  # model.init_checkpoint or fresh
     first_round, minutes_before = 0, 0.0
     summary: dict[str, Any] = {
         "name": plan.name,

@@ -45,6 +45,7 @@ from fl_imaging.privacy.ledger import (
     read_ledger,
     save_ledger,
 )
+from fl_imaging.privacy.membership import MembershipAudit, audit, case_losses
 from fl_imaging.privacy.planning import SitePrivacyPlan, plan_site
 from fl_imaging.privacy.policy import (
     PrivacyRequest,
@@ -189,6 +190,57 @@ def new_model(plan: RunPlan) -> torch.nn.Module:
     )
 
 
+def initial_weights(plan: RunPlan) -> dict[str, torch.Tensor]:
+    """The weights round 1 starts from: ``model.init_checkpoint``'s, else a fresh model's.
+
+    The checkpoint may be a run folder's (``checkpoints/last.pt``, with its ``state_dict``)
+    or a saved state dict; it is loaded with ``weights_only=True`` (no code runs) and
+    must fit the configured model exactly (same keys, same shapes).
+
+    Raises:
+        ConfigError: naming the file: unreadable, or which keys are missing, extra or
+            of another shape.
+    """
+    fresh = new_model(plan).state_dict()
+    if not plan.model.init_checkpoint:
+        return fresh
+    path = plan.resolve_path(plan.model.init_checkpoint)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"model.init_checkpoint: {path}: no such file") from exc
+    except Exception as exc:  # corrupt, foreign or unsafe pickles: one line naming the file
+        raise ConfigError(
+            f"model.init_checkpoint: {path}: not a readable weights file "
+            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc) else ''})"
+        ) from exc
+    weights = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(weights, dict) or not all(
+        isinstance(v, torch.Tensor) for v in weights.values()
+    ):
+        raise ConfigError(f"model.init_checkpoint: {path}: holds no state dict of tensors")
+    missing = sorted(set(fresh) - set(weights))
+    extra = sorted(set(weights) - set(fresh))
+    shapes = sorted(
+        f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}"
+        for k, v in fresh.items()
+        if k in weights and weights[k].shape != v.shape
+    )
+    if missing or extra or shapes:
+        details = "; ".join(
+            f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", extra),
+                               ("other shape (checkpoint vs model)", shapes))
+            if keys
+        )  # fmt: skip
+        raise ConfigError(
+            f"model.init_checkpoint: {path} does not fit the configured model "
+            f"(model.channels {plan.model.channels}, {len(plan.data.modalities)} input "
+            f"channels, {len(plan.data.labels)} classes): {details}"
+        )
+    return {k: weights[k].to(v.dtype) for k, v in fresh.items()}
+
+
 CACHE_DIR = "cache"
 
 
@@ -289,6 +341,12 @@ class RoundOutcome:
     refusal: str | None = None
 
 
+def site_batch_size(site: Site, plan: RunPlan, num_train: int) -> int:
+    """Cases per step at ``site``: its own batch size, else ``train.batch_size`` (0: all)."""
+    configured = site.config.batch_size or plan.train.batch_size
+    return min(configured, num_train) if configured else num_train
+
+
 def site_delta(site: Site, plan: RunPlan, num_train: int) -> float:
     """The site's delta: its own, else ``privacy.delta``, else ``min(1e-5, N^-1.1)``."""
     budget = site.config.privacy
@@ -377,11 +435,11 @@ def train_round(
         return _refused(prefix, reason)
     cases, model = _prepare(site, plan, weights, TRAIN, validate_data, manifest)
     seed = plan.seed * 1_000_003 + server_round * 1009 + site.index
-    batch_size = site.config.batch_size or plan.train.batch_size
+    batch_size = site_batch_size(site, plan, len(cases))
     if site.config.privacy.epsilon is not None:
         loader = private_train_loader(
             cases, plan.data, batch_size=batch_size, seed=seed,
-            cache_dir=cache_dir(site, plan, TRAIN),
+            cache_dir=cache_dir(site, plan, TRAIN), views=plan.privacy.augmentations,
         )  # fmt: skip
         # the whole private round holds the site's privacy lock: no second training of
         # this site can release weights the ledger does not record
@@ -399,6 +457,9 @@ def train_round(
         epochs=epochs,
         lr=plan.train.lr,
         weight_decay=plan.train.weight_decay,
+        optimizer_name=plan.train.optimizer,
+        momentum=plan.train.momentum,
+        ema_decay=plan.train.ema_decay,
         proximal_mu=proximal_mu,
         log_prefix=prefix,
         log_epochs=plan.train.progress == "epoch",
@@ -484,7 +545,10 @@ def _train_private(
         model, loader, noise_multiplier=sigma, max_grad_norm=max_grad_norm, epochs=epochs,
         lr=plan.train.lr, weight_decay=plan.train.weight_decay, accountant=accountant,
         history=ledger.history, grad_sample_mode=plan.privacy.grad_sample_mode,
-        log_prefix=prefix, log_epochs=plan.train.progress == "epoch",
+        optimizer_name=plan.train.optimizer, momentum=plan.train.momentum,
+        ema_decay=plan.train.ema_decay, trainable=plan.privacy.trainable,
+        max_physical_batch=plan.privacy.max_physical_batch, log_prefix=prefix,
+        log_epochs=plan.train.progress == "epoch",
     )  # fmt: skip
     _keep_local_norm(site, plan, weights)
     ledger.history = history
@@ -522,6 +586,25 @@ def evaluate_round(
     return dataclasses.replace(result, dice_per_class=per_label)
 
 
+def membership_audit(
+    site: Site, plan: RunPlan, weights: Mapping[str, torch.Tensor], *, resamples: int = 1000
+) -> MembershipAudit:
+    """Loss-threshold membership inference on ``weights`` at ``site`` (where its data is).
+
+    Members: the site's training cases; non-members: its validation cases; both whole
+    volumes with the evaluation preprocessing (no augmentation). Only the AUC, its
+    interval and the case counts are returned (:mod:`fl_imaging.privacy.membership`).
+    """
+    manifest = load_site_manifest(site, plan)
+    _, model = _prepare(site, plan, weights, VAL, validate=False, manifest=manifest)
+    losses = {}
+    for split in (TRAIN, VAL):  # training cases uncached here: their cache holds patches
+        cache = cache_dir(site, plan, VAL) if split == VAL else None
+        loader = eval_loader(manifest.split(split), plan.data, cache_dir=cache)
+        losses[split] = case_losses(model, loader, plan.data.patch_size)
+    return audit(site.name, losses[TRAIN], losses[VAL], resamples=resamples, seed=plan.seed)
+
+
 def privacy_plans(plan: RunPlan) -> list[SitePrivacyPlan]:
     """The pre-flight DP-SGD plan of every private configured site (docs: privacy plan).
 
@@ -539,7 +622,7 @@ def privacy_plans(plan: RunPlan) -> list[SitePrivacyPlan]:
         plans.append(
             plan_site(
                 site=site.name, num_train=num_train,
-                batch_size=site.config.batch_size or plan.train.batch_size, epochs=epochs,
+                batch_size=site_batch_size(site, plan, num_train), epochs=epochs,
                 rounds=plan.rounds, epsilon=float(request.epsilon),  # type: ignore[arg-type]
                 delta=float(request.delta), accountant=request.accountant,  # type: ignore[arg-type]
                 history=ledger.history if ledger is not None else (),

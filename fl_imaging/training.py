@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.transforms import AsDiscrete
 from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from fl_imaging.regions import region_metrics
 
@@ -87,6 +88,60 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+OPTIMIZERS = ("adam", "sgd")
+
+
+def new_optimizer(
+    parameters: Iterable[nn.Parameter],
+    name: str = "adam",
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+) -> torch.optim.Optimizer:
+    """The local optimiser ``train.optimizer`` names: ``adam`` or ``sgd`` (with momentum).
+
+    A new one each round: old moments describe the previous global model. Under DP-SGD,
+    SGD with momentum averages the noise over steps, while Adam divides every
+    coordinate by its own (noise-dominated) scale and so moves every weight by about
+    ``lr`` per step whatever the signal (docs/RESULTS.md: the private recipe).
+    """
+    params = [p for p in parameters if p.requires_grad]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"train.optimizer {name!r} is unknown; choose one of {list(OPTIMIZERS)}")
+
+
+class WeightAverage:
+    """Exponential moving average of a model's trainable weights over its local steps.
+
+    Uses ``torch.optim.swa_utils``' EMA update; :meth:`copy_to` writes the average back
+    into the model at the end of the round, so the update sent is the averaged one.
+    Averaging the iterates is post-processing: it costs no privacy under DP-SGD.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._average = [p.detach().clone() for p in self._params]
+        self._update = get_ema_multi_avg_fn(decay)
+        self._count = torch.zeros((), dtype=torch.long)
+
+    def update(self) -> None:
+        """Fold the model's current weights into the average (after each step)."""
+        self._update(self._average, [p.detach() for p in self._params], self._count)
+        self._count += 1
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        """Replace the model's trainable weights by their average."""
+        for param, average in zip(self._params, self._average, strict=True):
+            param.copy_(average)
+
+
 def train_local(
     model: nn.Module,
     loader: DataLoader,
@@ -96,7 +151,11 @@ def train_local(
     weight_decay: float = 0.0,
     proximal_mu: float = 0.0,
     optimizer: torch.optim.Optimizer | None = None,
+    optimizer_name: str = "adam",
+    momentum: float = 0.9,
+    ema_decay: float | None = None,
     on_empty_batch: Callable[[], None] | None = None,
+    before_step: Callable[[int], None] | None = None,
     log_prefix: str = "",
     log_epochs: bool = False,
 ) -> TrainResult:
@@ -105,16 +164,26 @@ def train_local(
     Args:
         model: the network (or Opacus' wrapper of it).
         loader: batches ``{"image": [B, C, X, Y, Z], "label": [B, 1, X, Y, Z]}`` or
-            ``(image, label)`` tuples (Opacus' Poisson loader); B may be 0.
+            ``(image, label)`` tuples (Opacus' Poisson loader); B may be 0. Tuples may
+            hold K augmented views of each case, ``[B, K, C, X, Y, Z]``: the network sees
+            ``B * K`` volumes (augmentation multiplicity, see ``before_step``).
         epochs: passes over ``loader``.
-        lr: Adam learning rate when no ``optimizer`` is given.
-        weight_decay: Adam weight decay when no ``optimizer`` is given.
+        lr: learning rate when no ``optimizer`` is given.
+        optimizer_name: ``adam`` or ``sgd`` when no ``optimizer`` is given.
+        momentum: SGD momentum when no ``optimizer`` is given.
+        weight_decay: weight decay when no ``optimizer`` is given.
         proximal_mu: FedProx: adds ``mu/2 * ||w - w_start||^2`` to the loss, ``w_start``
             being the received weights.
-        optimizer: a ready optimizer (e.g. Opacus' DP optimizer); default: a new Adam.
-            A new one each round: old moments describe the previous global model.
+        optimizer: a ready optimizer (e.g. Opacus' DP optimizer); default: a new
+            :func:`new_optimizer` of ``optimizer_name`` (``adam`` or ``sgd``, with
+            ``momentum``).
+        ema_decay: keep an exponential moving average of the weights over the steps
+            and end the round with it (:class:`WeightAverage`); None: the last weights.
         on_empty_batch: called instead of a step for an empty batch (DP-SGD accounts
             for it); empty batches are skipped when None.
+        before_step: called with the batch's number of cases after the backward pass
+            and before the optimiser step (DP-SGD folds the views' per-sample
+            gradients into one per case there).
         log_prefix: prefix of the per-epoch log lines (site and round).
         log_epochs: log each epoch at INFO (else DEBUG).
     """
@@ -123,21 +192,27 @@ def train_local(
     if proximal_mu < 0:
         raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
     if optimizer is None:
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        optimizer = new_optimizer(
+            model.parameters(), optimizer_name, lr=lr, weight_decay=weight_decay, momentum=momentum
+        )
+    average = WeightAverage(model, ema_decay) if ema_decay else None
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     loss_fn = segmentation_loss()
     device = _device_of(model)  # batches follow the model (CPU, or a GPU share of the site)
     model.train()
     started_at, start = time.time(), time.perf_counter()
-    total, steps = 0.0, 0
+    total, steps, batches = 0.0, 0, 0
     for epoch in range(1, epochs + 1):
-        epoch_loss, epoch_steps = 0.0, 0
+        epoch_loss, epoch_steps, epoch_batches = 0.0, 0, 0
         for batch in loader:
             image, label = _pair(batch)
             if image.shape[0] == 0:
                 if on_empty_batch is not None:
                     on_empty_batch()
                 continue
+            cases = image.shape[0]
+            if image.dim() == 6:  # [B, K, C, *spatial]: K augmented views of each case
+                image, label = image.flatten(0, 1), label.flatten(0, 1)
             image, label = image.to(device), label.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(image), label)
@@ -147,23 +222,33 @@ def train_local(
                 )
                 loss = loss + 0.5 * proximal_mu * drift
             loss.backward()
+            if before_step is not None:
+                before_step(cases)
             optimizer.step()
             epoch_loss += float(loss.detach())
+            epoch_batches += 1
+            if getattr(optimizer, "_is_last_step_skipped", False):
+                continue  # a piece of a larger DP-SGD batch: its step comes with the last piece
+            if average is not None:
+                average.update()
             epoch_steps += 1
         total += epoch_loss
         steps += epoch_steps
+        batches += epoch_batches
         logger.log(
             logging.INFO if log_epochs else logging.DEBUG,
             "%sepoch %d/%d loss %.4f (%d steps, %.1f s)",
             log_prefix,
             epoch,
             epochs,
-            epoch_loss / max(epoch_steps, 1),
+            epoch_loss / max(epoch_batches, 1),
             epoch_steps,
             time.perf_counter() - start,
         )
+    if average is not None:
+        average.copy_to()
     return TrainResult(
-        loss=total / max(steps, 1),
+        loss=total / max(batches, 1),
         steps=steps,
         num_examples=len(loader.dataset),
         seconds=time.perf_counter() - start,

@@ -117,11 +117,12 @@ def _compact(data: DataConfig) -> list[Any]:
     return [CastToTyped(keys=list(KEYS), dtype=[torch.float16, label_dtype]), ToFloat32()]
 
 
-def train_transforms(data: DataConfig) -> Compose:
+def train_transforms(data: DataConfig, views: int = 1) -> Compose:
     """Preprocessing plus padding to ``patch_size``, a random patch and light augmentation.
 
     Patches are centred on foreground twice as often as on background, which
-    matters when lesions are small compared with the volume.
+    matters when lesions are small compared with the volume. ``views``: random
+    patches (each with its own flips and intensity changes) drawn per case and access.
     """
     patch = tuple(data.patch_size)
     steps = [
@@ -129,7 +130,12 @@ def train_transforms(data: DataConfig) -> Compose:
         SpatialPadd(keys=list(KEYS), spatial_size=patch),
         *_compact(data),
         RandCropByPosNegLabeld(
-            keys=list(KEYS), label_key="label", spatial_size=patch, pos=2, neg=1, num_samples=1
+            keys=list(KEYS),
+            label_key="label",
+            spatial_size=patch,
+            pos=2,
+            neg=1,
+            num_samples=views,
         ),
         *[RandFlipd(keys=list(KEYS), prob=0.5, spatial_axis=axis) for axis in data.flip_axes],
         RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
@@ -286,12 +292,17 @@ def _dataset(
 
 
 def train_dataset(
-    cases: Sequence[Case], data: DataConfig, *, seed: int, cache_dir: Path | None = None
+    cases: Sequence[Case],
+    data: DataConfig,
+    *,
+    seed: int,
+    cache_dir: Path | None = None,
+    views: int = 1,
 ) -> Dataset:
-    """Training cases, preprocessing cached (disk or memory), random patches per access."""
+    """Training cases, preprocessing cached (disk or memory), ``views`` random patches each."""
     if not cases:
         raise ValueError("no training cases")
-    transform = train_transforms(data)
+    transform = train_transforms(data, views)
     transform.set_random_state(seed=seed)
     return _dataset(cases, transform, cache_dir, data.memory_cache_mb)
 
@@ -321,19 +332,31 @@ def train_loader(
 
 
 class ImageLabelPairs(TorchDataset):
-    """``(image, label)`` tuples of a MONAI training dataset (what Opacus' loader handles)."""
+    """``(image, label)`` tuples of a MONAI training dataset (what Opacus' loader handles).
 
-    def __init__(self, dataset: Dataset) -> None:
+    With ``views`` > 1 each item is one case's ``views`` augmented patches stacked,
+    ``[views, C, *patch]``: they stay together in one row of a batch, so DP-SGD can
+    treat them as one patient (augmentation multiplicity).
+    """
+
+    def __init__(self, dataset: Dataset, views: int = 1) -> None:
         self.dataset = dataset
+        self.views = views
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         item = self.dataset[index]
-        if isinstance(item, list):  # patch samplers return a list of num_samples=1 patches
-            item = item[0]
-        return item["image"], item["label"]
+        patches = item if isinstance(item, list) else [item]  # patch samplers give lists
+        if self.views == 1:
+            return patches[0]["image"], patches[0]["label"]
+        if len(patches) != self.views:
+            raise ValueError(f"expected {self.views} views of case {index}, got {len(patches)}")
+        return (
+            torch.stack([torch.as_tensor(p["image"]) for p in patches]),
+            torch.stack([torch.as_tensor(p["label"]) for p in patches]),
+        )
 
 
 def private_train_loader(
@@ -343,8 +366,12 @@ def private_train_loader(
     batch_size: int,
     seed: int,
     cache_dir: Path | None = None,
+    views: int = 1,
 ) -> TorchDataLoader:
     """A plain loader of ``(image, label)`` patches for Opacus to turn into Poisson sampling.
+
+    ``views`` > 1: each row holds that many augmented patches of one case
+    (``[B, views, C, *patch]``, :class:`ImageLabelPairs`).
 
     ``len(loader)`` is the number of steps per epoch and ``1 / len(loader)`` the
     sampling rate Opacus will use; plan privacy with exactly these. ``seed`` seeds the
@@ -352,7 +379,9 @@ def private_train_loader(
     secret generator (:func:`fl_imaging.privacy.dp_sgd.with_secret_sampling`).
     """
     return TorchDataLoader(
-        ImageLabelPairs(train_dataset(cases, data, seed=seed, cache_dir=cache_dir)),
+        ImageLabelPairs(
+            train_dataset(cases, data, seed=seed, cache_dir=cache_dir, views=views), views
+        ),
         batch_size=batch_size,
         shuffle=True,
         num_workers=0,

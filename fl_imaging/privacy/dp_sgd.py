@@ -10,6 +10,11 @@ source (:mod:`fl_imaging.privacy.randomness`), never from ``plan.seed`` or the g
 torch RNG, which the coordinator can know; the noise uses Opacus' floating-point-safe
 sampling (``secure_mode`` of its optimizer).
 
+With augmentation multiplicity (``privacy.augmentations`` = K > 1) each sampled
+patient contributes K augmented views; their per-sample gradients are averaged into
+one gradient per patient *before* clipping (:func:`fold_views`), so the unit that is
+clipped, noised and accounted stays one patient.
+
 An empty Poisson batch (every patient left out by the sampler) is skipped: no
 gradient and no noise are added, the weights do not move, yet the step is counted by
 the accountant. That is conservative: the released weights depend on the step only
@@ -18,11 +23,13 @@ through whether it happened, which the sampler, not the data, decides.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 
 import torch
 from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
@@ -30,7 +37,7 @@ from torch.utils.data import DataLoader
 from fl_imaging.privacy import grad_samplers
 from fl_imaging.privacy.accounting import History
 from fl_imaging.privacy.randomness import secret_generator
-from fl_imaging.training import TrainResult, train_local
+from fl_imaging.training import TrainResult, new_optimizer, train_local
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +59,52 @@ def check_private_model(model: nn.Module) -> None:
         )
 
 
+def fold_views(parameters: Sequence[nn.Parameter], cases: int) -> None:
+    """Average each parameter's per-sample gradients over the views of one case.
+
+    Opacus' hooks leave ``p.grad_sample`` with one row per network input, ``cases * K``
+    rows in the order ``[case 0 view 0 .. K-1, case 1 ...]`` (the batch flattened by
+    :func:`fl_imaging.training.train_local`); afterwards it has one row per case, which
+    Opacus then clips to ``max_grad_norm`` and noises: one patient, one contribution.
+    """
+    for p in parameters:
+        grad_sample = getattr(p, "grad_sample", None)
+        if grad_sample is None or grad_sample.shape[0] == cases:
+            continue
+        if grad_sample.shape[0] % cases:
+            raise RuntimeError(
+                f"{grad_sample.shape[0]} per-sample gradients do not split into {cases} cases"
+            )
+        views = grad_sample.shape[0] // cases
+        p.grad_sample = grad_sample.view(cases, views, *grad_sample.shape[1:]).mean(dim=1)
+
+
+def freeze_except(model: nn.Module, trainable: Sequence[str]) -> list[str]:
+    """Train only the parameters whose name starts with one of ``trainable`` (all: empty).
+
+    Frozen weights get no per-sample gradients and no noise; they are sent back as
+    received. Returns the names of the trainable parameters.
+
+    Raises:
+        ValueError: a prefix matches no parameter (a typo would silently train nothing).
+    """
+    names = [name for name, _ in model.named_parameters()]
+    if not trainable:
+        return names
+    unmatched = [t for t in trainable if not any(n.startswith(t) for n in names)]
+    if unmatched:
+        raise ValueError(
+            f"privacy.trainable {unmatched} match no parameter of the model; its parameters "
+            f"start with e.g. {sorted({n.rsplit('.', 2)[0] for n in names})[:6]}"
+        )
+    kept = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(name.startswith(t) for t in trainable))
+        if param.requires_grad:
+            kept.append(name)
+    return kept
+
+
 def train_private(
     model: nn.Module,
     loader: DataLoader,
@@ -64,6 +117,11 @@ def train_private(
     accountant: str,
     history: Sequence[Sequence[float]],
     grad_sample_mode: str = "hooks",
+    optimizer_name: str = "adam",
+    momentum: float = 0.9,
+    ema_decay: float | None = None,
+    trainable: Sequence[str] = (),
+    max_physical_batch: int = 0,
     log_prefix: str = "",
     log_epochs: bool = False,
 ) -> tuple[dict[str, torch.Tensor], TrainResult, History]:
@@ -78,12 +136,19 @@ def train_private(
         noise_multiplier: Gaussian noise std / ``max_grad_norm``.
         max_grad_norm: per-sample gradient clipping norm.
         epochs: local epochs (``len(loader)`` expected steps each).
-        lr: Adam learning rate.
-        weight_decay: Adam weight decay.
+        lr: learning rate.
+        weight_decay: weight decay (applied after the noise: post-processing).
         accountant: Opacus accountant (``rdp``, ``prv``, ``gdp``).
         history: the site's accountant history before this round.
         grad_sample_mode: Opacus per-sample-gradient mode; ``hooks`` uses the samplers
             of :mod:`fl_imaging.privacy.grad_samplers` for convolutions and PReLU.
+        optimizer_name: ``adam`` or ``sgd`` (:func:`fl_imaging.training.new_optimizer`).
+        momentum: SGD momentum.
+        ema_decay: end the round with the moving average of the weights (None: off).
+        trainable: parameter-name prefixes to train (empty: all); see :func:`freeze_except`.
+        max_physical_batch: split larger Poisson batches into pieces of at most this
+            many cases (Opacus' BatchMemoryManager: one noisy step per logical batch,
+            the same privacy); 0: no limit.
         log_prefix: prefix of the log lines.
         log_epochs: log each epoch at INFO.
 
@@ -92,7 +157,10 @@ def train_private(
         empty Poisson batches included (they are accounted although skipped).
     """
     check_private_model(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    freeze_except(model, trainable)
+    optimizer = new_optimizer(
+        model.parameters(), optimizer_name, lr=lr, weight_decay=weight_decay, momentum=momentum
+    )
     engine = PrivacyEngine(accountant=accountant)
     engine.accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
     device = next(model.parameters()).device
@@ -116,15 +184,29 @@ def train_private(
         # still counted, so the accountant never under-reports.
         engine.accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
 
-    result = train_local(
-        dp_model,
-        dp_loader,
-        epochs=epochs,
-        optimizer=dp_optimizer,
-        on_empty_batch=account_empty_batch,
-        log_prefix=log_prefix,
-        log_epochs=log_epochs,
-    )
+    trained = [p for p in dp_model.parameters() if p.requires_grad]
+    with contextlib.ExitStack() as stack:
+        if max_physical_batch and loader.batch_size > max_physical_batch:
+            dp_loader = stack.enter_context(
+                BatchMemoryManager(
+                    data_loader=dp_loader,
+                    max_physical_batch_size=max_physical_batch,
+                    optimizer=dp_optimizer,
+                )
+            )
+        result = train_local(
+            dp_model,
+            dp_loader,
+            epochs=epochs,
+            optimizer=dp_optimizer,
+            ema_decay=ema_decay,
+            on_empty_batch=account_empty_batch,
+            before_step=lambda cases: fold_views(trained, cases),
+            log_prefix=log_prefix,
+            log_epochs=log_epochs,
+        )
+    for param in model.parameters():
+        param.requires_grad_(True)
     weights = {k: v.detach().cpu() for k, v in dp_model._module.state_dict().items()}
     return weights, result, list(engine.accountant.history)
 

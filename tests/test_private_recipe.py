@@ -1,0 +1,193 @@
+"""The DP-SGD recipe's parts: views per patient, physical batches, freezing, warm start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.optimizers.optimizer import DPOptimizer
+from torch.utils.data import DataLoader, TensorDataset
+
+from fl_imaging.config import ConfigError, RunPlan, compose, compose_dictconfig, to_plan, validate
+from fl_imaging.privacy.dp_sgd import fold_views, freeze_except, train_private
+from fl_imaging.site import initial_weights, new_model, resolve_site, train_round
+from fl_imaging.training import WeightAverage, new_optimizer
+from tests.conftest import tiny_overrides
+
+
+def _tiny_model() -> torch.nn.Module:
+    plan = compose("demo", ["model=unet_tiny", "data.patch_size=[8,8,8]"])
+    return new_model(plan)
+
+
+def _views_loader(cases: int, views: int, batch: int) -> DataLoader:
+    """``(image [K, 1, 8^3], label [K, 1, 8^3])`` per case: ``views`` different views."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(cases, views, 1, 8, 8, 8, generator=g) * 3
+    labels = (torch.rand(cases, views, 1, 8, 8, 8, generator=g) > 0.7).float()
+    return DataLoader(TensorDataset(images, labels), batch_size=batch)
+
+
+class _ClipSpy:
+    """Records, at every Opacus clipping, the per-sample gradients and their clipped norms."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.rows: list[int] = []
+        self.clipped_norms: list[torch.Tensor] = []
+        original = DPOptimizer.clip_and_accumulate
+
+        def spy(optimizer: DPOptimizer) -> None:
+            samples = optimizer.grad_samples
+            norms = torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in samples], 1)
+            per_sample = norms.norm(dim=1)
+            factor = (optimizer.max_grad_norm / (per_sample + 1e-6)).clamp(max=1.0)
+            self.rows.append(per_sample.shape[0])
+            self.clipped_norms.append(per_sample * factor)
+            original(optimizer)
+
+        monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", spy)
+
+
+def test_each_patient_is_one_clipped_contribution_with_several_views(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spy = _ClipSpy(monkeypatch)
+    cases, views, max_norm = 6, 3, 0.05
+    train_private(
+        _tiny_model(), _views_loader(cases, views, batch=cases), noise_multiplier=1.0,
+        max_grad_norm=max_norm, epochs=3, lr=0.1, weight_decay=0.0, accountant="rdp",
+        history=[], optimizer_name="sgd",
+    )  # fmt: skip
+    # q = 1 (one batch of all cases): every step clips exactly one row per patient, not
+    # one per view (18 network inputs each step)
+    assert spy.rows == [cases] * 3
+    for norms in spy.clipped_norms:
+        assert float(norms.max()) <= max_norm * (1 + 1e-4)
+
+
+def test_fold_views_averages_the_views_of_each_case() -> None:
+    param = torch.nn.Parameter(torch.zeros(2, 3))
+    per_view = torch.arange(4 * 3 * 2 * 3, dtype=torch.float32).reshape(12, 2, 3)
+    param.grad_sample = per_view.clone()
+    fold_views([param], cases=4)
+    assert param.grad_sample.shape == (4, 2, 3)
+    torch.testing.assert_close(param.grad_sample, per_view.view(4, 3, 2, 3).mean(1))
+    with pytest.raises(RuntimeError, match="do not split"):
+        param.grad_sample = torch.zeros(5, 2, 3)
+        fold_views([param], cases=2)
+
+
+def test_physical_batches_make_one_noisy_step_per_poisson_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    steps = []
+    original = DPOptimizer.add_noise
+
+    def count(optimizer: DPOptimizer) -> None:
+        steps.append(1)
+        original(optimizer)
+
+    monkeypatch.setattr(DPOptimizer, "add_noise", count)
+    loader = _views_loader(cases=12, views=1, batch=12)
+    _, result, history = train_private(
+        _tiny_model(), loader, noise_multiplier=1.0, max_grad_norm=1.0, epochs=4, lr=0.1,
+        weight_decay=0.0, accountant="rdp", history=[], optimizer_name="sgd",
+        max_physical_batch=5,
+    )  # fmt: skip
+    assert sum(n for _, _, n in history) == 4  # q = 1: one step per epoch, accounted
+    assert len(steps) == result.steps <= 4  # one noise draw per logical batch only
+
+
+def test_frozen_weights_come_back_unchanged_and_a_typo_is_refused() -> None:
+    model = _tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out_stage = [n for n, _ in model.named_parameters()][-1].rsplit(".", 1)[0]
+    weights, _, _ = train_private(
+        model, _views_loader(cases=8, views=1, batch=8), noise_multiplier=1.0,
+        max_grad_norm=1.0, epochs=2, lr=0.5, weight_decay=0.0, accountant="rdp",
+        history=[], optimizer_name="sgd", trainable=[out_stage],
+    )  # fmt: skip
+    changed = {k for k in weights if not torch.equal(weights[k], before[k])}
+    assert changed and all(k.startswith(out_stage) for k in changed), changed
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen again afterwards
+    with pytest.raises(ValueError, match=r"privacy.trainable \['model.99'\] match no parameter"):
+        freeze_except(_tiny_model(), ["model.99"])
+
+
+def test_sgd_and_weight_average() -> None:
+    model = torch.nn.Linear(2, 1)
+    assert isinstance(new_optimizer(model.parameters(), "sgd", lr=0.1), torch.optim.SGD)
+    with pytest.raises(ValueError, match=r"train\.optimizer 'lion' is unknown"):
+        new_optimizer(model.parameters(), "lion", lr=0.1)
+    average = WeightAverage(model, decay=0.5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    average.update()  # (start + start + 2) / 2
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    average.update()
+    average.copy_to()  # ((start + 1) + (start + 4)) / 2
+    torch.testing.assert_close(model.weight.detach(), start + 2.5)
+
+
+def test_recipe_settings_are_validated() -> None:
+    grouped = ["model.norm=group", "model.num_groups=2"]
+    problems = validate(_unchecked("hippocampus_private", grouped))
+    assert any("model.num_groups=2 must divide" in p and "3 classes" in p for p in problems)
+    assert not validate(compose("hippocampus_private", ["model.norm=group"]))
+    bad = _unchecked("demo", ["privacy.augmentations=0", "train.momentum=1.0",
+                              "train.ema_decay=1.5", "train.batch_size=-1"])  # fmt: skip
+    text = "\n".join(validate(bad))
+    for key in ("privacy.augmentations", "train.momentum", "train.ema_decay", "train.batch_size"):
+        assert key in text
+
+
+def _unchecked(experiment: str, overrides: list[str]) -> RunPlan:
+    return to_plan(compose_dictconfig(experiment, overrides), check=False)
+
+
+@pytest.fixture
+def warm_plan(tiny_sites: list[Path], tmp_path: Path) -> RunPlan:
+    return compose("demo", [*tiny_overrides(tiny_sites, tmp_path), "train.batch_size=0"])
+
+
+def test_a_checkpoint_warm_starts_the_run_and_a_misfit_is_named(
+    warm_plan: RunPlan, tmp_path: Path
+) -> None:
+    trained = {k: v + 0.25 for k, v in new_model(warm_plan).state_dict().items()}
+    run_ckpt = tmp_path / "last.pt"
+    torch.save({"round": 3, "state_dict": trained}, run_ckpt)  # a run folder's checkpoint
+    plan = compose("demo", [f"model.init_checkpoint={run_ckpt}", *_overrides(warm_plan)])
+    start = initial_weights(plan)
+    assert all(torch.equal(start[k], trained[k]) for k in trained)
+    bare = tmp_path / "weights.pt"
+    torch.save(trained, bare)  # a plain state dict works too
+    plan = compose("demo", [f"model.init_checkpoint={bare}", *_overrides(warm_plan)])
+    assert all(torch.equal(initial_weights(plan)[k], trained[k]) for k in trained)
+    bigger = compose("demo", [f"model.init_checkpoint={bare}", *_overrides(warm_plan),
+                              "model.channels=[8,16]"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"weights.pt does not fit the configured model .*"
+                                          r"other shape"):  # fmt: skip
+        initial_weights(bigger)
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"broken\.pt: not a readable weights file"):
+        initial_weights(
+            compose("demo", [f"model.init_checkpoint={broken}", *_overrides(warm_plan)])
+        )
+    with pytest.raises(ConfigError, match=r"missing\.pt: no such file"):
+        initial_weights(compose("demo", [f"model.init_checkpoint={tmp_path / 'missing.pt'}",
+                                         *_overrides(warm_plan)]))  # fmt: skip
+
+
+def _overrides(plan: RunPlan) -> list[str]:
+    return ["model=unet_tiny", "data.patch_size=[16,16,16]", f"paths.root={plan.paths.root}"]
+
+
+def test_full_batch_trains_every_case_in_one_step(warm_plan: RunPlan) -> None:
+    site = resolve_site({"partition-id": 0}, warm_plan)
+    outcome = train_round(site, warm_plan, new_model(warm_plan).state_dict(), server_round=1)
+    assert outcome.result is not None
+    assert outcome.result.steps == 1  # batch_size 0: all training cases in one step
