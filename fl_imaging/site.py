@@ -612,6 +612,12 @@ def privacy_plans(plan: RunPlan) -> list[SitePrivacyPlan]:
     training cases, the run's batch size and epochs, its ledger's history if it has one.
     """
     plans = []
+    model = new_model(plan)
+    num_weights = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if not plan.privacy.trainable or any(n.startswith(t) for t in plan.privacy.trainable)
+    )
     for site in configured_sites(plan):
         if site.config.privacy.epsilon is None:
             continue
@@ -626,6 +632,7 @@ def privacy_plans(plan: RunPlan) -> list[SitePrivacyPlan]:
                 rounds=plan.rounds, epsilon=float(request.epsilon),  # type: ignore[arg-type]
                 delta=float(request.delta), accountant=request.accountant,  # type: ignore[arg-type]
                 history=ledger.history if ledger is not None else (),
+                num_weights=num_weights, optimizer=plan.train.optimizer,
             )
         )  # fmt: skip
     return plans

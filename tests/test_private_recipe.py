@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,29 @@ def test_full_batch_trains_every_case_in_one_step(warm_plan: RunPlan) -> None:
     outcome = train_round(site, warm_plan, new_model(warm_plan).state_dict(), server_round=1)
     assert outcome.result is not None
     assert outcome.result.steps == 1  # batch_size 0: all training cases in one step
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 8.0])
+def test_prv_noise_at_rate_one_meets_the_exact_gaussian_bound(epsilon: float) -> None:
+    """At q = 1, T steps of sigma are one Gaussian mechanism with mu = sqrt(T) / sigma.
+
+    Its exact delta(epsilon) (Balle & Wang 2018) must be at most the target delta for
+    the noise the PRV accountant plans, and the RDP plan must be noisier (looser).
+    """
+    from fl_imaging.privacy.accounting import noise_for_budget
+
+    def cdf(x: float) -> float:  # standard normal
+        return 0.5 * math.erfc(-x / math.sqrt(2))
+
+    steps, delta = 20, 1e-5
+    plans = {
+        acc: noise_for_budget(
+            history=[], epsilon=epsilon, delta=delta, sample_rate=1.0, steps=steps, accountant=acc
+        )
+        for acc in ("prv", "rdp")
+    }
+    mu = math.sqrt(steps) / plans["prv"]
+    exact = cdf(-epsilon / mu + mu / 2) - math.exp(epsilon) * cdf(-epsilon / mu - mu / 2)
+    assert exact <= delta * 1.001
+    assert exact >= 0.5 * delta  # and it is not wasteful
+    assert plans["rdp"] > plans["prv"]

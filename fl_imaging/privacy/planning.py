@@ -45,6 +45,9 @@ class SitePrivacyPlan:
     already_spent: float
     noise_multiplier: float | None  # None: the budget is already spent
     epsilon_per_round: list[float] = field(default_factory=list)
+    # weights that get noise (the trainable ones); 0: unknown
+    num_weights: int = 0
+    optimizer: str = "sgd"
 
     @property
     def expected_batch(self) -> float:
@@ -58,21 +61,44 @@ class SitePrivacyPlan:
             return None
         return self.noise_multiplier / self.expected_batch
 
+    @property
+    def noise_norm(self) -> float | None:
+        """Norm of each step's noise on the averaged gradient, in clipping norms.
+
+        ``noise_to_signal * sqrt(weights)``; the clipped signal's norm is at most 1.
+        """
+        if self.noise_to_signal is None or not self.num_weights:
+            return None
+        return self.noise_to_signal * math.sqrt(self.num_weights)
+
     def warnings(self) -> list[str]:
         """What in this plan is known not to learn, and what would change it."""
         if self.noise_multiplier is None:
             return [f"site {self.site}: its budget is spent ({self.already_spent:.3f} of "
                     f"{self.epsilon_budget:g}); it will not train"]  # fmt: skip
+        found = []
+        if self.optimizer == "adam":
+            found.append(
+                f"site {self.site}: train.optimizer=adam under DP-SGD: Adam scales every "
+                f"weight's noisy gradient to a full step; measured here it learnt nothing "
+                f"where SGD with momentum learnt (docs/RESULTS.md). Use train.optimizer=sgd"
+            )
         ratio = self.noise_to_signal
-        if ratio is None or ratio < NOISY:
-            return []
-        return [
-            f"site {self.site}: the noise on each averaged gradient is {ratio:.2f} clipping "
-            f"norms per weight (sigma {self.noise_multiplier:.2f} / {self.expected_batch:.1f} "
-            f"patients per step); private runs at {NOISY:g} or more did not learn here. Larger "
-            f"batches (batch_size up to its {self.num_train} cases: q near 1), fewer rounds "
-            f"or local epochs, or a larger epsilon lower it"
-        ]
+        if ratio is not None and ratio >= NOISY:
+            found.append(
+                f"site {self.site}: the noise on each averaged gradient is {ratio:.2f} "
+                f"clipping norms per weight (sigma {self.noise_multiplier:.2f} / "
+                f"{self.expected_batch:.1f} patients per step); private runs at {NOISY:g} or "
+                f"more did not learn here. What lowers it: "
+                + (
+                    "every case in each step (train.batch_size=0: q = 1), "
+                    if self.sample_rate < 1
+                    else ""
+                )
+                + "a larger epsilon, more patients; a smaller network (model=unet_dp) or "
+                "privacy.trainable lowers the noise's norm"
+            )
+        return found
 
 
 def plan_site(
@@ -86,11 +112,14 @@ def plan_site(
     delta: float,
     accountant: str,
     history: Sequence[Sequence[float]] = (),
+    num_weights: int = 0,
+    optimizer: str = "sgd",
 ) -> SitePrivacyPlan:
     """The plan of one private site, as its first round of the run will compute it.
 
     ``history`` is the site's ledger history (earlier runs): the noise is planned for
-    what is left, as the site does.
+    what is left, as the site does. ``num_weights``: the weights DP-SGD trains (and
+    noises); ``optimizer``: ``train.optimizer`` (both only shape the warnings).
     """
     steps_per_epoch = math.ceil(num_train / batch_size)
     sample_rate = 1.0 / steps_per_epoch
@@ -116,7 +145,8 @@ def plan_site(
         site=site, num_train=num_train, batch_size=batch_size, sample_rate=sample_rate,
         steps_per_round=steps, total_steps=steps * rounds, rounds=rounds,
         epsilon_budget=epsilon, delta=delta, accountant=accountant, already_spent=spent,
-        noise_multiplier=sigma, epsilon_per_round=per_round,
+        noise_multiplier=sigma, epsilon_per_round=per_round, num_weights=num_weights,
+        optimizer=optimizer,
     )  # fmt: skip
 
 
@@ -124,16 +154,25 @@ def plan_lines(plans: Sequence[SitePrivacyPlan]) -> list[str]:
     """The table ``fl-imaging privacy plan`` and ``fl-imaging run`` print."""
     lines = [
         f"{'site':<18} {'cases':>5} {'batch':>5} {'q':>6} {'steps/rd':>8} {'steps':>6} "
-        f"{'sigma':>7} {'noise/C':>7} {'epsilon':>8} {'delta':>8}  epsilon after each round"
+        f"{'sigma':>7} {'noise/C':>7} {'|noise|':>7} {'epsilon':>8} {'delta':>8}  "
+        f"epsilon after each round"
     ]
     for p in plans:
         sigma = f"{p.noise_multiplier:.3f}" if p.noise_multiplier is not None else "spent"
         ratio = f"{p.noise_to_signal:.3f}" if p.noise_to_signal is not None else "-"
+        norm = f"{p.noise_norm:.1f}" if p.noise_norm is not None else "-"
         rounds = " ".join(f"{e:.2f}" for e in p.epsilon_per_round)
         lines.append(
             f"{p.site:<18} {p.num_train:>5} {p.batch_size:>5} {p.sample_rate:>6.3f} "
-            f"{p.steps_per_round:>8} {p.total_steps:>6} {sigma:>7} {ratio:>7} "
+            f"{p.steps_per_round:>8} {p.total_steps:>6} {sigma:>7} {ratio:>7} {norm:>7} "
             f"{p.epsilon_budget:>8g} {p.delta:>8.1g}  {rounds}"
+        )
+    if any(p.num_weights for p in plans):
+        weights = max(p.num_weights for p in plans)
+        lines.append(
+            f"noise/C: noise std per weight on each averaged gradient, in clipping norms; "
+            f"|noise|: its norm over the {weights:,} trained weights (the clipped signal's "
+            f"norm is at most 1)"
         )
     for p in plans:
         lines += [f"warning: {w}" for w in p.warnings()]
