@@ -133,6 +133,9 @@ class PrivacyConfig:
     # Poisson batches are split and their clipped gradients summed before the one noisy
     # step (Opacus' BatchMemoryManager; same privacy, bounded memory); 0: no limit
     max_physical_batch: int = 16
+    # flat (one norm over all weights) or per_layer (each weight tensor clipped to
+    # max_grad_norm / sqrt(tensors): the same sensitivity and noise, Opacus' per-layer)
+    clipping: str = "flat"
     # private fine-tuning: train only parameters whose name starts with one of these
     # (e.g. ["model.2"] for the output stage); empty: all. Frozen weights carry no noise
     trainable: list[str] = field(default_factory=list)
@@ -664,6 +667,10 @@ def validate(plan: RunPlan) -> list[str]:
             f"choose one of {KNOWN_GRAD_SAMPLE_MODES}"
         )
     problems += budget_problems("privacy", None, plan.privacy.delta, plan.privacy.max_grad_norm)
+    if plan.privacy.clipping not in ("flat", "per_layer"):
+        problems.append(
+            f"privacy.clipping must be flat or per_layer, got {plan.privacy.clipping!r}"
+        )
     if plan.privacy.max_physical_batch < 0:
         problems.append(
             f"privacy.max_physical_batch must be >= 0, got {plan.privacy.max_physical_batch}"

@@ -547,7 +547,8 @@ def _train_private(
         history=ledger.history, grad_sample_mode=plan.privacy.grad_sample_mode,
         optimizer_name=plan.train.optimizer, momentum=plan.train.momentum,
         ema_decay=plan.train.ema_decay, trainable=plan.privacy.trainable,
-        max_physical_batch=plan.privacy.max_physical_batch, log_prefix=prefix,
+        max_physical_batch=plan.privacy.max_physical_batch, clipping=plan.privacy.clipping,
+        log_prefix=prefix,
         log_epochs=plan.train.progress == "epoch",
     )  # fmt: skip
     _keep_local_norm(site, plan, weights)

@@ -9,6 +9,7 @@ per-round mean Dice, the epsilon each site spent, its noise multiplier and the m
     .venv/bin/python scripts/bench_privacy_utility.py --epsilons 1 8 none > pu.json
     .venv/bin/python scripts/bench_privacy_utility.py --epsilons 8 -- \\
         model=unet train.optimizer=adam train.lr=1e-3      # one lever at a time
+    .venv/bin/python scripts/bench_privacy_utility.py --plot docs/privacy_utility.png pu.json
 
 Tuning on these figures spends the privacy of the patients whose validation cases
 score them; the defaults were chosen on synthetic data and non-private runs
@@ -84,6 +85,39 @@ def run_setting(
     }
 
 
+def plot(reports: list[dict[str, Any]], path: Path) -> None:
+    """Final mean Dice against epsilon (log axis), one line per report; no-DP as dashes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, report in enumerate(reports):
+        runs = [r for r in report["runs"] if r.get("final_dice_mean") is not None]
+        private = sorted((float(r["epsilon"]), r["final_dice_mean"]) for r in runs
+                         if r["epsilon"] != "none")  # fmt: skip
+        label = report.get("label") or " ".join(report.get("overrides", [])) or "recipe"
+        if private:
+            line = ax.plot(*zip(*private, strict=True), marker="o", label=label)[0]
+            colour = line.get_color()
+        else:
+            colour = f"C{i}"
+        for r in runs:
+            if r["epsilon"] == "none":
+                ax.axhline(r["final_dice_mean"], ls="--", color=colour,
+                           label=f"{label}: no DP")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("epsilon at every site (delta 1e-5)")
+    ax.set_ylabel("final mean validation Dice")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every setting; print the JSON; exit 1 when a run did not finish."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -98,8 +132,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="keep the site state folders here (default: a temporary folder)",
     )
+    parser.add_argument("--label", default="", help="name of this setting in the plot")
+    parser.add_argument(
+        "--plot", type=Path, nargs="+", metavar=("PNG", "JSON"),
+        help="only plot: PNG from earlier JSON outputs of this script (no runs)",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = parser.parse_args(argv)
+    if args.plot:
+        png, *inputs = args.plot
+        plot([json.loads(p.read_text()) for p in inputs], png)
+        print(png)
+        return 0
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     epsilons = [None if e == "none" else float(e) for e in args.epsilons]
     results = []
@@ -109,7 +153,12 @@ def main(argv: list[str] | None = None) -> int:
             result = run_setting(args.experiment, list(args.overrides), epsilon, scratch)
             print(json.dumps(result), file=sys.stderr)
             results.append(result)
-    report = {"experiment": args.experiment, "overrides": args.overrides, "runs": results}
+    report = {
+        "experiment": args.experiment,
+        "label": args.label,
+        "overrides": args.overrides,
+        "runs": results,
+    }
     print(json.dumps(report, indent=2))
     return 0 if all(r.get("status") == "finished" for r in results) else 1
 

@@ -206,8 +206,11 @@ def test_private_run_trains_and_reports_epsilon_per_site(
     dp_sites: list[Path], tmp_path: Path, task_identity: None
 ) -> None:
     overrides = [
-        *tiny_overrides(dp_sites, tmp_path), "model=unet_small", "rounds=3",
-        "train.local_epochs=2", "train.batch_size=16", "train.lr=0.01",
+        # the private recipe of hippocampus_private: small UNet, every case in every step,
+        # SGD with momentum, PRV accounting
+        *tiny_overrides(dp_sites, tmp_path), "model=unet_dp", "rounds=3",
+        "train.local_epochs=5", "train.batch_size=0", "train.optimizer=sgd", "train.lr=0.1",
+        "privacy.accountant=prv",
         "federation.sites.0.privacy.epsilon=8",
         "federation.sites.1.privacy.epsilon=8", "federation.sites.2.privacy.epsilon=1",
         "privacy.delta=1e-3",
@@ -219,7 +222,8 @@ def test_private_run_trains_and_reports_epsilon_per_site(
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     dice = {r: sum(x["dice_mean"] for x in rows if x["split"] == "val" and x["round"] == r) / 3
             for r in (0, 3)}  # fmt: skip
-    assert dice[3] > dice[0], dice
+    # measured 0.044 -> 0.31 and 0.30 (the noise is secret: every run differs)
+    assert dice[3] > dice[0] + 0.1, dice
     budgets = {"hospital_a": 8.0, "hospital_b": 8.0, "hospital_c": 1.0}
     train = [r for r in rows if r["split"] == "train"]
     for row in train:

@@ -67,6 +67,35 @@ def test_each_patient_is_one_clipped_contribution_with_several_views(
         assert float(norms.max()) <= max_norm * (1 + 1e-4)
 
 
+def test_per_layer_clipping_keeps_the_total_sensitivity(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opacus.optimizers.perlayeroptimizer import DPPerLayerOptimizer
+
+    seen: list[tuple[list[float], float]] = []
+    original = DPPerLayerOptimizer.clip_and_accumulate
+
+    def spy(optimizer: DPPerLayerOptimizer) -> None:
+        seen.append((list(optimizer.max_grad_norms), optimizer.max_grad_norm))
+        original(optimizer)
+
+    monkeypatch.setattr(DPPerLayerOptimizer, "clip_and_accumulate", spy)
+    model = _tiny_model()
+    train_private(
+        model, _views_loader(cases=4, views=1, batch=4), noise_multiplier=1.0,
+        max_grad_norm=0.5, epochs=1, lr=0.1, weight_decay=0.0, accountant="rdp",
+        history=[], optimizer_name="sgd", clipping="per_layer",
+    )  # fmt: skip
+    norms, total = seen[0]
+    assert len(norms) == len(list(model.parameters()))
+    assert total == pytest.approx(0.5)  # the noise is sigma x 0.5, as with flat clipping
+    assert math.sqrt(sum(n * n for n in norms)) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"privacy\.clipping 'auto' is unknown"):
+        train_private(
+            _tiny_model(), _views_loader(cases=4, views=1, batch=4), noise_multiplier=1.0,
+            max_grad_norm=0.5, epochs=1, lr=0.1, weight_decay=0.0, accountant="rdp",
+            history=[], clipping="auto",
+        )  # fmt: skip
+
+
 def test_fold_views_averages_the_views_of_each_case() -> None:
     param = torch.nn.Parameter(torch.zeros(2, 3))
     per_view = torch.arange(4 * 3 * 2 * 3, dtype=torch.float32).reshape(12, 2, 3)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
@@ -122,6 +123,7 @@ def train_private(
     ema_decay: float | None = None,
     trainable: Sequence[str] = (),
     max_physical_batch: int = 0,
+    clipping: str = "flat",
     log_prefix: str = "",
     log_epochs: bool = False,
 ) -> tuple[dict[str, torch.Tensor], TrainResult, History]:
@@ -146,6 +148,10 @@ def train_private(
         momentum: SGD momentum.
         ema_decay: end the round with the moving average of the weights (None: off).
         trainable: parameter-name prefixes to train (empty: all); see :func:`freeze_except`.
+        clipping: ``flat`` (one norm over all weights) or ``per_layer`` (each weight
+            tensor clipped to ``max_grad_norm / sqrt(tensors)``: the same total
+            sensitivity, so the same noise and accounting, but every layer keeps a share
+            of the signal; Opacus' per-layer clipping).
         max_physical_batch: split larger Poisson batches into pieces of at most this
             many cases (Opacus' BatchMemoryManager: one noisy step per logical batch,
             the same privacy); 0: no limit.
@@ -161,6 +167,12 @@ def train_private(
     optimizer = new_optimizer(
         model.parameters(), optimizer_name, lr=lr, weight_decay=weight_decay, momentum=momentum
     )
+    norms: float | list[float] = max_grad_norm
+    if clipping == "per_layer":  # equal shares whose L2 total is max_grad_norm
+        tensors = sum(len(group["params"]) for group in optimizer.param_groups)
+        norms = [max_grad_norm / math.sqrt(tensors)] * tensors
+    elif clipping != "flat":
+        raise ValueError(f"privacy.clipping {clipping!r} is unknown; choose flat or per_layer")
     engine = PrivacyEngine(accountant=accountant)
     engine.accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
     device = next(model.parameters()).device
@@ -169,7 +181,8 @@ def train_private(
         optimizer=optimizer,
         data_loader=with_secret_sampling(loader),
         noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
+        max_grad_norm=norms,
+        clipping=clipping,
         poisson_sampling=True,
         grad_sample_mode=grad_sample_mode,
         noise_generator=secret_generator(device),
