@@ -435,4 +435,5 @@ def test_the_privacy_plan_equals_opacus_and_the_training_that_runs(
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:3] == ["site", "cases", "batch"]
     assert "hospital_a" in out and "warning: site hospital_a: the noise" in out
+    assert "warning: site hospital_a: train.optimizer=adam under DP-SGD" in out
     assert plan_lines([plan])[1].split()[0] == "hospital_a"

@@ -247,3 +247,22 @@ def test_prv_noise_at_rate_one_meets_the_exact_gaussian_bound(epsilon: float) ->
     assert exact <= delta * 1.001
     assert exact >= 0.5 * delta  # and it is not wasteful
     assert plans["rdp"] > plans["prv"]
+
+
+def test_the_plan_warns_about_adam_and_high_noise_only() -> None:
+    from fl_imaging.privacy.planning import plan_site
+
+    def plan(batch: int, epsilon: float, optimizer: str) -> list[str]:
+        return plan_site(
+            site="s", num_train=119, batch_size=batch, epochs=2, rounds=10, epsilon=epsilon,
+            delta=1e-5, accountant="rdp", num_weights=151_202, optimizer=optimizer,
+        ).warnings()  # fmt: skip
+
+    assert plan(16, 8.0, "sgd") == []  # the recipe at B_float's size: 0.08 clipping norms
+    [adam] = plan(16, 8.0, "adam")
+    assert "train.optimizer=adam under DP-SGD" in adam
+    [noisy] = plan(2, 0.5, "sgd")
+    assert "the noise on each averaged gradient is" in noisy and "train.batch_size=0" in noisy
+    recipe = plan_site(site="s", num_train=119, batch_size=16, epochs=2, rounds=10, epsilon=8.0,
+                       delta=1e-5, accountant="rdp", num_weights=151_202)  # fmt: skip
+    assert recipe.noise_norm == pytest.approx(recipe.noise_to_signal * math.sqrt(151_202))
