@@ -240,7 +240,8 @@ def _privacy_audit(args: argparse.Namespace) -> int:
         eps = spent.get(site.name)
         print(f"{site.name:<18} {result.auc:>6.3f} {result.low:>6.3f}-{result.high:<7.3f} "
               f"{result.members:>7} / {result.non_members:<6} "
-              f"{'-' if eps is None else f'{eps:.2f}':>8}")  # fmt: skip
+              f"{'-' if eps is None else f'{eps:.2f}':>8}"
+              f"{'  (too few cases for a meaningful AUC)' * result.few_cases}")  # fmt: skip
     write_privacy_audit(run_dir, rows, checkpoint.name)
     write_report(run_dir)
     print("evidence, not a proof: epsilon bounds every attack; this is one simple attack. "

@@ -205,6 +205,11 @@ AUDIT_NOTE = (
 )
 
 
+def _few(row: Mapping[str, Any]) -> str:
+    """A marker for an audit row with too few cases for its AUC to say much."""
+    return " (few cases)" if min(row.get("members", 0), row.get("non_members", 0)) < 10 else ""
+
+
 def read_privacy_audit(run_dir: Path) -> list[dict[str, Any]]:
     """The rows ``fl-imaging privacy audit`` wrote for a run (empty: none)."""
     path = run_dir / PRIVACY_AUDIT_FILE
@@ -497,7 +502,7 @@ def write_report(
                   "| site | attack AUC | 95 % interval | training / validation cases "
                   "| epsilon spent |",
                   "|---|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {r['site']} | {r['auc']:.3f} | {r['low']:.3f}-{r['high']:.3f} | "
+        lines += [f"| {r['site']} | {r['auc']:.3f}{_few(r)} | {r['low']:.3f}-{r['high']:.3f} | "
                   f"{r['members']} / {r['non_members']} | {_fmt(spent.get(r['site']))} |"
                   for r in audit]  # fmt: skip
         lines += [""]
@@ -607,7 +612,7 @@ def _html_page(
     if audit:
         spent = summary.get("epsilon_spent_per_site") or {}
         body = "".join(
-            f"<tr><td style='text-align:left'>{esc(r['site'])}</td><td>{r['auc']:.3f}</td>"
+            f"<tr><td style='text-align:left'>{esc(r['site'])}</td><td>{r['auc']:.3f}{_few(r)}</td>"
             f"<td>{r['low']:.3f}-{r['high']:.3f}</td><td>{r['members']} / {r['non_members']}"
             f"</td><td>{_fmt(spent.get(r['site']))}</td></tr>"
             for r in audit

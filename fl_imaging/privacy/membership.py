@@ -26,6 +26,9 @@ from torch import nn
 
 from fl_imaging.training import segmentation_loss
 
+# fewer cases than this in either group: the AUC's interval spans most of [0, 1]
+MIN_CASES = 10
+
 
 @dataclass(frozen=True)
 class MembershipAudit:
@@ -37,6 +40,11 @@ class MembershipAudit:
     high: float  # bootstrap 97.5 % quantile
     members: int  # training cases scored
     non_members: int  # validation cases scored
+
+    @property
+    def few_cases(self) -> bool:
+        """Fewer than :data:`MIN_CASES` in either group: the AUC says little."""
+        return min(self.members, self.non_members) < MIN_CASES
 
     def to_dict(self) -> dict[str, float | int | str]:
         """JSON-ready fields."""
