@@ -36,7 +36,7 @@ from fl_imaging.data.manifest import (
 )
 from fl_imaging.models import build_model
 from fl_imaging.privacy.accounting import EXHAUSTED_FRACTION, default_delta, noise_for_budget
-from fl_imaging.privacy.dp_sgd import train_private
+from fl_imaging.privacy.dp_sgd import is_trainable, train_private
 from fl_imaging.privacy.ledger import (
     NoisePlan,
     has_ledger,
@@ -615,9 +615,7 @@ def privacy_plans(plan: RunPlan) -> list[SitePrivacyPlan]:
     plans = []
     model = new_model(plan)
     num_weights = sum(
-        p.numel()
-        for n, p in model.named_parameters()
-        if not plan.privacy.trainable or any(n.startswith(t) for t in plan.privacy.trainable)
+        p.numel() for n, p in model.named_parameters() if is_trainable(n, plan.privacy.trainable)
     )
     for site in configured_sites(plan):
         if site.config.privacy.epsilon is None:

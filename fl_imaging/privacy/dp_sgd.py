@@ -80,6 +80,11 @@ def fold_views(parameters: Sequence[nn.Parameter], cases: int) -> None:
         p.grad_sample = grad_sample.view(cases, views, *grad_sample.shape[1:]).mean(dim=1)
 
 
+def is_trainable(name: str, trainable: Sequence[str]) -> bool:
+    """Whether parameter ``name`` trains under ``privacy.trainable`` (empty: every one)."""
+    return not trainable or any(name.startswith(t) for t in trainable)
+
+
 def freeze_except(model: nn.Module, trainable: Sequence[str]) -> list[str]:
     """Train only the parameters whose name starts with one of ``trainable`` (all: empty).
 
@@ -100,7 +105,7 @@ def freeze_except(model: nn.Module, trainable: Sequence[str]) -> list[str]:
         )
     kept = []
     for name, param in model.named_parameters():
-        param.requires_grad_(any(name.startswith(t) for t in trainable))
+        param.requires_grad_(is_trainable(name, trainable))
         if param.requires_grad:
             kept.append(name)
     return kept
