@@ -93,6 +93,10 @@ class FederationConfig:
     # default data_root for every site that sets none
     data_root: str | None = None
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    # site name -> SHA-256 fingerprint of the SuperNode public key registered for it
+    # (`fl-imaging site fingerprint KEY.pub`); empty: a node's site is what it declares.
+    # Set: the server admits a node only as the site its key belongs to (fl_imaging.identity)
+    site_keys: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -839,6 +843,38 @@ def _site_problems(plan: RunPlan) -> list[str]:
         problems += budget_problems(
             f"{key}.privacy", budget.epsilon, budget.delta, budget.max_grad_norm
         )
+    return problems + _site_key_problems(plan)
+
+
+def _site_key_problems(plan: RunPlan) -> list[str]:
+    keys = plan.federation.site_keys
+    if not keys:
+        return []
+    names = plan.site_names
+    problems = [
+        f"federation.site_keys names {site!r}, which is not in federation.sites {names}"
+        for site in keys
+        if site not in names
+    ]
+    problems += [
+        f"federation.site_keys has no key for site {site!r}: with site_keys set, a site "
+        f"without one can never join (add `fl-imaging site fingerprint <its key>.pub`)"
+        for site in names
+        if site not in keys
+    ]
+    problems += [
+        f"federation.site_keys.{site} must be 64 lowercase hex digits (SHA-256), got {fp!r}"
+        for site, fp in keys.items()
+        if not re.fullmatch(r"[0-9a-f]{64}", str(fp))
+    ]
+    owners: dict[str, str] = {}
+    for site, fp in keys.items():
+        if fp in owners:
+            problems.append(
+                f"federation.site_keys: {owners[fp]!r} and {site!r} have the same key; each "
+                f"hospital needs its own"
+            )
+        owners[fp] = site
     return problems
 
 

@@ -104,6 +104,7 @@ class SecureAggregation:
         exchange: the ServerApp's send-collect-record function; the masked-vector
             stage goes through it, so each site's metrics row is recorded as usual.
         record: appends rows to ``metrics.jsonl`` (failures of the other stages).
+        node_sites: node id -> admitted site (the server's map, shared; names failures).
     """
 
     def __init__(
@@ -113,13 +114,14 @@ class SecureAggregation:
         run_id: int,
         exchange: Exchange,
         record: Callable[[list[Row]], None],
+        node_sites: dict[int, str] | None = None,
     ) -> None:
         self.plan = plan
         self.grid = grid
         self.run_id = run_id
         self.exchange = exchange
         self.record = record
-        self.node_sites: dict[int, str] = {}  # learnt from masked-vector replies
+        self.node_sites: dict[int, str] = {} if node_sites is None else node_sites
 
     def train_round(
         self, server_round: int, arrays: ArrayRecord, messages: Iterable[Message]
@@ -300,10 +302,10 @@ class _StageGrid(DelegatingGrid):
         started = time.monotonic()
         if stage == Stage.COLLECT_MASKED_VECTORS:
             replies, rows, failures = self.secure.exchange(self.server_round, "train", messages)
-            for reply in replies:
+            for reply in replies:  # a site never seen before names itself here
                 if not reply.has_error() and RecordKey.SITE in reply.content:
                     name = str(reply.content[RecordKey.SITE][SiteKey.NAME])
-                    self.secure.node_sites[reply.metadata.src_node_id] = name
+                    self.secure.node_sites.setdefault(reply.metadata.src_node_id, name)
             self.rows += rows
             self.failures += failures
             self._require_contributors(rows)

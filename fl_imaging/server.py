@@ -28,10 +28,10 @@ from fl_imaging.grid import (
     NodeSnapshot,
     PromptGrid,
     destinations,
-    identify_sites,
     replied_node,
     wait_for_sites,
 )
+from fl_imaging.identity import VerifiedGrid
 from fl_imaging.logs import setup_logging
 from fl_imaging.overlays import legend, render_run_overlays
 from fl_imaging.privacy.policy import REFUSED_BY_POLICY
@@ -66,6 +66,21 @@ logger = logging.getLogger("fl_imaging.server")
 
 class SiteFailureError(RuntimeError):
     """Sites failed and did not recover (the run's results are kept; it counts as failed)."""
+
+
+def _named_as_admitted(reply: Message, node_sites: Mapping[int, str], sent_to: dict) -> bool:
+    """False for a successful reply whose site name differs from its node's admitted site."""
+    if reply.has_error() or RecordKey.SITE not in reply.content:
+        return True
+    admitted = node_sites.get(replied_node(reply, sent_to))
+    return admitted == str(reply.content[RecordKey.SITE][SiteKey.NAME])
+
+
+def _record_refusals(summary: dict[str, Any], verified: VerifiedGrid) -> None:
+    """Every node refused admission so far, in the summary (none: no key)."""
+    refusals = verified.refusals()
+    if refusals:
+        summary["refused_nodes"] = [r.to_row() for r in refusals]
 
 
 def site_rows(
@@ -111,9 +126,14 @@ def site_rows(
                 }
             )
             continue
+        claimed = str(msg.content[RecordKey.SITE][SiteKey.NAME])
+        site = node_sites.setdefault(node, claimed)
+        if claimed != site:  # the admitted identity wins; the reply is not counted
+            failures.append({"round": server_round, "site": site, "split": split,
+                             "error": f"reply names site {claimed!r}, but node {node} was "
+                                      f"admitted as {site!r}", **traffic})  # fmt: skip
+            continue
         metrics = msg.content[metrics_key]
-        site = str(msg.content[RecordKey.SITE][SiteKey.NAME])
-        node_sites[node] = site
         row: dict[str, Any] = {
             "round": server_round,
             "site": site,
@@ -230,6 +250,12 @@ def run_federation(
     regions = list(regions_of(plan.data.label_scheme))
     num_sites = len(plan.federation.sites)
     started = time.monotonic()
+    # only admitted nodes take part, each as the site its key (or its first claim) says
+    grid = verified = VerifiedGrid(
+        grid, plan.site_names, plan.federation.site_keys, plan.strategy.round_timeout,
+        node_sites,
+    )  # fmt: skip
+    node_sites = verified.sites
     wait_for_sites(grid, num_sites, plan.strategy.connect_timeout)
     strategy = build_strategy(plan)
     arrays = ArrayRecord(initial_weights(plan))  # model.init_checkpoint or fresh
@@ -275,11 +301,6 @@ def run_federation(
             "resuming %s after round %d (%d rows of the unfinished round dropped)",
             run.path, resume.last_round, dropped,
         )  # fmt: skip
-    # sites name themselves: asked once up front, then learnt from every reply
-    node_sites = dict(node_sites or {})
-    unnamed = [n for n in grid.get_node_ids() if n not in node_sites]
-    if unnamed:
-        node_sites.update(identify_sites(grid, plan.strategy.round_timeout, unnamed))
     traffic: dict[str, int] = {}  # this round's bytes up and down (summary)
     # the last round each site replied successfully / failed (recovered failures clear)
     replied_at: dict[str, int] = {}
@@ -304,6 +325,8 @@ def run_federation(
         silent = {m.metadata.dst_node_id for m in messages} - {
             replied_node(r, sent_to) for r in replies
         }
+        # a reply naming another site than its node was admitted as is a failure, not an update
+        replies = [r for r in replies if _named_as_admitted(r, node_sites, sent_to)]
         failures += [
             {"round": server_round, "site": node_sites.get(n, f"node {n}"), "split": split,
              "error": f"no reply within strategy.round_timeout={plan.strategy.round_timeout:g} s",
@@ -370,7 +393,7 @@ def run_federation(
 
     secure = None
     if plan.secure_aggregation.name != "none":
-        secure = SecureAggregation(plan, grid, run_id, exchange, run.append_metrics)
+        secure = SecureAggregation(plan, grid, run_id, exchange, run.append_metrics, node_sites)
     # one message per round: a train message also evaluates the model it carries, so the
     # Dice of round r's model arrives with round r + 1 (the last model gets an evaluation)
     fused = plan.strategy.evaluate_in_train
@@ -478,6 +501,7 @@ def run_federation(
         }  # fmt: skip
         for key in ("up", "down"):
             summary[f"bytes_{key}_total"] = sum(r[key] for r in summary["bytes_per_round"].values())
+        _record_refusals(summary, verified)
         run.write_summary(summary)
         elapsed = time.monotonic() - started
         done = server_round - first_round + 1
@@ -503,6 +527,7 @@ def run_federation(
               if replied_at.get(site, -1) <= r}  # fmt: skip
     summary["failed_sites"] = failed
     summary["status"] = "finished_with_failures" if failed else "finished"
+    _record_refusals(summary, verified)
     run.write_summary(summary)
     if not failed or plan.strategy.allow_site_failures:
         run.mark_latest()
@@ -539,8 +564,9 @@ def cross_site_evaluation(
     for reply in replies:
         if reply.has_error() or RecordKey.ARRAYS not in reply.content:
             continue  # failed, or a private site with no budget left
-        site = str(reply.content[RecordKey.SITE][SiteKey.NAME])
-        node_sites[reply.metadata.src_node_id] = site
+        site = node_sites.get(reply.metadata.src_node_id)
+        if site is None or site != str(reply.content[RecordKey.SITE][SiteKey.NAME]):
+            continue  # not admitted, or names another site than it was admitted as
         finetuned[f"{site} fine-tuned"] = reply.content[RecordKey.ARRAYS]
     models = {"global": arrays, **dict(sorted(finetuned.items()))}
     dice: dict[str, dict[str, float]] = {}

@@ -124,7 +124,7 @@ def test_server_loop_writes_the_run_folder_contract(
 
 
 def test_server_gives_up_clearly_when_sites_do_not_connect(
-    overrides: list[str], tmp_path: Path
+    overrides: list[str], tmp_path: Path, task_identity: None
 ) -> None:
     plan = compose("demo", [*overrides, "strategy.connect_timeout=0"])
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
