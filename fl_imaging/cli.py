@@ -12,6 +12,8 @@ Examples::
     fl-imaging predict --checkpoint outputs/latest/checkpoints/best.pt --input scan.nii.gz \\
         --output scan_seg.nii.gz
     fl-imaging report outputs/latest
+    fl-imaging site approve path/to/reviewed/app --to state/approved_bundles.txt
+    fl-imaging site fingerprint certs/supernodes/hospital_a.pub
 """
 
 from __future__ import annotations
@@ -296,6 +298,47 @@ def _privacy_reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_approve(args: argparse.Namespace) -> int:
+    import datetime
+
+    from fl_imaging.bundle import bundle_hash, fab_bytes, read_approved
+
+    digest = bundle_hash(fab_bytes(args.bundle))
+    note = args.note or f"{args.bundle.resolve().name} approved {datetime.date.today().isoformat()}"
+    line = f"{digest}  {note}"
+    if args.to is None:
+        print(line)
+        return 0
+    if args.to.is_file() and digest in read_approved(args.to):
+        print(f"{digest} is already approved in {args.to}")
+        return 0
+    args.to.parent.mkdir(parents=True, exist_ok=True)
+    with args.to.open("a", encoding="utf-8") as out:
+        out.write(line + "\n")
+    print(f"approved {digest} in {args.to}")
+    return 0
+
+
+def _site_fingerprint(args: argparse.Namespace) -> int:
+    from fl_imaging.identity import IdentityError, file_fingerprint
+
+    for key in args.keys:
+        try:
+            print(f"{file_fingerprint(key)}  {key}")
+        except IdentityError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from fl_imaging.gateway import Upstream, serve
+
+    upstream = Upstream(args.superlink, args.insecure, args.root_certificates)
+    serve(args.listen, upstream, args.ssl_certfile, args.ssl_keyfile)
+    return 0
+
+
 def _site_audit(args: argparse.Namespace) -> int:
     import json
 
@@ -502,6 +545,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the raw JSON lines")
     p.add_argument("overrides", nargs="*", help="experiment=NAME and Hydra overrides")
     p.set_defaults(func=_site_audit)
+    p = ssub.add_parser(
+        "approve", help="the hash of an app bundle (.fab or app folder) this hospital accepts"
+    )
+    p.add_argument("bundle", type=Path, help="a .fab file, or the reviewed app's source folder")
+    p.add_argument("--to", type=Path, help="append it to this approved-bundles file")
+    p.add_argument("--note", help="what was reviewed (kept next to the hash)")
+    p.set_defaults(func=_site_approve)
+    p = ssub.add_parser(
+        "fingerprint", help="SHA-256 of a SuperNode public key (for federation.site_keys)"
+    )
+    p.add_argument("keys", type=Path, nargs="+", help="public key files (OpenSSH .pub or PEM)")
+    p.set_defaults(func=_site_fingerprint)
+
+    p = sub.add_parser(
+        "gateway", help="coordinator: expose only the Fleet API of a SuperLink to hospitals"
+    )
+    p.add_argument("--listen", required=True, help="host:port the hospitals connect to")
+    p.add_argument("--superlink", required=True, help="host:port of the SuperLink (loopback)")
+    p.add_argument("--ssl-certfile", help="the certificate hospitals verify (SuperLink's)")
+    p.add_argument("--ssl-keyfile", help="its private key")
+    p.add_argument("--root-certificates", help="CA that signed the SuperLink's certificate")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP on both sides")
+    p.set_defaults(func=_gateway)
 
     p = sub.add_parser("predict", help="segment NIfTI scans with a run's checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True, help="e.g. RUN/checkpoints/best.pt")

@@ -12,6 +12,10 @@ the app bundle from the SuperNode, install the bundle, load the ClientApp from i
 it, push the reply) and exits, so every message still gets a fresh process, and the app's
 own modules are still loaded from the installed app bundle, not from this checkout.
 
+With ``--approved-bundles FILE`` (the hospital's list, ``fl-imaging site approve``) a
+bundle whose SHA-256 the file does not list is refused before Flower installs it: none
+of the coordinator's code runs, and the reply says which hash was refused.
+
     python scripts/deploy/warm_executor.py --runtime-api-address 127.0.0.1:9301 \\
         --parent-pid <SuperNode PID>
 
@@ -29,6 +33,11 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
+from types import ModuleType
+
+# the hospital's own check, imported from its installation before any bundle arrives
+from fl_imaging.bundle import check_approved, read_approved
 
 # what the ClientApp's handlers import (fl_imaging.client_app itself imports no torch)
 WARM_MODULE = "fl_imaging.secure_aggregation"
@@ -53,13 +62,37 @@ def warm_up(module: str) -> list[str]:
     return mine
 
 
+def approve_before_install(runtime: ModuleType, approved: Path) -> None:
+    """Make Flower's FAB installation refuse a bundle ``approved`` does not list.
+
+    Runs in the hospital's own process before any file of the bundle is written or
+    imported; Flower turns the exception into an error reply, so the server records
+    why this site did not take part.
+    """
+    install = runtime.install_from_fab
+
+    def install_if_approved(fab_content: bytes, *args: object, **kwargs: object) -> object:
+        digest = check_approved(fab_content, approved)
+        logging.info("app bundle %s... is approved (%s): installing it", digest[:16], approved)
+        return install(fab_content, *args, **kwargs)
+
+    runtime.install_from_fab = install_if_approved
+
+
 def run_task(
-    runtime_api_address: str, token: str, parent_pid: int | None, object_poll: float
+    runtime_api_address: str,
+    token: str,
+    parent_pid: int | None,
+    object_poll: float,
+    approved: Path | None = None,
 ) -> None:
     """In the forked child: Flower's ``flwr-clientapp`` for one task, then exit."""
     code = 1
     try:
         from flwr.supernode.runtime import run_clientapp as runtime
+
+        if approved is not None:
+            approve_before_install(runtime, approved)
 
         if object_poll > 0:
             # Flower retries pulling a message's objects that the SuperNode is still fetching
@@ -90,9 +123,20 @@ def run_task(
 
 
 def serve(
-    runtime_api_address: str, parent_pid: int | None, module: str, object_poll: float
+    runtime_api_address: str,
+    parent_pid: int | None,
+    module: str,
+    object_poll: float,
+    approved: Path | None = None,
 ) -> None:
-    """Poll for ClientApp tasks and fork one warm process per task, until stopped."""
+    """Poll for ClientApp tasks and fork one warm process per task, until stopped.
+
+    ``approved``: the hospital's list of approved bundle hashes; None: any bundle runs.
+    """
+    if approved is not None:
+        hashes = read_approved(approved)  # a malformed list stops the executor here
+        logging.info("only app bundles listed in %s run here (%d approved)", approved,
+                     len(hashes))  # fmt: skip
     started = time.monotonic()
     forgotten = warm_up(module)
     logging.info(
@@ -123,7 +167,7 @@ def serve(
                 pid = os.fork()
                 if pid == 0:
                     client.close = lambda: None  # the parent's connection is not ours
-                    run_task(runtime_api_address, res.token, os.getppid(), object_poll)
+                    run_task(runtime_api_address, res.token, os.getppid(), object_poll, approved)
                 children.add(pid)
                 logging.info("task %d: forked ClientApp process %d", res.task.task_id, pid)
             time.sleep(POLL_SECONDS)
@@ -167,11 +211,20 @@ def main(argv: list[str] | None = None) -> int:
         default=OBJECT_POLL,
         help="first retry (s) for message objects not at the SuperNode yet; 0: Flower's 1 s",
     )
+    parser.add_argument(
+        "--approved-bundles",
+        type=Path,
+        help="the hospital's approved bundle hashes (`fl-imaging site approve`); a bundle "
+        "not listed is refused before anything of it is installed",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    serve(args.runtime_api_address, args.parent_pid, args.warm_module, args.object_poll)
+    serve(
+        args.runtime_api_address, args.parent_pid, args.warm_module, args.object_poll,
+        args.approved_bundles,
+    )  # fmt: skip
     return 0
 
 
