@@ -130,7 +130,11 @@ def _tls_args(state: dict) -> list[str]:
 
 
 def write_connection(folder: Path, state: dict) -> None:
-    """``$FLWR_HOME/config.toml`` naming this SuperLink (Flower 1.42 connections)."""
+    """``$FLWR_HOME/config.toml`` naming this SuperLink (Flower 1.42 connections).
+
+    It is the coordinator's connection: the SuperLink's own port (Control API), which
+    the gateway does not expose.
+    """
     home = folder / "flwr_home"
     home.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -138,7 +142,7 @@ def write_connection(folder: Path, state: dict) -> None:
         f'default = "{CONNECTION}"',
         "",
         f"[superlink.{CONNECTION}]",
-        f'address = "127.0.0.1:{state["port"]}"',
+        f'address = "127.0.0.1:{control_port(state)}"',
     ]
     if state["insecure"]:
         lines.append("insecure = true")
@@ -160,11 +164,41 @@ def start_superlink(folder: Path, state: dict, env: dict[str, str]) -> int:
         ]  # fmt: skip
         if state["auth"]:
             cmd.append("--enable-supernode-auth")
-    cmd += ["--host", "127.0.0.1", "--port", str(state["port"])]
+    # with the gateway, the SuperLink itself (Fleet, Control, Runtime API) is on the
+    # coordinator's loopback only; the hospitals reach the gateway
+    port = control_port(state)
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--database", str(folder / "superlink.db")]
     log_file = folder / "logs" / "superlink.log"
     pid = spawn(cmd, log_file, env)
-    _wait_port(state["port"], pid, "flower-superlink", log_file)
+    _wait_port(port, pid, "flower-superlink", log_file)
+    return pid
+
+
+def control_port(state: dict) -> int:
+    """Where the SuperLink listens: its own port behind the gateway, else the public one."""
+    return int(state.get("control_port") or state["port"])
+
+
+def start_gateway(folder: Path, state: dict, env: dict[str, str]) -> int:
+    """``fl-imaging gateway``: only the Fleet API on the public port, forwarded to the SuperLink."""
+    certs = state["certs"]
+    cmd = [
+        sys.executable, "-m", "fl_imaging.cli", "gateway",
+        "--listen", f"127.0.0.1:{state['port']}",
+        "--superlink", f"127.0.0.1:{control_port(state)}",
+    ]  # fmt: skip
+    if state["insecure"]:
+        cmd.append("--insecure")
+    else:
+        cmd += [
+            "--ssl-certfile", f"{certs}/superlink.crt",
+            "--ssl-keyfile", f"{certs}/superlink.key",
+            "--root-certificates", f"{certs}/ca.crt",
+        ]  # fmt: skip
+    log_file = folder / "logs" / "gateway.log"
+    pid = spawn(cmd, log_file, env)
+    _wait_port(state["port"], pid, "fl-imaging gateway", log_file)
     return pid
 
 
@@ -174,15 +208,28 @@ def register(site: str, state: dict, env: dict[str, str]) -> None:
     cmd = ["flwr", "supernode", "register", key, CONNECTION, "--name", site, "--format", "json"]
     log(f"$ {shlex.join(cmd)}")
     out = subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    if "Public key already in use" in out.stdout:
+        log(f"{site}'s key was registered before")
+        return
     if out.returncode != 0 or '"success": true' not in out.stdout:
         sys.exit(f"could not register {site}: {out.stdout[-1000:]} {out.stderr[-1000:]}")
 
 
-def node_config(site: str, state: dict, folder: Path) -> str:
-    """The SuperNode's ``--node-config``: who it is and where its data and state are."""
-    items = {"site": site, "state-dir": str(folder / "state" / site)}
+def fingerprint(site: str, state: dict) -> str:
+    """The SHA-256 of ``site``'s registered public key (``federation.site_keys``)."""
+    from fl_imaging.identity import file_fingerprint
+
+    return file_fingerprint(Path(state["certs"]) / "supernodes" / f"{site}.pub")
+
+
+def node_config(site: str, state: dict, folder: Path, claim: str | None = None) -> str:
+    """The SuperNode's ``--node-config``: who it is and where its data and state are.
+
+    ``claim``: the site the node says it is, when that is not ``site`` (an impostor).
+    """
+    items = {"site": claim or site, "state-dir": str(folder / "state" / site)}
     if state.get("data_dir"):
-        root = Path(state["data_dir"]) / site
+        root = Path(state["data_dir"]) / (claim or site)
         items["data-root"] = str(root)
         items["manifest"] = str(root / "dataset.json")
     policy = Path(state["policy_dir"]) / f"{site}.yaml" if state.get("policy_dir") else None
@@ -191,7 +238,9 @@ def node_config(site: str, state: dict, folder: Path) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
 
 
-def start_node(site: str, folder: Path, state: dict, env: dict[str, str], port: int) -> int:
+def start_node(
+    site: str, folder: Path, state: dict, env: dict[str, str], port: int, claim: str | None = None
+) -> int:
     """Spawn ``site``'s SuperNode; return its PID (see :func:`start_executor`)."""
     certs = state["certs"]
     isolation = "process" if state["isolation"] == "warm" else "subprocess"
@@ -200,7 +249,7 @@ def start_node(site: str, folder: Path, state: dict, env: dict[str, str], port: 
         "--superlink", f"127.0.0.1:{state['port']}",
         "--port", str(port),
         "--isolation", isolation,
-        "--node-config", node_config(site, state, folder),
+        "--node-config", node_config(site, state, folder, claim),
         # give up (and exit) if the SuperLink stays unreachable, rather than retry forever
         "--max-wait-time", "60",
     ]  # fmt: skip
@@ -228,6 +277,9 @@ def start_executor(
         "--parent-pid", str(pid),
         "--object-poll", str(state.get("object_poll", 0.05)),
     ]  # fmt: skip
+    approved = Path(state["approved_dir"]) / f"{site}.txt" if state.get("approved_dir") else None
+    if approved is not None and approved.is_file():  # the hospital pins its app bundles
+        executor += ["--approved-bundles", str(approved)]
     return [pid, spawn(executor, folder / "logs" / f"{site}.executor.log", env)]
 
 
@@ -239,7 +291,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         sys.exit(f"a deployment in {folder} is still running: `federation.py down --dir {folder}`")
     folder.mkdir(parents=True, exist_ok=True)
     certs = (args.certs or folder / "certs").resolve()
+    gateway = not args.no_gateway
     ports = [args.port + i for i in range(len(args.sites) + 1)]
+    if gateway:
+        ports.append(args.control_port or args.port + len(args.sites) + 1)
     busy = [p for p in ports if not _free(p)]
     if busy:
         sys.exit(f"ports {busy} are in use; pick another --port")
@@ -252,8 +307,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         "object_poll": args.object_poll,
         "data_dir": str(args.data_dir.resolve()) if args.data_dir else None,
         "policy_dir": str(args.policy_dir.resolve()) if args.policy_dir else None,
+        "approved_dir": str(args.approved_dir.resolve()) if args.approved_dir else None,
         "next_port": args.port + 1,
+        "control_port": ports[-1] if gateway else None,
         "superlink": None,
+        "gateway": None,
+        "site_keys": {},
         "nodes": {},
     }
     if not args.insecure:
@@ -266,26 +325,42 @@ def cmd_up(args: argparse.Namespace) -> int:
     write_connection(folder, state)
     state["superlink"] = start_superlink(folder, state, env)
     save_state(folder, state)
+    if gateway:
+        state["gateway"] = start_gateway(folder, state, env)
+        save_state(folder, state)
     if state["auth"]:
         for site in args.sites:
             register(site, state, env)
+            state["site_keys"][site] = fingerprint(site, state)
+        save_state(folder, state)
     # start the SuperNodes side by side, then wait for each (each imports Flower: seconds)
     pids = {site: _spawn_node(site, folder, state, env) for site in args.sites}
     for site, pid in pids.items():
         state["nodes"][site]["pids"] = start_executor(site, folder, state, env, pid)
         save_state(folder, state)
-    log(f"up: SuperLink 127.0.0.1:{state['port']}, SuperNodes {list(state['nodes'])}")
+    exposure = (
+        f"gateway 127.0.0.1:{state['port']} (Fleet API only) -> SuperLink "
+        f"127.0.0.1:{control_port(state)} (coordinator only)"
+        if gateway
+        else f"SuperLink 127.0.0.1:{state['port']} (all APIs)"
+    )
+    log(f"up: {exposure}, SuperNodes {list(state['nodes'])}")
     return 0
 
 
-def _spawn_node(site: str, folder: Path, state: dict, env: dict[str, str]) -> int:
+def _spawn_node(
+    site: str, folder: Path, state: dict, env: dict[str, str], claim: str | None = None
+) -> int:
     """Spawn ``site``'s SuperNode on its port (a new one, or the one it had); record it."""
-    port = state["nodes"].get(site, {}).get("port") or state["next_port"]
-    if port == state["next_port"]:
+    port = state["nodes"].get(site, {}).get("port")
+    if port is None:  # the next port that is not the SuperLink's own
+        while state["next_port"] == state.get("control_port"):
+            state["next_port"] += 1
+        port = state["next_port"]
         state["next_port"] += 1
     if not _free(port):
         sys.exit(f"port {port} for {site} is in use")
-    pid = start_node(site, folder, state, env, port)
+    pid = start_node(site, folder, state, env, port, claim)
     state["nodes"][site] = {"port": port, "pids": [pid]}
     save_state(folder, state)
     return pid
@@ -308,9 +383,17 @@ def cmd_node(args: argparse.Namespace) -> int:
         )  # fmt: skip
         _spawn_node(args.site, folder, state, env)
         return 0
+    if args.claim:
+        # the audit's impostor: its own key, registered (as an open Control API allowed
+        # anyone to), and a node config naming another hospital
+        subprocess.run(
+            [sys.executable, str(HERE / "make_certs.py"), "--out", state["certs"],
+             "--sites", args.site],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
     if state["auth"] and not old:
         register(args.site, state, env)
-    pid = _spawn_node(args.site, folder, state, env)
+    pid = _spawn_node(args.site, folder, state, env, args.claim)
     state["nodes"][args.site]["pids"] = start_executor(args.site, folder, state, env, pid)
     save_state(folder, state)
     return 0
@@ -337,7 +420,7 @@ def cmd_kill(args: argparse.Namespace) -> int:
 
 def _all_pids(state: dict) -> list[int]:
     pids = [p for n in state.get("nodes", {}).values() for p in n["pids"]]
-    return pids + ([state["superlink"]] if state.get("superlink") else [])
+    return pids + [state[k] for k in ("superlink", "gateway") if state.get(k)]
 
 
 def stop_processes(pids: Sequence[int], timeout: float = 15.0) -> None:
@@ -392,11 +475,13 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     folder: Path = args.dir.resolve()
-    load_state(folder)
     env = deploy_env(folder)
+    state = load_state(folder)
     items = shlex.split(args.overrides)
     if not any(o.startswith("paths.root=") for o in items):
         items.append(f"paths.root={PROJECT_ROOT}")  # relative config paths: this checkout
+    if not args.no_site_keys:  # each hospital is the site its registered key belongs to
+        items += [f"+federation.site_keys.{s}={fp}" for s, fp in state.get("site_keys", {}).items()]
     run_config = (
         f"experiment={json.dumps(args.experiment)} overrides={json.dumps(shlex.join(items))}"
     )
@@ -404,9 +489,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_id = ""
     # a staged copy of the app: flwr run would walk every file of the checkout (.venv too)
     with tempfile.TemporaryDirectory(prefix="fl-imaging-app-") as staging:
-        app = stage_app(PROJECT_ROOT, Path(staging))
+        app = stage_app(args.app.resolve(), Path(staging))
         cmd = ["flwr", "run", str(app), CONNECTION, "--stream", "--run-config", run_config]
-        log(f"$ FLWR_HOME={env['FLWR_HOME']} {shlex.join(cmd)}  # {app}: staged {PROJECT_ROOT}")
+        log(f"$ FLWR_HOME={env['FLWR_HOME']} {shlex.join(cmd)}  # {app}: staged {args.app}")
         with subprocess.Popen(
             cmd, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True,
@@ -448,7 +533,25 @@ def main(argv: list[str] | None = None) -> int:
         help="<policy-dir>/<site>.yaml, where present, is that hospital's privacy policy "
         "(passed as --node-config privacy-policy=...)",
     )
-    up.add_argument("--port", type=int, default=9300, help="SuperLink port; SuperNodes use +1..")
+    up.add_argument(
+        "--approved-dir",
+        type=Path,
+        help="<approved-dir>/<site>.txt, where present, lists the app bundles that hospital "
+        "accepts (its warm executor refuses any other)",
+    )
+    up.add_argument(
+        "--port", type=int, default=9300, help="the hospitals' port; SuperNodes use +1.."
+    )
+    up.add_argument(
+        "--control-port",
+        type=int,
+        help="the SuperLink's own port behind the gateway (default: after the SuperNodes')",
+    )
+    up.add_argument(
+        "--no-gateway",
+        action="store_true",
+        help="the SuperLink itself on --port: every API, Control included, open to all",
+    )
     up.add_argument("--certs", type=Path, help="certificate folder (default: <dir>/certs)")
     up.add_argument("--host", action="append", default=[], help="extra SuperLink cert name")
     up.add_argument("--isolation", choices=["warm", "subprocess"], default="warm")
@@ -463,12 +566,21 @@ def main(argv: list[str] | None = None) -> int:
     node = sub.add_parser("node", help="start (or restart) one site's SuperNode")
     node.add_argument("site")
     node.add_argument("--unregistered", action="store_true", help="with a key never registered")
+    node.add_argument(
+        "--claim", metavar="SITE", help="a node with its own registered key that says it is SITE"
+    )
     kill = sub.add_parser("kill", help="SIGKILL one site's SuperNode (a crash)")
     kill.add_argument("site")
     sub.add_parser("down", help="stop everything this deployment started")
     run = sub.add_parser("run", help="flwr run . on this deployment; wait; check the status")
     run.add_argument("--experiment", default="demo")
     run.add_argument("--overrides", default="", help='Hydra overrides, e.g. "rounds=2"')
+    run.add_argument("--app", type=Path, default=PROJECT_ROOT, help="the app folder to submit")
+    run.add_argument(
+        "--no-site-keys",
+        action="store_true",
+        help="do not bind sites to their registered keys (a site is what its node declares)",
+    )
     args = parser.parse_args(argv)
     handlers = {"up": cmd_up, "node": cmd_node, "kill": cmd_kill, "down": cmd_down, "run": cmd_run}
     return handlers[args.command](args)
