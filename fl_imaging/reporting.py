@@ -644,6 +644,11 @@ def _site_problems(summary: Mapping[str, Any]) -> list[tuple[str, dict[str, str]
     if summary.get("refused_by_policy"):
         sections.append(("Sites that refused the run (their own privacy policy)",
                          dict(summary["refused_by_policy"])))  # fmt: skip
+    if summary.get("refused_nodes"):
+        sections.append(("Nodes the server refused (identity not verified)", {
+            f"node {r['node']} (claimed {r.get('claimed_site') or 'nothing'})": r["reason"]
+            for r in summary["refused_nodes"]
+        }))  # fmt: skip
     return sections
 
 

@@ -225,3 +225,19 @@ def test_a_reply_naming_another_site_than_its_node_was_admitted_as_is_not_aggreg
     )
     assert summary["status"] == "finished_with_failures"
     assert "hospital_b" in summary["failed_sites"]
+
+
+def test_site_fingerprint_prints_what_federation_site_keys_expects(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fl_imaging.cli import main
+
+    key = new_key()
+    pub = tmp_path / "hospital_a.pub"
+    pub.write_bytes(openssh(key))
+    assert main(["site", "fingerprint", str(pub)]) == 0
+    assert capsys.readouterr().out.split() == [key_fingerprint(pem(key)), str(pub)]
+    broken = tmp_path / "broken.pub"
+    broken.write_text("not a key\n")
+    assert main(["site", "fingerprint", str(broken)]) == 2
+    assert f"error: {broken}: not a PEM or OpenSSH public key" in capsys.readouterr().err

@@ -65,6 +65,19 @@ def test_report_tabulates_every_round_and_site(tmp_path: Path) -> None:
     assert (run.path / "report" / "dice.png").stat().st_size > 1000
 
 
+def test_report_lists_nodes_the_server_refused(tmp_path: Path) -> None:
+    run = RunFolder.create(tmp_path, "x", "")
+    run.append_metrics([{"round": 0, "site": "a", "split": "val", "dice_mean": 0.5}])
+    refusal = {"node": 7, "claimed_site": "a", "key_fingerprint": "ab" * 32,
+               "reason": "its key abab... belongs to no site in federation.site_keys"}  # fmt: skip
+    run.write_summary({"rounds_completed": 0, "status": "finished", "refused_nodes": [refusal]})
+    write_report(run.path)
+    text = (run.path / "report.md").read_text()
+    assert "## Nodes the server refused (identity not verified)" in text
+    assert "- **node 7 (claimed a)**: its key abab... belongs to no site" in text
+    assert "node 7 (claimed a)" in (run.path / "report" / "index.html").read_text()
+
+
 def test_report_adds_epsilon_table_and_plot_for_private_sites(tmp_path: Path) -> None:
     run = RunFolder.create(tmp_path, "x", "")
     run.append_metrics(
