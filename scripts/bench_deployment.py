@@ -11,6 +11,8 @@ Modes:
     subprocess   Flower's default: a fresh ``flwr-clientapp`` process per message
     warm         --isolation process + scripts/deploy/warm_executor.py (fork from warm imports)
     warm-slowpoll  as warm, but Flower's default 1 s first retry for message objects
+    warm-direct  as warm, but the SuperNodes talk to the SuperLink itself (--no-gateway),
+                 not through the Fleet-only gateway: the gateway's cost per round
 
     python scripts/bench_deployment.py --modes subprocess warm --rounds 4
 """
@@ -33,6 +35,7 @@ MODES = {
     "subprocess": ["--isolation", "subprocess"],
     "warm": ["--isolation", "warm"],
     "warm-slowpoll": ["--isolation", "warm", "--object-poll", "0"],
+    "warm-direct": ["--isolation", "warm", "--no-gateway"],
 }
 
 
