@@ -157,11 +157,7 @@ def start_superlink(folder: Path, state: dict, env: dict[str, str]) -> int:
     if state["insecure"]:
         cmd.append("--insecure")
     else:
-        cmd += [
-            "--ssl-ca-certfile", f"{certs}/ca.crt",
-            "--ssl-certfile", f"{certs}/superlink.crt",
-            "--ssl-keyfile", f"{certs}/superlink.key",
-        ]  # fmt: skip
+        cmd += ["--ssl-ca-certfile", f"{certs}/ca.crt", *_serving_tls(certs)]
         if state["auth"]:
             cmd.append("--enable-supernode-auth")
     # with the gateway, the SuperLink itself (Fleet, Control, Runtime API) is on the
@@ -173,6 +169,11 @@ def start_superlink(folder: Path, state: dict, env: dict[str, str]) -> int:
     pid = spawn(cmd, log_file, env)
     _wait_port(port, pid, "flower-superlink", log_file)
     return pid
+
+
+def _serving_tls(certs: str) -> list[str]:
+    """The SuperLink's certificate and key: what the SuperLink and the gateway serve with."""
+    return ["--ssl-certfile", f"{certs}/superlink.crt", "--ssl-keyfile", f"{certs}/superlink.key"]
 
 
 def control_port(state: dict) -> int:
@@ -191,11 +192,7 @@ def start_gateway(folder: Path, state: dict, env: dict[str, str]) -> int:
     if state["insecure"]:
         cmd.append("--insecure")
     else:
-        cmd += [
-            "--ssl-certfile", f"{certs}/superlink.crt",
-            "--ssl-keyfile", f"{certs}/superlink.key",
-            "--root-certificates", f"{certs}/ca.crt",
-        ]  # fmt: skip
+        cmd += [*_serving_tls(certs), "--root-certificates", f"{certs}/ca.crt"]
     log_file = folder / "logs" / "gateway.log"
     pid = spawn(cmd, log_file, env)
     _wait_port(state["port"], pid, "fl-imaging gateway", log_file)
@@ -373,24 +370,19 @@ def cmd_node(args: argparse.Namespace) -> int:
     old = state["nodes"].get(args.site)
     if old and any(_alive(p) for p in old["pids"]):
         sys.exit(f"{args.site} is running (pids {old['pids']}); `kill` it first")
+    if args.unregistered or args.claim:  # a key of its own (make_certs keeps existing ones)
+        subprocess.run(
+            [sys.executable, str(HERE / "make_certs.py"), "--out", state["certs"],
+             "--sites", args.site],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
     if args.unregistered:
         # a hospital whose key the coordinator never registered: the SuperLink must refuse it,
         # and its SuperNode exits (so nothing waits for it to listen)
-        subprocess.run(
-            [sys.executable, str(HERE / "make_certs.py"), "--out", state["certs"],
-             "--sites", args.site],
-            check=True, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
         _spawn_node(args.site, folder, state, env)
         return 0
-    if args.claim:
-        # the audit's impostor: its own key, registered (as an open Control API allowed
-        # anyone to), and a node config naming another hospital
-        subprocess.run(
-            [sys.executable, str(HERE / "make_certs.py"), "--out", state["certs"],
-             "--sites", args.site],
-            check=True, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+    # --claim: the audit's impostor, its own key registered (as an open Control API let
+    # anyone do) and a node config naming another hospital
     if state["auth"] and not old:
         register(args.site, state, env)
     pid = _spawn_node(args.site, folder, state, env, args.claim)
