@@ -27,7 +27,7 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fl_imaging.regions import scheme_problems
+from fl_imaging.data.regions import scheme_problems
 
 CONF_DIR_ENV = "FL_IMAGING_CONF"
 KNOWN_MODELS = ("unet",)
@@ -95,7 +95,7 @@ class FederationConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     # site name -> SHA-256 fingerprint of the SuperNode public key registered for it
     # (`fl-imaging site fingerprint KEY.pub`); empty: a node's site is what it declares.
-    # Set: the server admits a node only as the site its key belongs to (fl_imaging.identity)
+    # Set: the server admits a node only as the site its key belongs to (fl_imaging.server.identity)
     site_keys: dict[str, str] = field(default_factory=dict)
 
 
@@ -181,7 +181,7 @@ class DataConfig:
     # what the label values mean: exclusive (default; Dice per label), or a tumour
     # convention whose nested regions are evaluated too (WT/TC/ET Dice and HD95):
     # brats2021 (1 NCR/NET, 2 ED, 4 ET), brats2023 (1 NCR, 2 ED, 3 ET), msd_task01
-    # (1 oedema, 2 non-enhancing, 3 enhancing); fl_imaging/regions.py
+    # (1 oedema, 2 non-enhancing, 3 enhancing); fl_imaging/data/regions.py
     label_scheme: str = "exclusive"
     # target voxel spacing in mm (None: keep each scan's own)
     spacing: list[float] | None = None
@@ -272,7 +272,7 @@ class CompressionConfig:
     """How sites encode their update (trained - received global weights) for the server.
 
     The server decodes every update back into full weights before screening and
-    aggregation (``fl_imaging.compression``); the global model goes down uncompressed.
+    aggregation (``fl_imaging.updates.compression``); the global model goes down uncompressed.
     """
 
     # none | fp16 | int8 | topk
@@ -293,7 +293,7 @@ class SecureAggregationConfig:
     Each site weights its update (trained - global weights) by num_examples /
     max_weight, clips it to [-clipping_range, clipping_range], quantises it to
     2**quantization_bits levels and masks it; the server unmasks only the sum
-    (``fl_imaging.secure_aggregation``).
+    (``fl_imaging.secagg.server``).
     """
 
     # none | secaggplus
@@ -689,7 +689,7 @@ def validate(plan: RunPlan) -> list[str]:
 
 
 def _compression_problems(cfg: CompressionConfig) -> list[str]:
-    from fl_imaging.compression import CompressionError, codec_of
+    from fl_imaging.updates.compression import CompressionError, codec_of
 
     try:
         codec_of(cfg)

@@ -1,7 +1,7 @@
 """Non-federated baselines at the same compute as a federated run: local-only and centralised.
 
 For the configured experiment (default ``hippocampus``) this trains, with exactly the
-model, preprocessing, loss and optimiser the sites use (``fl_imaging.training``):
+model, preprocessing, loss and optimiser the sites use (``fl_imaging.ml.training``):
 
 * one local-only model per site on that site's training cases, and
 * one centralised model on the pooled training cases of all sites,
@@ -28,8 +28,9 @@ from fl_imaging.config import compose
 from fl_imaging.data.loading import eval_loader, train_loader
 from fl_imaging.data.manifest import TRAIN, VAL
 from fl_imaging.logs import setup_logging
-from fl_imaging.site import configured_sites, load_site_manifest, new_model
-from fl_imaging.training import evaluate, train_local
+from fl_imaging.ml.models import new_model
+from fl_imaging.ml.training import evaluate, train_local
+from fl_imaging.site.resolve import configured_sites, load_site_manifest
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

@@ -51,7 +51,7 @@ def run_codec(codec: str, rounds: int, out: Path, extra: list[str]) -> Path:
     cmd = [
         sys.executable,
         "-m",
-        "fl_imaging.cli",
+        "fl_imaging.tools.cli",
         "run",
         f"--app={ROOT}",
         "experiment=hippocampus",

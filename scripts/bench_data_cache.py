@@ -24,15 +24,10 @@ import torch
 from fl_imaging.config import RunPlan, compose
 from fl_imaging.data.loading import eval_loader, train_dataset
 from fl_imaging.data.manifest import TRAIN, VAL
-from fl_imaging.site import (
-    Site,
-    cache_dir,
-    evaluate_round,
-    load_site_manifest,
-    new_model,
-    resolve_site,
-    train_round,
-)
+from fl_imaging.ml.models import new_model
+from fl_imaging.site.resolve import Site, load_site_manifest, resolve_site
+from fl_imaging.site.rounds import evaluate_round, train_round
+from fl_imaging.site.state import cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -108,7 +108,9 @@ def eval_seconds(data_dir: Path, overrides: list[str]) -> float:
     """Slowest site's evaluation of a fresh model, timed in this process (warm imports)."""
     sys.path.insert(0, str(ROOT))
     from fl_imaging.config import compose
-    from fl_imaging.site import evaluate_round, new_model, resolve_site
+    from fl_imaging.ml.models import new_model
+    from fl_imaging.site.resolve import resolve_site
+    from fl_imaging.site.rounds import evaluate_round
 
     plan = compose("demo", [*overrides, f"paths.root={ROOT}"])
     weights = new_model(plan).state_dict()

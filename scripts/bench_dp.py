@@ -78,7 +78,7 @@ def _peak_rss_mb() -> float:
 def _per_sample_dice_ce() -> Any:
     """DiceCE loss with a ``reduction`` attribute; ``"none"`` gives one loss per sample [B].
 
-    Equal in value to ``fl_imaging.training.segmentation_loss()`` under ``"mean"``:
+    Equal in value to ``fl_imaging.ml.training.segmentation_loss()`` under ``"mean"``:
     DiceCELoss averages Dice over batch and classes and cross-entropy over all voxels,
     i.e. the mean over samples of each sample's own Dice + CE.
     """
@@ -109,8 +109,8 @@ def run_one(args: argparse.Namespace, size: int, mode: str) -> dict[str, Any]:
     from torch.utils.data import DataLoader, TensorDataset
 
     from fl_imaging.config import compose
-    from fl_imaging.models import build_model
-    from fl_imaging.training import segmentation_loss
+    from fl_imaging.ml.models import build_model
+    from fl_imaging.ml.training import segmentation_loss
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)

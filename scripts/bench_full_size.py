@@ -46,9 +46,9 @@ def _child(args: argparse.Namespace) -> dict[str, float]:
 
     from fl_imaging.data.loading import eval_loader, train_loader
     from fl_imaging.data.manifest import Case
-    from fl_imaging.regions import regions_as_classes, regions_of
-    from fl_imaging.site import new_model
-    from fl_imaging.training import evaluate, train_local
+    from fl_imaging.data.regions import regions_as_classes, regions_of
+    from fl_imaging.ml.models import new_model
+    from fl_imaging.ml.training import evaluate, train_local
 
     torch.set_num_threads(2)
     folder = Path(args.case_dir)

@@ -3,7 +3,7 @@
 Same model, same training cases (the sites' training cases, pooled for the
 centralised loop), same number of passes, same threads:
 
-* centralised: one process, ``fl_imaging.training.train_local`` over the pooled
+* centralised: one process, ``fl_imaging.ml.training.train_local`` over the pooled
   cases for ``epochs`` epochs, cases cached in memory;
 * federated: ``flwr run`` on the local simulation with ``rounds = epochs`` and one
   local epoch per round; one simulation worker with all threads, so the sites train
@@ -35,10 +35,11 @@ import torch
 from fl_imaging.config import compose
 from fl_imaging.data.loading import train_loader
 from fl_imaging.data.manifest import TRAIN
-from fl_imaging.launch import run_simulation
-from fl_imaging.reporting import read_summary
-from fl_imaging.site import configured_sites, load_site_manifest, new_model
-from fl_imaging.training import train_local
+from fl_imaging.ml.models import new_model
+from fl_imaging.ml.training import train_local
+from fl_imaging.outputs.reporting import read_summary
+from fl_imaging.site.resolve import configured_sites, load_site_manifest
+from fl_imaging.tools.launch import run_simulation
 
 ROOT = Path(__file__).resolve().parent.parent
 

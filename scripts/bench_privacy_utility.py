@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from fl_imaging.config import compose
-from fl_imaging.launch import run_simulation
+from fl_imaging.outputs.reporting import read_summary
 from fl_imaging.privacy.ledger import read_ledger
-from fl_imaging.reporting import read_summary
+from fl_imaging.tools.launch import run_simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from fl_imaging.data.synthetic import generate_federation
-from fl_imaging.launch import run_simulation
-from fl_imaging.reporting import read_summary
+from fl_imaging.outputs.reporting import read_summary
+from fl_imaging.tools.launch import run_simulation
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -54,8 +54,8 @@ MODES = {
 
 
 def _run(experiment: str, overrides: list[str], outputs: Path) -> dict[str, Any]:
-    from fl_imaging.launch import run_simulation
-    from fl_imaging.reporting import read_summary
+    from fl_imaging.outputs.reporting import read_summary
+    from fl_imaging.tools.launch import run_simulation
 
     started = time.monotonic()
     log = _Tee()

@@ -30,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fl_imaging.launch import run_simulation
-from fl_imaging.reporting import read_metrics, read_summary
+from fl_imaging.outputs.reporting import read_metrics, read_summary
+from fl_imaging.tools.launch import run_simulation
 
 ROOT = Path(__file__).resolve().parent.parent
 MILESTONES = {
@@ -117,7 +117,7 @@ def main() -> None:
         "runs": runs,
         "imports_s": {
             m: import_seconds(m)
-            for m in ("torch", "monai", "fl_imaging.client_app", "fl_imaging.server_app")
+            for m in ("torch", "monai", "fl_imaging.apps.client_app", "fl_imaging.apps.server_app")
         },
     }
     print(json.dumps(result, indent=2))

@@ -9,9 +9,9 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, Error, Message, MessageType, Metadata, RecordDict
 from flwr.serverapp import Grid
 
-from fl_imaging import client_app
-from fl_imaging.compression import Codec, decode_update, encode_update
-from fl_imaging.wire import read_update, to_numpy, update_records
+from fl_imaging.apps import client_app
+from fl_imaging.updates.compression import Codec, decode_update, encode_update
+from fl_imaging.updates.wire import read_update, to_numpy, update_records
 
 
 def make_message(content: RecordDict, message_type: str, dst: int) -> Message:

@@ -20,11 +20,12 @@ from flwr.app import (
     RecordDict,
 )
 
-from fl_imaging import client_app, server
+from fl_imaging.apps import client_app
 from fl_imaging.config import RunPlan, compose, plan_to_yaml
+from fl_imaging.ml.models import new_model
+from fl_imaging.outputs.reporting import RunFolder
 from fl_imaging.protocol import MetricKey, RecordKey
-from fl_imaging.reporting import RunFolder
-from fl_imaging.site import new_model
+from fl_imaging.server import rounds as server
 from tests.conftest import tiny_overrides
 from tests.local_grid import LocalGrid, context_for, make_message, sent_weights
 
@@ -310,7 +311,7 @@ def test_a_crashing_and_a_silent_site_are_recorded_and_min_sites_decides(
 def test_app_modules_import_neither_torch_nor_monai() -> None:
     """Flower loads both apps under one lock before Ray starts: they must stay light."""
     code = (
-        "import sys, fl_imaging.server_app, fl_imaging.client_app; "
+        "import sys, fl_imaging.apps.server_app, fl_imaging.apps.client_app; "
         "print(sorted(m for m in ('torch', 'monai', 'opacus') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_imaging.bundle import (
+from fl_imaging.tools.bundle import (
     BundleNotApprovedError,
     bundle_hash,
     check_approved,
@@ -21,7 +21,7 @@ from fl_imaging.bundle import (
     read_approved,
     stage_app,
 )
-from fl_imaging.cli import main
+from fl_imaging.tools.cli import main
 from tests.conftest import REPO_ROOT
 
 
@@ -50,7 +50,7 @@ def test_approve_prints_the_hash_of_the_bundle_flwr_run_builds_and_any_edit_chan
     assert note.strip() == "v0.1 reviewed"
     assert bundle_hash(fab_bytes(app)) == digest  # deterministic: built again, same bytes
     edited = shutil.copytree(app, tmp_path / "edited")
-    with (edited / "fl_imaging" / "client_app.py").open("a") as source:
+    with (edited / "fl_imaging" / "apps" / "client_app.py").open("a") as source:
         source.write("\n# one more line\n")
     assert bundle_hash(fab_bytes(edited)) != digest
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_imaging.cli import main
+from fl_imaging.tools.cli import main
 
 
 def test_synth_then_check_data_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

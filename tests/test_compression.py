@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Message
 
-from fl_imaging import server
-from fl_imaging.compression import (
+from fl_imaging.config import ConfigError, compose, plan_to_yaml
+from fl_imaging.outputs.reporting import RunFolder, traffic_line
+from fl_imaging.server import rounds as server
+from fl_imaging.updates.compression import (
     Codec,
     CompressionError,
     EncodedUpdate,
@@ -23,9 +25,7 @@ from fl_imaging.compression import (
     sparsify_topk,
     topk_count,
 )
-from fl_imaging.config import ConfigError, compose, plan_to_yaml
-from fl_imaging.reporting import RunFolder, traffic_line
-from fl_imaging.wire import to_record
+from fl_imaging.updates.wire import to_record
 from tests.conftest import tiny_overrides
 from tests.local_grid import LocalGrid, TamperingGrid, send_weights, sent_weights
 

@@ -11,15 +11,10 @@ import torch
 from fl_imaging.config import ConfigError, RunPlan, compose
 from fl_imaging.data.loading import ProcessMemory
 from fl_imaging.data.manifest import TRAIN, VAL, Case
-from fl_imaging.site import (
-    Site,
-    cache_dir,
-    evaluate_round,
-    load_site_manifest,
-    new_model,
-    resolve_site,
-    train_round,
-)
+from fl_imaging.ml.models import new_model
+from fl_imaging.site.resolve import Site, load_site_manifest, resolve_site
+from fl_imaging.site.rounds import evaluate_round, train_round
+from fl_imaging.site.state import cache_dir
 from tests.conftest import tiny_overrides
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from fl_imaging.audit import read_audit
-from fl_imaging.bundle import bundle_hash, fab_bytes, stage_app
-from fl_imaging.reporting import read_metrics
+from fl_imaging.outputs.reporting import read_metrics
+from fl_imaging.site.audit import read_audit
+from fl_imaging.tools.bundle import bundle_hash, fab_bytes, stage_app
 from tests.conftest import REPO_ROOT, tiny_overrides
 
 pytestmark = pytest.mark.e2e
@@ -145,7 +145,7 @@ def deployment(
     (policies / f"{POLICY_SITE}.yaml").write_text(POLICY)
     approved = folder / "approved"  # hospital_b reviewed this checkout and approved it
     approve = subprocess.run(
-        [sys.executable, "-m", "fl_imaging.cli", "site", "approve", str(REPO_ROOT),
+        [sys.executable, "-m", "fl_imaging.tools.cli", "site", "approve", str(REPO_ROOT),
          "--to", str(approved / f"{PINNED}.txt")],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
@@ -205,7 +205,7 @@ def deployment(
         refused_outcome = json.loads(second.stdout.strip().splitlines()[-1])
         # the coordinator submits a modified bundle: hospital_b has not approved it
         modified_app = stage_app(REPO_ROOT, folder / "modified-app")
-        with (modified_app / "fl_imaging" / "client_app.py").open("a") as source:
+        with (modified_app / "fl_imaging" / "apps" / "client_app.py").open("a") as source:
             source.write("\n# changed by the coordinator after the hospitals' review\n")
         modified_outputs = folder / "outputs-modified"
         third = _federation(folder, "run", "--app", str(modified_app), "--overrides", " ".join(

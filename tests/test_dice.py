@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from fl_imaging.inference import dice_per_label
-from fl_imaging.training import evaluate
+from fl_imaging.ml.training import evaluate
+from fl_imaging.tools.inference import dice_per_label
 
 
 class Oracle(nn.Module):

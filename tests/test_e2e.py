@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from fl_imaging.cli import main
 from fl_imaging.data.manifest import load_manifest
-from fl_imaging.launch import local_superlink_pids, run_simulation
-from fl_imaging.reporting import read_metrics
+from fl_imaging.outputs.reporting import read_metrics
+from fl_imaging.tools.cli import main
+from fl_imaging.tools.launch import local_superlink_pids, run_simulation
 from tests.conftest import REPO_ROOT, tiny_overrides
 
 

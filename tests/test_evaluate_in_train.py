@@ -9,11 +9,12 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 
-from fl_imaging import client_app, server
+from fl_imaging.apps import client_app
 from fl_imaging.config import ConfigError, compose, plan_to_yaml
+from fl_imaging.ml.models import new_model
+from fl_imaging.outputs.reporting import RunFolder
 from fl_imaging.protocol import ConfigKey, MetricKey, RecordKey
-from fl_imaging.reporting import RunFolder
-from fl_imaging.site import new_model
+from fl_imaging.server import rounds as server
 from tests.conftest import tiny_overrides
 from tests.local_grid import LocalGrid, context_for, make_message
 

@@ -11,7 +11,7 @@ import asyncio
 import httpx
 import pytest
 
-from fl_imaging.gateway import Upstream, build_app, fleet_routes, is_allowed
+from fl_imaging.tools.gateway import Upstream, build_app, fleet_routes, is_allowed
 
 
 class Caller:

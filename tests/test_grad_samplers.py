@@ -10,7 +10,7 @@ from opacus import GradSampleModule
 from torch import nn
 
 from fl_imaging.config import ModelConfig
-from fl_imaging.models import build_model
+from fl_imaging.ml.models import build_model
 from fl_imaging.privacy import grad_samplers
 from fl_imaging.privacy.grad_samplers import compute_conv_grad_sample, compute_prelu_grad_sample
 

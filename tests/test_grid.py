@@ -9,7 +9,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from fl_imaging.grid import NodeSnapshot, PromptGrid
+from fl_imaging.server.grid import NodeSnapshot, PromptGrid
 from tests.local_grid import LocalGrid, make_message
 
 

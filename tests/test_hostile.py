@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from flwr.app import ArrayRecord, Message
 
-from fl_imaging import server
-from fl_imaging.compression import Codec
 from fl_imaging.config import compose, plan_to_yaml
-from fl_imaging.reporting import RunFolder
-from fl_imaging.wire import to_numpy
+from fl_imaging.outputs.reporting import RunFolder
+from fl_imaging.server import rounds as server
+from fl_imaging.updates.compression import Codec
+from fl_imaging.updates.wire import to_numpy
 from tests.conftest import tiny_overrides
 from tests.local_grid import LocalGrid, TamperingGrid, send_weights, sent_weights
 

@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 
-from fl_imaging import server
 from fl_imaging.config import ConfigError, compose, plan_to_yaml
-from fl_imaging.identity import IdentityError, VerifiedGrid, key_fingerprint
+from fl_imaging.outputs.reporting import RunFolder
 from fl_imaging.protocol import RecordKey, SiteKey
-from fl_imaging.reporting import RunFolder
+from fl_imaging.server import rounds as server
+from fl_imaging.server.identity import IdentityError, VerifiedGrid, key_fingerprint
 from tests.conftest import tiny_overrides
 from tests.local_grid import LocalGrid, TamperingGrid
 
@@ -230,7 +230,7 @@ def test_a_reply_naming_another_site_than_its_node_was_admitted_as_is_not_aggreg
 def test_site_fingerprint_prints_what_federation_site_keys_expects(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fl_imaging.cli import main
+    from fl_imaging.tools.cli import main
 
     key = new_key()
     pub = tmp_path / "hospital_a.pub"

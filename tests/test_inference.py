@@ -8,17 +8,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fl_imaging.cli import main
 from fl_imaging.config import RunPlan, plan_to_dict
 from fl_imaging.data.manifest import load_manifest
-from fl_imaging.inference import (
+from fl_imaging.ml.models import new_model
+from fl_imaging.outputs.reporting import RunFolder
+from fl_imaging.tools.cli import main
+from fl_imaging.tools.inference import (
     CheckpointError,
     dice_per_label,
     load_predictor,
     predict_file,
 )
-from fl_imaging.reporting import RunFolder
-from fl_imaging.site import new_model
 
 
 def save_checkpoint(plan: RunPlan, tmp_path: Path, **changes: object) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flwr.cli.build import build_fab_from_disk
 
-from fl_imaging.bundle import stage_app
+from fl_imaging.tools.bundle import stage_app
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ def test_staged_app_bundles_exactly_like_the_project(tmp_path: Path) -> None:
     finally:
         ignored.unlink()
     got = _members(build_fab_from_disk(staged))
-    assert "fl_imaging/launch.py" in got and "pyproject.toml" in got
+    assert "fl_imaging/tools/launch.py" in got and "pyproject.toml" in got
     assert not any(name.startswith(("state/", ".venv/", ".flwr/")) for name in got)
     assert got == expected
     assert not (staged / ".venv").exists() and not (staged / ".git").exists()

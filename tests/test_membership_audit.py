@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from fl_imaging import server
-from fl_imaging.cli import main
 from fl_imaging.config import compose, plan_to_yaml
+from fl_imaging.outputs.reporting import PRIVACY_AUDIT_FILE, RunFolder, read_summary
 from fl_imaging.privacy.membership import attack_auc, audit
-from fl_imaging.reporting import PRIVACY_AUDIT_FILE, RunFolder, read_summary
+from fl_imaging.server import rounds as server
+from fl_imaging.tools.cli import main
 from tests.conftest import tiny_overrides
 from tests.local_grid import LocalGrid
 

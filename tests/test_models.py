@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fl_imaging.config import ModelConfig, compose
-from fl_imaging.models import build_model
+from fl_imaging.ml.models import build_model
 
 
 @pytest.mark.parametrize(("in_channels", "out_channels"), [(1, 3), (2, 3), (4, 2)])

@@ -11,14 +11,14 @@ import nibabel as nib
 import pytest
 from flwr.app import Message
 
-from fl_imaging import server
-from fl_imaging.audit import read_audit
-from fl_imaging.cli import main
 from fl_imaging.config import RunPlan, compose, plan_to_yaml
 from fl_imaging.data.manifest import load_manifest
-from fl_imaging.reporting import RunFolder
-from fl_imaging.site import new_model
-from fl_imaging.wire import message_bytes
+from fl_imaging.ml.models import new_model
+from fl_imaging.outputs.reporting import RunFolder
+from fl_imaging.server import rounds as server
+from fl_imaging.site.audit import read_audit
+from fl_imaging.tools.cli import main
+from fl_imaging.updates.wire import message_bytes
 from tests.conftest import tiny_overrides
 from tests.local_grid import LocalGrid
 

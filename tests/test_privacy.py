@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fl_imaging.cli import main
 from fl_imaging.config import ConfigError, RunPlan, compose
+from fl_imaging.ml.models import new_model
 from fl_imaging.privacy.accounting import epsilon_of, noise_for_budget
 from fl_imaging.privacy.ledger import (
     AUDIT_FILE,
@@ -18,7 +18,9 @@ from fl_imaging.privacy.ledger import (
     open_ledger,
     read_ledger,
 )
-from fl_imaging.site import new_model, resolve_site, train_round
+from fl_imaging.site.resolve import resolve_site
+from fl_imaging.site.rounds import train_round
+from fl_imaging.tools.cli import main
 from tests.conftest import tiny_overrides
 
 

@@ -17,10 +17,10 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.optimizers import optimizer as opacus_optimizer
 
-from fl_imaging import server
-from fl_imaging.cli import main
 from fl_imaging.config import ConfigError, RunPlan, compose, plan_to_yaml
 from fl_imaging.data.manifest import load_manifest
+from fl_imaging.ml.models import new_model
+from fl_imaging.outputs.reporting import RunFolder, read_metrics
 from fl_imaging.privacy import dp_sgd, randomness
 from fl_imaging.privacy.accounting import default_delta, epsilon_of
 from fl_imaging.privacy.ledger import (
@@ -34,8 +34,10 @@ from fl_imaging.privacy.ledger import (
     read_ledger,
 )
 from fl_imaging.privacy.policy import POLICY_FILE, PolicyError
-from fl_imaging.reporting import RunFolder, read_metrics
-from fl_imaging.site import Site, new_model, resolve_site, train_round
+from fl_imaging.server import rounds as server
+from fl_imaging.site.resolve import Site, resolve_site
+from fl_imaging.site.rounds import train_round
+from fl_imaging.tools.cli import main
 from tests.conftest import tiny_overrides
 from tests.local_grid import LocalGrid
 
@@ -408,7 +410,7 @@ def test_the_privacy_plan_equals_opacus_and_the_training_that_runs(
     from opacus.accountants.utils import get_noise_multiplier
 
     from fl_imaging.privacy.planning import plan_lines
-    from fl_imaging.site import privacy_plans
+    from fl_imaging.privacy.requests import privacy_plans
 
     [plan] = privacy_plans(private_plan)
     site = site_a(private_plan)

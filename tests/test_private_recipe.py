@@ -11,9 +11,11 @@ from opacus.optimizers.optimizer import DPOptimizer
 from torch.utils.data import DataLoader, TensorDataset
 
 from fl_imaging.config import ConfigError, RunPlan, compose, compose_dictconfig, to_plan, validate
+from fl_imaging.ml.models import initial_weights, new_model
+from fl_imaging.ml.training import WeightAverage, new_optimizer
 from fl_imaging.privacy.dp_sgd import fold_views, freeze_except, train_private
-from fl_imaging.site import initial_weights, new_model, resolve_site, train_round
-from fl_imaging.training import WeightAverage, new_optimizer
+from fl_imaging.site.resolve import resolve_site
+from fl_imaging.site.rounds import train_round
 from tests.conftest import tiny_overrides
 
 

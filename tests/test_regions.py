@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fl_imaging.config import ConfigError, compose
-from fl_imaging.regions import SCHEMES, region_metrics, regions_of, scheme_problems
-from fl_imaging.training import evaluate
+from fl_imaging.data.regions import SCHEMES, region_metrics, regions_of, scheme_problems
+from fl_imaging.ml.training import evaluate
 from tests.test_dice import Oracle
 
 BRATS21 = SCHEMES["brats2021"]
@@ -85,9 +85,9 @@ def test_a_label_scheme_is_validated_at_composition() -> None:
 def test_region_metrics_travel_from_site_to_the_run_folder_rows() -> None:
     from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-    from fl_imaging.client_app import _eval_metrics
-    from fl_imaging.server import site_rows
-    from fl_imaging.training import EvalResult
+    from fl_imaging.apps.client_app import _eval_metrics
+    from fl_imaging.ml.training import EvalResult
+    from fl_imaging.server.rounds import site_rows
     from tests.local_grid import make_message
 
     result = EvalResult(loss=0.5, dice_per_class={1: 0.7, 2: 0.8, 4: float("nan")}, num_cases=2,
@@ -120,12 +120,12 @@ def test_the_tumour_experiment_trains_classes_0_to_3_and_reports_regions(
     import nibabel as nib
     import numpy as np
 
-    from fl_imaging import server
     from fl_imaging.config import plan_to_yaml
     from fl_imaging.data.manifest import load_manifest
-    from fl_imaging.inference import load_predictor, predict_file
-    from fl_imaging.reporting import RunFolder, read_metrics
-    from fl_imaging.site import new_model
+    from fl_imaging.ml.models import new_model
+    from fl_imaging.outputs.reporting import RunFolder, read_metrics
+    from fl_imaging.server import rounds as server
+    from fl_imaging.tools.inference import load_predictor, predict_file
     from tests.conftest import tiny_overrides
     from tests.local_grid import LocalGrid
 
@@ -152,7 +152,7 @@ def test_the_tumour_experiment_trains_classes_0_to_3_and_reports_regions(
 
 
 def test_the_report_shows_region_dice_and_hd95_per_site(tmp_path) -> None:
-    from fl_imaging.reporting import RunFolder, write_report
+    from fl_imaging.outputs.reporting import RunFolder, write_report
 
     run = RunFolder.create(tmp_path, "t", "a: 1\n")
     run.append_metrics([
@@ -173,7 +173,7 @@ def test_label_values_with_gaps_round_trip_through_training_classes(tmp_path) ->
     import numpy as np
 
     from fl_imaging.data.loading import eval_transforms
-    from fl_imaging.regions import class_values, needs_remap
+    from fl_imaging.data.regions import class_values, needs_remap
 
     labels = {0: "background", 1: "necrosis", 2: "oedema", 4: "enhancing"}
     truth = np.zeros((8, 8, 8), dtype=np.uint8)

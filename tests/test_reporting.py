@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_imaging.reporting import (
+from fl_imaging.outputs.reporting import (
     RunFolder,
     dice_table,
     last_started_run,
@@ -135,7 +135,7 @@ def test_tensorboard_gets_round_scalars(tmp_path: Path) -> None:
 def test_report_says_a_stale_running_run_probably_crashed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fl_imaging.cli import main
+    from fl_imaging.tools.cli import main
 
     run = RunFolder.create(tmp_path, "demo", "data: {labels: {0: bg, 1: a}}\n")
     run.append_metrics([{"round": 0, "site": "a", "split": "val", "dice_mean": 0.1}])
@@ -150,7 +150,7 @@ def test_a_crash_of_the_server_leaves_status_crashed(
 ) -> None:
     from flwr.app import Context, RecordDict
 
-    from fl_imaging import server
+    from fl_imaging.server import rounds as server
     from tests.conftest import tiny_overrides
 
     tiny_plan_overrides = tiny_overrides(tiny_sites, tmp_path)
@@ -172,7 +172,7 @@ def test_a_crash_of_the_server_leaves_status_crashed(
 
 def test_an_unwritable_outputs_folder_is_refused_before_launch(tmp_path: Path) -> None:
     from fl_imaging.config import compose
-    from fl_imaging.launch import outputs_problems
+    from fl_imaging.tools.launch import outputs_problems
 
     blocked = tmp_path / "file-not-folder"
     blocked.write_text("")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from flwr.app import Message, MessageType
 
-from fl_imaging import server
 from fl_imaging.config import ConfigError, compose, plan_to_yaml
-from fl_imaging.reporting import RunFolder, last_started_run
+from fl_imaging.outputs.reporting import RunFolder, last_started_run
+from fl_imaging.server import rounds as server
 from tests.conftest import tiny_overrides
 from tests.local_grid import LocalGrid
 

@@ -21,15 +21,15 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_imaging import server
-from fl_imaging.compression import decode_update
 from fl_imaging.config import ConfigError, RunPlan, compose, plan_to_yaml
 from fl_imaging.data.synthetic import generate_federation
-from fl_imaging.launch import local_superlink_pids, run_simulation
-from fl_imaging.reporting import RunFolder, read_metrics
-from fl_imaging.secure_aggregation import SecureAggregationError
-from fl_imaging.site import new_model
-from fl_imaging.wire import message_bytes, read_update
+from fl_imaging.ml.models import new_model
+from fl_imaging.outputs.reporting import RunFolder, read_metrics
+from fl_imaging.secagg import SecureAggregationError
+from fl_imaging.server import rounds as server
+from fl_imaging.tools.launch import local_superlink_pids, run_simulation
+from fl_imaging.updates.compression import decode_update
+from fl_imaging.updates.wire import message_bytes, read_update
 from tests.conftest import REPO_ROOT, tiny_overrides
 from tests.local_grid import LocalGrid
 
@@ -351,7 +351,7 @@ def test_min_sites_below_two_is_refused_with_secure_aggregation(base: list[str])
 def test_sites_say_when_the_clipping_range_cuts_their_update(
     base: list[str], tmp_path: Path, identity: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    logger = logging.getLogger("fl_imaging.secure_aggregation")
+    logger = logging.getLogger("fl_imaging.secagg.client")
     logger.addHandler(caplog.handler)  # the apps' "fl_imaging" logger does not propagate
     try:
         federate([*base, *SECURE, "secure_aggregation.clipping_range=1e-5"], tmp_path)
@@ -420,7 +420,7 @@ def test_flwr_run_with_secaggplus_trains_every_site_and_finishes(
 def test_every_secure_aggregation_reply_is_in_the_sites_audit_log(
     plain_and_secure: tuple[Federation, Federation],
 ) -> None:
-    from fl_imaging.audit import read_audit
+    from fl_imaging.site.audit import read_audit
 
     _, secure = plain_and_secure
     logged = {

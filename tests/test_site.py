@@ -10,7 +10,9 @@ import torch
 
 from fl_imaging.config import ConfigError, RunPlan, compose
 from fl_imaging.data.manifest import ManifestError, load_manifest
-from fl_imaging.site import evaluate_round, new_model, resolve_site, train_round
+from fl_imaging.ml.models import new_model
+from fl_imaging.site.resolve import resolve_site
+from fl_imaging.site.rounds import evaluate_round, train_round
 from tests.conftest import tiny_overrides
 
 
@@ -147,7 +149,7 @@ def test_modality_count_disagreeing_with_config_names_the_site(tiny_plan: RunPla
 
 @pytest.mark.parametrize("local_norm", [True, False])
 def test_fedbn_keeps_normalisation_layers_at_the_site(local_norm: bool, tiny_plan: RunPlan) -> None:
-    from fl_imaging.site import LOCAL_NORM_FILE, norm_keys
+    from fl_imaging.site.state import LOCAL_NORM_FILE, norm_keys
 
     tiny_plan.model.norm = "batch"
     tiny_plan.strategy.local_norm = local_norm

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fl_imaging.cli import main
 from fl_imaging.config import compose
-from fl_imaging.site import check_sites
+from fl_imaging.site.resolve import check_sites
+from fl_imaging.tools.cli import main
 from tests.conftest import tiny_overrides
 
 

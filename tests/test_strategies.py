@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from fl_imaging import server
 from fl_imaging.config import KNOWN_STRATEGIES, compose, plan_to_yaml
-from fl_imaging.reporting import RunFolder
-from fl_imaging.strategies import STRATEGIES, build_strategy, strategy_problems
+from fl_imaging.outputs.reporting import RunFolder
+from fl_imaging.server import rounds as server
+from fl_imaging.server.strategies import STRATEGIES, build_strategy, strategy_problems
 from tests.local_grid import LocalGrid
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_imaging.sweep import varying_overrides
+from fl_imaging.tools.sweep import varying_overrides
 from tests.conftest import REPO_ROOT, tiny_overrides
 
 
@@ -26,7 +26,7 @@ def test_sweep_runs_each_job_and_summarises_failures_too(
     sweep_dir = tmp_path / "sweep"
     overrides = [o for o in tiny_overrides(tiny_sites, tmp_path) if not o.startswith("rounds=")]
     cmd = [
-        sys.executable, "-m", "fl_imaging.cli", "sweep", "-m", "experiment=demo", *overrides,
+        sys.executable, "-m", "fl_imaging.tools.cli", "sweep", "-m", "experiment=demo", *overrides,
         "rounds=1", "train.lr=0.003,0.001,-1", f"hydra.sweep.dir={sweep_dir}",
     ]  # fmt: skip
     env = {**os.environ, "FLWR_HOME": str(tmp_path / ".flwr")}

@@ -43,7 +43,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from fl_imaging.config import DataConfig
 from fl_imaging.data.manifest import Case
-from fl_imaging.regions import class_values, needs_remap
+from fl_imaging.data.regions import class_values, needs_remap
 
 KEYS = ("image", "label")
 # axis labels of nibabel's RAS+ world (what NIfTI affines map to)

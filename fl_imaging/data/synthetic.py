@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 SITE_PREFIX = "hospital_"
 LABELS: dict[int, str] = {0: "background", 1: "oedema", 2: "core"}
-# label conventions (fl_imaging.regions.SCHEMES): the manifest's labels, and the value of
+# label conventions (fl_imaging.data.regions.SCHEMES): the manifest's labels, and the value of
 # each tumour compartment: oedema (outside the core), the core's necrotic inside, and
 # its enhancing rim (one voxel thick, bright in T1c)
 SCHEME_LABELS: dict[str, tuple[dict[int, str], dict[str, int]]] = {

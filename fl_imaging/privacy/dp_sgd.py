@@ -35,10 +35,10 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fl_imaging.ml.training import TrainResult, new_optimizer, train_local
 from fl_imaging.privacy import grad_samplers
 from fl_imaging.privacy.accounting import History
 from fl_imaging.privacy.randomness import secret_generator
-from fl_imaging.training import TrainResult, new_optimizer, train_local
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def fold_views(parameters: Sequence[nn.Parameter], cases: int) -> None:
 
     Opacus' hooks leave ``p.grad_sample`` with one row per network input, ``cases * K``
     rows in the order ``[case 0 view 0 .. K-1, case 1 ...]`` (the batch flattened by
-    :func:`fl_imaging.training.train_local`); afterwards it has one row per case, which
+    :func:`fl_imaging.ml.training.train_local`); afterwards it has one row per case, which
     Opacus then clips to ``max_grad_norm`` and noises: one patient, one contribution.
     """
     for p in parameters:
@@ -149,7 +149,7 @@ def train_private(
         history: the site's accountant history before this round.
         grad_sample_mode: Opacus per-sample-gradient mode; ``hooks`` uses the samplers
             of :mod:`fl_imaging.privacy.grad_samplers` for convolutions and PReLU.
-        optimizer_name: ``adam`` or ``sgd`` (:func:`fl_imaging.training.new_optimizer`).
+        optimizer_name: ``adam`` or ``sgd`` (:func:`fl_imaging.ml.training.new_optimizer`).
         momentum: SGD momentum.
         ema_decay: end the round with the moving average of the weights (None: off).
         trainable: parameter-name prefixes to train (empty: all); see :func:`freeze_except`.

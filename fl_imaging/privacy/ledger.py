@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_imaging.privacy.accounting import History, epsilon_of
-from fl_imaging.private_files import append_private, private_dir, write_private
+from fl_imaging.site.private_files import append_private, private_dir, write_private
 
 LEDGER_FILE = "privacy_ledger.json"
 MARKER_FILE = "privacy_ledger.head"

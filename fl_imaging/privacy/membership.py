@@ -24,7 +24,7 @@ from monai.inferers import sliding_window_inference
 from monai.metrics import compute_roc_auc
 from torch import nn
 
-from fl_imaging.training import segmentation_loss
+from fl_imaging.ml.training import segmentation_loss
 
 # fewer cases than this in either group: the AUC's interval spans most of [0, 1]
 MIN_CASES = 10

@@ -1,7 +1,7 @@
 """Pre-flight privacy plan: what DP-SGD a private site will run, before any training.
 
 For each private site, from its manifest and the run plan, the same figures the site
-computes when its first round starts (:func:`fl_imaging.site.train_round`): training
+computes when its first round starts (:func:`fl_imaging.site.rounds.train_round`): training
 cases ``N``, batch ``B``, steps per epoch ``ceil(N / B)`` and so the Poisson sampling rate
 ``q = 1 / steps per epoch``, steps per round and in all, the noise multiplier the
 accountant needs for what is left of the budget, and the epsilon after each round.

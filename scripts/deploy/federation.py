@@ -3,7 +3,7 @@
 Every component is a separate process talking over loopback, exactly as on separate
 machines: TLS on the SuperLink, SuperNode authentication (only registered hospital
 keys may join), each SuperNode told who it is through ``--node-config``
-(``site``, ``manifest``, ``data-root``, ``state-dir``: see ``fl_imaging/site.py``).
+(``site``, ``manifest``, ``data-root``, ``state-dir``: see ``fl_imaging/site/resolve.py``).
 Everything lives in one folder (``--dir``, default ``deploy/local``)::
 
     certs/               CA, SuperLink certificate, per-hospital keys (make_certs.py)
@@ -21,7 +21,7 @@ Commands (all print what they do)::
     python scripts/deploy/federation.py node intruder --unregistered  # a key never registered
     python scripts/deploy/federation.py down                 # stop everything, by PID
 
-``run`` is ``flwr run . <connection>`` (on a staged copy of the app, ``fl_imaging.bundle``)
+``run`` is ``flwr run . <connection>`` (on a staged copy of the app, ``fl_imaging.tools.bundle``)
 with ``FLWR_HOME=<dir>/flwr_home``; it exits non-zero unless Flower reports the run
 ``finished:completed``.
 
@@ -48,7 +48,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fl_imaging.bundle import stage_app
+from fl_imaging.tools.bundle import stage_app
 
 # Nothing from fl_imaging is imported here: it pulls in torch (seconds), and `kill` must be quick.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -185,7 +185,7 @@ def start_gateway(folder: Path, state: dict, env: dict[str, str]) -> int:
     """``fl-imaging gateway``: only the Fleet API on the public port, forwarded to the SuperLink."""
     certs = state["certs"]
     cmd = [
-        sys.executable, "-m", "fl_imaging.cli", "gateway",
+        sys.executable, "-m", "fl_imaging.tools.cli", "gateway",
         "--listen", f"127.0.0.1:{state['port']}",
         "--superlink", f"127.0.0.1:{control_port(state)}",
     ]  # fmt: skip
@@ -214,7 +214,7 @@ def register(site: str, state: dict, env: dict[str, str]) -> None:
 
 def fingerprint(site: str, state: dict) -> str:
     """The SHA-256 of ``site``'s registered public key (``federation.site_keys``)."""
-    from fl_imaging.identity import file_fingerprint
+    from fl_imaging.server.identity import file_fingerprint
 
     return file_fingerprint(Path(state["certs"]) / "supernodes" / f"{site}.pub")
 

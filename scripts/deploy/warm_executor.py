@@ -37,10 +37,11 @@ from pathlib import Path
 from types import ModuleType
 
 # the hospital's own check, imported from its installation before any bundle arrives
-from fl_imaging.bundle import check_approved, read_approved
+from fl_imaging.tools.bundle import check_approved, read_approved
 
-# what the ClientApp's handlers import (fl_imaging.client_app itself imports no torch)
-WARM_MODULE = "fl_imaging.secure_aggregation"
+# what the ClientApp's handlers import (fl_imaging.apps.client_app itself imports no torch):
+# a site's rounds and the SecAgg+ client (comma-separated)
+WARM_MODULE = "fl_imaging.site.rounds,fl_imaging.secagg.client"
 POLL_SECONDS = 0.1
 # first retry and longest wait (s) when a message's objects are not at the SuperNode yet
 OBJECT_POLL = 0.05
@@ -48,14 +49,16 @@ OBJECT_POLL_CAP = 0.5
 
 
 def warm_up(module: str) -> list[str]:
-    """Import ``module`` and everything it needs, then forget ``module``'s own package.
+    """Import ``module`` (comma-separated: each) and all it needs, then forget their package.
 
     What stays imported (torch, MONAI, nibabel, Hydra, Flower) is shared by every
     forked ClientApp; the package itself is imported again in each child from the app
     bundle Flower installs, so the code that runs is the code the run shipped.
     """
-    package = module.split(".")[0]
-    importlib.import_module(module)
+    modules = [m.strip() for m in module.split(",") if m.strip()]
+    package = modules[0].split(".")[0]
+    for name in modules:
+        importlib.import_module(name)
     mine = [m for m in sys.modules if m == package or m.startswith(package + ".")]
     for name in mine:
         del sys.modules[name]

@@ -429,7 +429,7 @@ def write_report(
     Args:
         run_dir: the run folder.
         overlays: site -> PNG of prediction/ground-truth overlays inside ``report/``
-            (made where the data is, see :mod:`fl_imaging.overlays`).
+            (made where the data is, see :mod:`fl_imaging.outputs.overlays`).
         overlay_note: shown instead of (or under) the overlays, e.g. why some are missing.
         legend: ``(label name, colour)`` pairs of the overlays.
 

@@ -1,11 +1,11 @@
 """Flower ClientApp: thin wiring between Flower messages and :mod:`fl_imaging.site`.
 
 A reply carries only the model update (encoded relative to the received global
-model, :mod:`fl_imaging.compression`), a few numbers (loss, Dice, case counts) and
+model, :mod:`fl_imaging.updates.compression`), a few numbers (loss, Dice, case counts) and
 the site's name: never voxel or label data.
 
 This module imports neither torch nor MONAI: the handlers import the site code
-(:mod:`fl_imaging.site`, :mod:`fl_imaging.secure_aggregation`) when the first message,
+(:mod:`fl_imaging.site`, :mod:`fl_imaging.secagg.server`) when the first message,
 the server's "which site are you" query, arrives. Flower's simulation loads the
 ClientApp in its driver process, under the same lock as the ServerApp, before it starts
 Ray; with both modules light, Ray starts while the ServerApp imports torch and MONAI.
@@ -34,12 +34,9 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fl_imaging.audit import append_audit, audit_entry, describe_records
-from fl_imaging.compression import codec_of, encode_update
 from fl_imaging.config import RunPlan, compose
 from fl_imaging.logs import setup_logging
 from fl_imaging.privacy.policy import REFUSED_BY_POLICY
-from fl_imaging.private_files import append_private
 from fl_imaging.protocol import (
     ConfigKey,
     MetricKey,
@@ -48,11 +45,14 @@ from fl_imaging.protocol import (
     RunConfigKey,
     SiteKey,
 )
-from fl_imaging.wire import message_bytes, to_numpy, to_record, update_records
+from fl_imaging.site.audit import append_audit, audit_entry, describe_records
+from fl_imaging.site.private_files import append_private
+from fl_imaging.updates.compression import codec_of, encode_update
+from fl_imaging.updates.wire import message_bytes, to_numpy, to_record, update_records
 
 if TYPE_CHECKING:
-    from fl_imaging.site import Site
-    from fl_imaging.training import EvalResult
+    from fl_imaging.ml.training import EvalResult
+    from fl_imaging.site.resolve import Site
 
 app = ClientApp()
 logger = logging.getLogger("fl_imaging.client")
@@ -66,7 +66,7 @@ _RESIDUAL = "compression-residual"
 
 
 def _plan_and_site(context: Context) -> tuple[RunPlan, Site]:
-    from fl_imaging.site import resolve_site
+    from fl_imaging.site.resolve import resolve_site
 
     setup_logging()
     plan = compose(
@@ -207,7 +207,7 @@ def _encode(
 @_site_errors
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training cases (or a SecAgg+ stage)."""
-    from fl_imaging.secure_aggregation import is_secure_message, secure_train
+    from fl_imaging.secagg.client import is_secure_message, secure_train
 
     if is_secure_message(msg):  # a SecAgg+ stage: Flower's secaggplus_mod wraps the training
         return secure_train(msg, context, _plan_and_site(context)[0], train_step)
@@ -216,7 +216,7 @@ def train(msg: Message, context: Context) -> Message:
 
 def train_step(msg: Message, context: Context) -> Message:
     """The plain training reply (SecAgg+'s masked-vector stage masks the update it holds)."""
-    from fl_imaging.site import evaluate_round, train_round
+    from fl_imaging.site.rounds import evaluate_round, train_round
 
     plan, site = _plan_and_site(context)
     config = msg.content[RecordKey.CONFIG]
@@ -293,7 +293,7 @@ def identify(msg: Message, context: Context) -> Message:
 @_site_errors
 def evaluate(msg: Message, context: Context) -> Message:
     """Dice of the received global model on this site's validation cases."""
-    from fl_imaging.site import evaluate_round
+    from fl_imaging.site.rounds import evaluate_round
 
     plan, site = _plan_and_site(context)
     weights = msg.content[RecordKey.ARRAYS].to_torch_state_dict()

@@ -17,7 +17,7 @@ from monai.inferers import sliding_window_inference
 from fl_imaging.config import RunPlan
 from fl_imaging.data.loading import eval_loader
 from fl_imaging.data.manifest import VAL
-from fl_imaging.site import Site, load_site_manifest
+from fl_imaging.site.resolve import Site, load_site_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +102,9 @@ def render_run_overlays(run_dir: Path, max_cases: int = 3) -> tuple[dict[str, Pa
 
     from fl_imaging.config import ConfigError, to_plan
     from fl_imaging.data.manifest import ManifestError
-    from fl_imaging.inference import load_predictor
-    from fl_imaging.reporting import CHECKPOINT_DIR, CONFIG_FILE, REPORT_DIR
-    from fl_imaging.site import configured_sites
+    from fl_imaging.outputs.reporting import CHECKPOINT_DIR, CONFIG_FILE, REPORT_DIR
+    from fl_imaging.site.resolve import configured_sites
+    from fl_imaging.tools.inference import load_predictor
 
     checkpoint = run_dir / CHECKPOINT_DIR / "best.pt"
     if not checkpoint.is_file():

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
-logger = logging.getLogger("fl_imaging.gateway")
+logger = logging.getLogger("fl_imaging.tools.gateway")
 
 # hop-by-hop headers (RFC 9110 7.6.1) and those the HTTP client sets itself
 _NOT_FORWARDED = frozenset(

@@ -32,8 +32,8 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
 
-from fl_imaging.grid import DelegatingGrid
 from fl_imaging.protocol import RecordKey, SiteKey
+from fl_imaging.server.grid import DelegatingGrid
 
 logger = logging.getLogger("fl_imaging.server")
 

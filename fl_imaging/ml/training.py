@@ -23,7 +23,7 @@ from monai.transforms import AsDiscrete
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from fl_imaging.regions import region_metrics
+from fl_imaging.data.regions import region_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def evaluate(
         num_classes: classes including background.
         roi_size: sliding-window size in voxels (the training patch size).
         foreground: the foreground labels to report (default: 1 .. num_classes - 1).
-        regions: region name -> label values (:mod:`fl_imaging.regions`): also Dice and
+        regions: region name -> label values (:mod:`fl_imaging.data.regions`): also Dice and
             HD95 of each region, averaged over every case (BraTS rule for empty ones).
         spacing: voxel size in mm of the evaluated volumes (HD95 in mm); default 1 mm.
     """

@@ -28,7 +28,7 @@ from pathlib import Path
 from fl_imaging.config import split_experiment, with_root
 from fl_imaging.logs import setup_logging
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -114,7 +114,7 @@ def _partition(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fl_imaging.launch import run_simulation
+    from fl_imaging.tools.launch import run_simulation
 
     experiment, overrides = split_experiment(args.overrides)
     outcome = run_simulation(experiment, overrides, project_root=args.app)
@@ -127,8 +127,8 @@ def _check_config(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from fl_imaging.config import compose_dictconfig, to_plan, validate
-    from fl_imaging.site import check_sites
-    from fl_imaging.strategies import strategy_problems
+    from fl_imaging.server.strategies import strategy_problems
+    from fl_imaging.site.resolve import check_sites
 
     experiment, overrides = split_experiment(args.overrides)
     overrides = with_root(overrides, Path.cwd())
@@ -146,7 +146,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _stop_superlink(args: argparse.Namespace) -> int:
-    from fl_imaging.launch import flwr_env, local_superlink_pids, stop_processes
+    from fl_imaging.tools.launch import flwr_env, local_superlink_pids, stop_processes
 
     home = Path(flwr_env(args.app)["FLWR_HOME"])
     pids = local_superlink_pids(home)
@@ -157,7 +157,7 @@ def _stop_superlink(args: argparse.Namespace) -> int:
 
 def _privacy_sites(args: argparse.Namespace) -> list[tuple[str, Path, float | None]]:
     from fl_imaging.config import compose
-    from fl_imaging.site import configured_sites
+    from fl_imaging.site.resolve import configured_sites
 
     experiment, overrides = split_experiment(args.overrides)
     overrides = with_root(overrides, Path.cwd())
@@ -193,7 +193,7 @@ def _privacy_status(args: argparse.Namespace) -> int:
 def _privacy_plan(args: argparse.Namespace) -> int:
     from fl_imaging.config import compose
     from fl_imaging.privacy.planning import plan_lines
-    from fl_imaging.site import privacy_plans
+    from fl_imaging.privacy.requests import privacy_plans
 
     experiment, overrides = split_experiment(args.overrides)
     plans = privacy_plans(compose(experiment, with_root(overrides, Path.cwd())))
@@ -209,14 +209,15 @@ def _privacy_audit(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from fl_imaging.config import to_plan
-    from fl_imaging.reporting import (
+    from fl_imaging.outputs.reporting import (
         CheckpointReadError,
         load_checkpoint,
         read_summary,
         write_privacy_audit,
         write_report,
     )
-    from fl_imaging.site import configured_sites, membership_audit
+    from fl_imaging.site.resolve import configured_sites
+    from fl_imaging.site.rounds import membership_audit
 
     run_dir = Path(args.run_dir).resolve()
     checkpoint = run_dir / "checkpoints" / f"{args.checkpoint}.pt"
@@ -301,7 +302,7 @@ def _privacy_reset(args: argparse.Namespace) -> int:
 def _site_approve(args: argparse.Namespace) -> int:
     import datetime
 
-    from fl_imaging.bundle import bundle_hash, fab_bytes, read_approved
+    from fl_imaging.tools.bundle import bundle_hash, fab_bytes, read_approved
 
     digest = bundle_hash(fab_bytes(args.bundle))
     note = args.note or f"{args.bundle.resolve().name} approved {datetime.date.today().isoformat()}"
@@ -320,7 +321,7 @@ def _site_approve(args: argparse.Namespace) -> int:
 
 
 def _site_fingerprint(args: argparse.Namespace) -> int:
-    from fl_imaging.identity import IdentityError, file_fingerprint
+    from fl_imaging.server.identity import IdentityError, file_fingerprint
 
     for key in args.keys:
         try:
@@ -332,7 +333,7 @@ def _site_fingerprint(args: argparse.Namespace) -> int:
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    from fl_imaging.gateway import Upstream, serve
+    from fl_imaging.tools.gateway import Upstream, serve
 
     upstream = Upstream(args.superlink, args.insecure, args.root_certificates)
     serve(args.listen, upstream, args.ssl_certfile, args.ssl_keyfile)
@@ -342,7 +343,7 @@ def _gateway(args: argparse.Namespace) -> int:
 def _site_audit(args: argparse.Namespace) -> int:
     import json
 
-    from fl_imaging.audit import AUDIT_LOG, audit_table, read_audit
+    from fl_imaging.site.audit import AUDIT_LOG, audit_table, read_audit
 
     if args.state_dir is None:
         sites = {name: state for name, state, _ in _privacy_sites(args)}
@@ -367,8 +368,8 @@ def _predict(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from fl_imaging.inference import dice_per_label, load_predictor, predict_file, scans_in
-    from fl_imaging.regions import region_metrics, regions_of
+    from fl_imaging.data.regions import region_metrics, regions_of
+    from fl_imaging.tools.inference import dice_per_label, load_predictor, predict_file, scans_in
 
     predictor = load_predictor(args.checkpoint, allow_untrained=args.allow_untrained)
     if len(args.input) > 1:  # one case, one 3D file per modality (in the model's order)
@@ -399,8 +400,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from fl_imaging.overlays import render_run_overlays
-    from fl_imaging.reporting import read_summary, write_report
+    from fl_imaging.outputs.overlays import render_run_overlays
+    from fl_imaging.outputs.reporting import read_summary, write_report
 
     run_dir = Path(args.run_dir).resolve()
     overlays, note = ({}, "") if args.no_overlays else render_run_overlays(run_dir)
@@ -421,7 +422,7 @@ def _report(args: argparse.Namespace) -> int:
 def _legend(run_dir: Path) -> list[tuple[str, str]]:
     from omegaconf import OmegaConf
 
-    from fl_imaging.overlays import legend
+    from fl_imaging.outputs.overlays import legend
 
     labels = OmegaConf.load(run_dir / "config.yaml").data.labels
     return list(legend({int(k): str(v) for k, v in labels.items()}))
@@ -599,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fl_imaging.data.manifest import ManifestError
 
     if argv[:1] == ["sweep"]:  # Hydra parses a sweep's arguments itself (-m, overrides)
-        from fl_imaging.sweep import sweep
+        from fl_imaging.tools.sweep import sweep
 
         return sweep(argv[1:], PROJECT_ROOT)
     args = build_parser().parse_args(argv)

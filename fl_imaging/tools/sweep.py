@@ -2,7 +2,7 @@
 
 ``fl-imaging sweep -m experiment=hippocampus strategy=fedavg,fedprox rounds=2``
 composes ``conf/`` with Hydra (so sweeps use the same config as every run),
-launches one simulation per job through :func:`fl_imaging.launch.run_simulation`
+launches one simulation per job through :func:`fl_imaging.tools.launch.run_simulation`
 (the same path ``flwr run .`` takes), puts each job's run folder inside the job's
 Hydra folder, and at the end writes ``sweep_summary.csv`` (one row per job and
 site) and ``sweep_summary.png``. A failed job is listed as failed; the others go on.
@@ -24,7 +24,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from fl_imaging.config import conf_dir, register_schema, split_experiment
-from fl_imaging.reporting import read_summary
+from fl_imaging.outputs.reporting import read_summary
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     from fl_imaging.config import to_plan
-    from fl_imaging.launch import run_simulation
+    from fl_imaging.tools.launch import run_simulation
 
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)

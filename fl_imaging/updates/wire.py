@@ -1,6 +1,6 @@
 """What travels between server and sites: encoded updates as Flower records, and their size.
 
-Flower glue for :mod:`fl_imaging.compression` (which is free of Flower): an encoded
+Flower glue for :mod:`fl_imaging.updates.compression` (which is free of Flower): an encoded
 update becomes an ``ArrayRecord`` of its named arrays plus a ``ConfigRecord`` codec
 header, and back. :func:`message_bytes` measures a message the way Flower ships it.
 """
@@ -13,8 +13,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from fl_imaging.compression import Codec, CompressionError, EncodedUpdate
 from fl_imaging.protocol import RecordKey
+from fl_imaging.updates.compression import Codec, CompressionError, EncodedUpdate
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -17,11 +17,11 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_imaging.config import compose
-from fl_imaging.grid import PromptGrid, identify_sites
 from fl_imaging.logs import setup_logging
 from fl_imaging.protocol import RunConfigKey
+from fl_imaging.server.grid import PromptGrid, identify_sites
 
-SERVER_MODULE = "fl_imaging.server"
+SERVER_MODULE = "fl_imaging.server.rounds"
 
 app = ServerApp()
 

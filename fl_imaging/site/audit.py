@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from fl_imaging.private_files import append_private
+from fl_imaging.site.private_files import append_private
 
 AUDIT_LOG = "outbound_audit.jsonl"
 

@@ -3,8 +3,8 @@
 The round loop is Flower's ``Strategy.start`` loop with two additions a
 segmentation study needs: the initial model is evaluated on every site (round 0),
 and every reply is recorded per site (Flower's strategies only keep aggregates).
-Sampling and aggregation are Flower's strategies (``fl_imaging.strategies``).
-:mod:`fl_imaging.server_app` is the Flower ``ServerApp`` that runs :func:`serve`.
+Sampling and aggregation are Flower's strategies (``fl_imaging.server.strategies``).
+:mod:`fl_imaging.apps.server_app` is the Flower ``ServerApp`` that runs :func:`serve`.
 """
 
 from __future__ import annotations
@@ -21,30 +21,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid
 from omegaconf import OmegaConf
 
-from fl_imaging.compression import CompressionError, codec_of, decode_update
 from fl_imaging.config import ConfigError, RunPlan, compose, plan_to_dict, plan_to_yaml, to_plan
-from fl_imaging.grid import (
-    FederationError,
-    NodeSnapshot,
-    PromptGrid,
-    destinations,
-    replied_node,
-    wait_for_sites,
-)
-from fl_imaging.identity import VerifiedGrid
+from fl_imaging.data.regions import regions_of
 from fl_imaging.logs import setup_logging
-from fl_imaging.overlays import legend, render_run_overlays
-from fl_imaging.privacy.policy import REFUSED_BY_POLICY
-from fl_imaging.protocol import (
-    ConfigKey,
-    MetricKey,
-    RecordKey,
-    RefusalKey,
-    RunConfigKey,
-    SiteKey,
-)
-from fl_imaging.regions import regions_of
-from fl_imaging.reporting import (
+from fl_imaging.ml.models import initial_weights
+from fl_imaging.outputs.overlays import legend, render_run_overlays
+from fl_imaging.outputs.reporting import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     CheckpointReadError,
@@ -55,11 +37,29 @@ from fl_imaging.reporting import (
     write_cross_site,
     write_report,
 )
-from fl_imaging.screening import screen_updates
-from fl_imaging.secure_aggregation import SecureAggregation
-from fl_imaging.site import initial_weights
-from fl_imaging.strategies import build_strategy, restore_strategy_state, strategy_state
-from fl_imaging.wire import message_bytes, read_update, to_numpy, to_record
+from fl_imaging.privacy.policy import REFUSED_BY_POLICY
+from fl_imaging.protocol import (
+    ConfigKey,
+    MetricKey,
+    RecordKey,
+    RefusalKey,
+    RunConfigKey,
+    SiteKey,
+)
+from fl_imaging.secagg.server import SecureAggregation
+from fl_imaging.server.grid import (
+    FederationError,
+    NodeSnapshot,
+    PromptGrid,
+    destinations,
+    replied_node,
+    wait_for_sites,
+)
+from fl_imaging.server.identity import VerifiedGrid
+from fl_imaging.server.strategies import build_strategy, restore_strategy_state, strategy_state
+from fl_imaging.updates.compression import CompressionError, codec_of, decode_update
+from fl_imaging.updates.screening import screen_updates
+from fl_imaging.updates.wire import message_bytes, read_update, to_numpy, to_record
 
 logger = logging.getLogger("fl_imaging.server")
 

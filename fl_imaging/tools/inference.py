@@ -26,9 +26,9 @@ from omegaconf import OmegaConf
 from fl_imaging.config import RunPlan, to_plan
 from fl_imaging.data.loading import preprocessing
 from fl_imaging.data.manifest import geometry_mismatch
-from fl_imaging.models import build_model
-from fl_imaging.regions import class_values
-from fl_imaging.reporting import CheckpointReadError, load_checkpoint, read_summary
+from fl_imaging.data.regions import class_values
+from fl_imaging.ml.models import build_model
+from fl_imaging.outputs.reporting import CheckpointReadError, load_checkpoint, read_summary
 
 logger = logging.getLogger(__name__)
 _NIFTI = (".nii.gz", ".nii")

@@ -10,7 +10,7 @@ was started with. :func:`run_simulation` therefore
 * passes the project root explicitly so relative paths resolve the same in every process,
 * checks the run's final status (``flwr run --stream`` can exit 0 for a failed run),
 * stops the SuperLink it started (by PID), so nothing keeps running afterwards,
-* hands ``flwr run`` a staged copy of the app (:func:`fl_imaging.bundle.stage_app`):
+* hands ``flwr run`` a staged copy of the app (:func:`fl_imaging.tools.bundle.stage_app`):
   Flower walks every file under the app folder before filtering, a virtual environment
   inside the project included (about 45,000 files, 2.5-4.5 s of ``flwr run`` here).
 """
@@ -33,12 +33,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fl_imaging.bundle import stage_app
 from fl_imaging.config import ConfigError, RunPlan, compose, split_overrides, with_root
+from fl_imaging.ml.models import initial_weights
+from fl_imaging.outputs.reporting import find_run
 from fl_imaging.privacy.planning import plan_lines
-from fl_imaging.reporting import find_run
-from fl_imaging.site import check_sites, initial_weights, privacy_plans
-from fl_imaging.strategies import strategy_problems
+from fl_imaging.privacy.requests import privacy_plans
+from fl_imaging.server.strategies import strategy_problems
+from fl_imaging.site.resolve import check_sites
+from fl_imaging.tools.bundle import stage_app
 
 logger = logging.getLogger(__name__)
 

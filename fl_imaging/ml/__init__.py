@@ -1,0 +1,1 @@
+"""The network and the local training and evaluation loops (no Flower)."""

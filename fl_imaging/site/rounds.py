@@ -1,0 +1,324 @@
+"""One hospital's side of a round: train, evaluate, audit.
+
+Free of Flower: the ClientApp passes in the model weights and gets back weights and
+numbers. Nothing returned here holds voxel or label data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader as TorchDataLoader
+
+from fl_imaging.config import ConfigError, RunPlan
+from fl_imaging.data.loading import (
+    eval_loader,
+    private_train_loader,
+    train_loader,
+)
+from fl_imaging.data.manifest import (
+    TRAIN,
+    VAL,
+    Case,
+    Manifest,
+    require_valid,
+)
+from fl_imaging.data.regions import class_values, regions_as_classes, regions_of
+from fl_imaging.ml.models import new_model
+from fl_imaging.ml.training import EvalResult, TrainResult, evaluate, select_device, train_local
+from fl_imaging.privacy.accounting import EXHAUSTED_FRACTION, noise_for_budget
+from fl_imaging.privacy.dp_sgd import train_private
+from fl_imaging.privacy.ledger import (
+    NoisePlan,
+    ledger_lock,
+    open_ledger,
+    save_ledger,
+)
+from fl_imaging.privacy.membership import MembershipAudit, audit, case_losses
+from fl_imaging.privacy.policy import (
+    PrivacyRequest,
+    SitePolicy,
+    find_policy,
+    noise_refusal,
+)
+from fl_imaging.privacy.requests import privacy_refusal, privacy_request
+from fl_imaging.site.private_files import private_dir
+from fl_imaging.site.resolve import Site, load_site_manifest, site_batch_size
+from fl_imaging.site.state import LOCAL_NORM_FILE, cache_dir, keep_local_norm
+
+logger = logging.getLogger(__name__)
+
+
+def _prepare(
+    site: Site,
+    plan: RunPlan,
+    weights: Mapping[str, torch.Tensor],
+    split: str,
+    validate: bool,
+    manifest: Manifest | None = None,
+) -> tuple[list[Case], torch.nn.Module]:
+    """The site's cases of ``split`` (checked when ``validate``) and the model with ``weights``.
+
+    ``manifest``: the site's manifest when the caller has loaded it already. With
+    ``strategy.local_norm`` (FedBN) the site's own normalisation tensors, kept in its
+    state folder, replace the global ones.
+    """
+    if plan.train.threads > 0:
+        torch.set_num_threads(plan.train.threads)
+    private_dir(site.state_dir)  # patient caches, ledger, logs: readable by the site only
+    manifest = manifest or load_site_manifest(site, plan)
+    cases = manifest.split(split)
+    if validate:
+        require_valid(manifest, cases)
+    model = new_model(plan)
+    weights = dict(weights)
+    local = site.state_dir / LOCAL_NORM_FILE
+    if plan.strategy.local_norm and local.is_file():
+        weights.update(torch.load(local, map_location="cpu", weights_only=True))
+    model.load_state_dict(weights)
+    try:
+        device = select_device(plan.train.device)
+    except ValueError as exc:
+        raise ConfigError(f"site {site.name}: {exc}") from exc
+    return cases, model.to(device)
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    """A private site's spending after a round (what it may tell the server)."""
+
+    epsilon_spent: float  # cumulative over every round and run of this site
+    epsilon_budget: float
+    delta: float
+    noise_multiplier: float
+    exhausted: bool  # True: the round would have exceeded the budget, so the site did not train
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What a site's round produced; ``weights`` and ``result`` are None if it did not train."""
+
+    weights: dict[str, torch.Tensor] | None
+    result: TrainResult | None
+    privacy: PrivacyReport | None
+    # why the site refused the run (its own privacy policy); None: it did not refuse
+    refusal: str | None = None
+
+
+def _refused(prefix: str, reason: str) -> RoundOutcome:
+    logger.warning("%srefused to train: %s", prefix, reason)
+    return RoundOutcome(None, None, None, refusal=reason)
+
+
+def train_round(
+    site: Site,
+    plan: RunPlan,
+    weights: Mapping[str, torch.Tensor],
+    *,
+    server_round: int,
+    run_id: str = "",
+    proximal_mu: float = 0.0,
+    epochs: int | None = None,
+    validate_data: bool = True,
+) -> RoundOutcome:
+    """Train the global ``weights`` on the site's training cases.
+
+    A site with a privacy budget trains with DP-SGD (:func:`_train_private`); it
+    does not train at all when the round would take it past its budget.
+
+    Args:
+        site: the resolved site.
+        plan: the run plan (model, data, training and privacy settings).
+        weights: global model state dict.
+        server_round: round number (seeds this round's augmentation and shuffling).
+        run_id: the federated run's id (a private site plans its noise once per run).
+        proximal_mu: FedProx proximal-term weight sent by the server (0: plain FedAvg).
+        epochs: local epochs instead of the configured ones (a short fine-tune).
+        validate_data: read every training case once and check it first (errors
+            name the case and file).
+    """
+    epochs = epochs or site.config.local_epochs or plan.train.local_epochs
+    prefix = f"[{site.name} r{server_round}] "
+    manifest = load_site_manifest(site, plan)
+    request = privacy_request(site, plan, len(manifest.split(TRAIN)), epochs)
+    # the hospital's policy, read once per round (PolicyError: missing or invalid file)
+    policy = find_policy(site.policy_file, site.state_dir)
+    reason = privacy_refusal(site, request, policy)
+    if reason:
+        return _refused(prefix, reason)
+    cases, model = _prepare(site, plan, weights, TRAIN, validate_data, manifest)
+    seed = plan.seed * 1_000_003 + server_round * 1009 + site.index
+    batch_size = site_batch_size(site, plan, len(cases))
+    if site.config.privacy.epsilon is not None:
+        loader = private_train_loader(
+            cases, plan.data, batch_size=batch_size, seed=seed,
+            cache_dir=cache_dir(site, plan, TRAIN), views=plan.privacy.augmentations,
+        )  # fmt: skip
+        # the whole private round holds the site's privacy lock: no second training of
+        # this site can release weights the ledger does not record
+        with ledger_lock(site.state_dir, site=site.name, timeout=plan.privacy.lock_timeout):
+            return _train_private(
+                site, plan, model, loader, epochs, server_round, run_id, prefix,
+                request=request, policy=policy,
+            )  # fmt: skip
+    loader = train_loader(
+        cases, plan.data, batch_size=batch_size, seed=seed, cache_dir=cache_dir(site, plan, TRAIN)
+    )
+    result = train_local(
+        model,
+        loader,
+        epochs=epochs,
+        lr=plan.train.lr,
+        weight_decay=plan.train.weight_decay,
+        optimizer_name=plan.train.optimizer,
+        momentum=plan.train.momentum,
+        ema_decay=plan.train.ema_decay,
+        proximal_mu=proximal_mu,
+        log_prefix=prefix,
+        log_epochs=plan.train.progress == "epoch",
+    )
+    new_weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    keep_local_norm(site, plan, new_weights)
+    return RoundOutcome(new_weights, result, None)
+
+
+def _train_private(
+    site: Site,
+    plan: RunPlan,
+    model: torch.nn.Module,
+    loader: TorchDataLoader,
+    epochs: int,
+    server_round: int,
+    run_id: str,
+    prefix: str,
+    *,
+    request: PrivacyRequest,
+    policy: SitePolicy | None,
+) -> RoundOutcome:
+    """DP-SGD round, run under the site's privacy lock (:func:`ledger_lock`).
+
+    Plan the run's noise once, refuse if over budget, train, record in the ledger.
+    ``request`` is what the run asks (:func:`privacy_request`), already checked
+    against the site's ``policy``; the policy's noise floor is checked here.
+    """
+    epsilon = float(request.epsilon)  # type: ignore[arg-type]
+    delta = float(request.delta)  # type: ignore[arg-type]
+    max_grad_norm = float(request.max_grad_norm)  # type: ignore[arg-type]
+    accountant = request.accountant
+    num_train = len(loader.dataset)
+    if delta >= 1 / num_train:
+        raise ConfigError(
+            f"site {site.name}: delta={delta:g} must be below 1/{num_train} (1 / the site's "
+            f"training cases), or a single patient's record could leak"
+        )
+    ledger = open_ledger(
+        site.state_dir, site=site.name, epsilon=epsilon, delta=delta, accountant=accountant
+    )
+    sample_rate = 1.0 / len(loader)  # what Opacus' Poisson sampler will use
+    steps = epochs * len(loader)
+
+    def exhausted(sigma: float) -> RoundOutcome:
+        spent = ledger.epsilon_spent
+        logger.warning(
+            "%sprivacy budget exhausted (spent %.2f of %g): not training", prefix, spent, epsilon
+        )
+        return RoundOutcome(None, None, PrivacyReport(spent, epsilon, delta, sigma, True))
+
+    if epsilon - ledger.epsilon_spent < EXHAUSTED_FRACTION * epsilon:
+        return exhausted(float("nan"))
+    plan_stale = (
+        ledger.plan is None
+        or ledger.plan.run_id != run_id
+        or ledger.plan.sample_rate != sample_rate
+        or ledger.plan.steps_per_round != steps
+    )
+    if plan_stale:
+        rounds_left = max(plan.rounds - server_round + 1, 1)
+        try:
+            sigma = noise_for_budget(
+                history=ledger.history, epsilon=epsilon, delta=delta, sample_rate=sample_rate,
+                steps=steps * rounds_left, accountant=accountant,
+            )  # fmt: skip
+        except ValueError:
+            return exhausted(float("nan"))
+        ledger.plan = NoisePlan(run_id, sigma, sample_rate, steps, server_round, rounds_left)
+        save_ledger(site.state_dir, ledger)
+        logger.info(
+            "%splanned DP-SGD: noise %.3f, q %.4f, %d steps/round over %d rounds for "
+            "epsilon %g (delta %g), %.3f already spent",
+            prefix, sigma, sample_rate, steps, rounds_left, epsilon, delta, ledger.epsilon_spent,
+        )  # fmt: skip
+    sigma = ledger.plan.noise_multiplier  # type: ignore[union-attr]
+    too_little_noise = noise_refusal(policy, sigma)
+    if too_little_noise:
+        return _refused(prefix, too_little_noise)
+    if ledger.epsilon_after(sigma, sample_rate, steps) > epsilon:
+        return exhausted(sigma)
+    weights, result, history = train_private(
+        model, loader, noise_multiplier=sigma, max_grad_norm=max_grad_norm, epochs=epochs,
+        lr=plan.train.lr, weight_decay=plan.train.weight_decay, accountant=accountant,
+        history=ledger.history, grad_sample_mode=plan.privacy.grad_sample_mode,
+        optimizer_name=plan.train.optimizer, momentum=plan.train.momentum,
+        ema_decay=plan.train.ema_decay, trainable=plan.privacy.trainable,
+        max_physical_batch=plan.privacy.max_physical_batch, clipping=plan.privacy.clipping,
+        log_prefix=prefix,
+        log_epochs=plan.train.progress == "epoch",
+    )  # fmt: skip
+    keep_local_norm(site, plan, weights)
+    ledger.history = history
+    spent = ledger.epsilon_spent
+    ledger.rounds.append(
+        {
+            "run_id": run_id, "round": server_round, "steps": result.steps,
+            "accounted_steps": steps, "noise_multiplier": sigma, "sample_rate": sample_rate,
+            "max_grad_norm": max_grad_norm, "epsilon_spent": spent, "time": time.time(),
+        }
+    )  # fmt: skip
+    save_ledger(site.state_dir, ledger)
+    return RoundOutcome(weights, result, PrivacyReport(spent, epsilon, delta, sigma, False))
+
+
+def evaluate_round(
+    site: Site,
+    plan: RunPlan,
+    weights: Mapping[str, torch.Tensor],
+    *,
+    validate_data: bool = True,
+) -> EvalResult:
+    """Dice of the global ``weights`` on the site's validation cases (keyed by label value)."""
+    cases, model = _prepare(site, plan, weights, VAL, validate_data)
+    values = class_values(plan.data.labels)  # training class i is label value values[i]
+    result = evaluate(
+        model,
+        eval_loader(cases, plan.data, cache_dir=cache_dir(site, plan, VAL)),
+        num_classes=len(values),
+        roi_size=plan.data.patch_size,
+        regions=regions_as_classes(regions_of(plan.data.label_scheme), plan.data.labels),
+        spacing=plan.data.spacing,
+    )
+    per_label = {values[i]: dice for i, dice in result.dice_per_class.items()}
+    return dataclasses.replace(result, dice_per_class=per_label)
+
+
+def membership_audit(
+    site: Site, plan: RunPlan, weights: Mapping[str, torch.Tensor], *, resamples: int = 1000
+) -> MembershipAudit:
+    """Loss-threshold membership inference on ``weights`` at ``site`` (where its data is).
+
+    Members: the site's training cases; non-members: its validation cases; both whole
+    volumes with the evaluation preprocessing (no augmentation). Only the AUC, its
+    interval and the case counts are returned (:mod:`fl_imaging.privacy.membership`).
+    """
+    manifest = load_site_manifest(site, plan)
+    _, model = _prepare(site, plan, weights, VAL, validate=False, manifest=manifest)
+    losses = {}
+    for split in (TRAIN, VAL):  # training cases uncached here: their cache holds patches
+        cache = cache_dir(site, plan, VAL) if split == VAL else None
+        loader = eval_loader(manifest.split(split), plan.data, cache_dir=cache)
+        losses[split] = case_losses(model, loader, plan.data.patch_size)
+    return audit(site.name, losses[TRAIN], losses[VAL], resamples=resamples, seed=plan.seed)

@@ -1,0 +1,1 @@
+"""The `fl-imaging` command and what it runs: launcher, sweeps, predict, bundles, gateway."""

@@ -1,0 +1,1 @@
+"""What travels: update codecs, screening of incoming updates, Flower records."""
