@@ -68,6 +68,16 @@ class SiteFailureError(RuntimeError):
     """Sites failed and did not recover (the run's results are kept; it counts as failed)."""
 
 
+def _epsilon_note(summary: Mapping[str, Any]) -> str:
+    """`` | epsilon site spent/budget, ...`` for the private sites so far (else empty)."""
+    spent = summary.get("epsilon_spent_per_site") or {}
+    budgets = summary.get("epsilon_budget_per_site") or {}
+    if not spent:
+        return ""
+    parts = [f"{site} {eps:.2f}/{budgets.get(site, float('nan')):g}" for site, eps in spent.items()]
+    return " | epsilon " + ", ".join(parts)
+
+
 def _named_as_admitted(reply: Message, node_sites: Mapping[int, str], sent_to: dict) -> bool:
     """False for a successful reply whose site name differs from its node's admitted site."""
     if reply.has_error() or RecordKey.SITE not in reply.content:
@@ -509,10 +519,10 @@ def run_federation(
         failed_now = sorted({f["site"] for f in round_failures})
         logger.log(
             logging.WARNING if failed_now else logging.INFO,
-            "round %d/%d done | %d/%d sites evaluated%s | mean Dice %.3f | %.0f s elapsed | "
+            "round %d/%d done | %d/%d sites evaluated%s | mean Dice %.3f%s | %.0f s elapsed | "
             "eta %.0f s%s", server_round, plan.rounds, evaluated, num_sites,
             f" (the round {server_round - 1} model)" if fused and server_round < plan.rounds
-            else "", dice_mean, elapsed, eta,
+            else "", dice_mean, _epsilon_note(summary), elapsed, eta,
             f" | FAILED: {', '.join(failed_now)}" if failed_now else "",
         )  # fmt: skip
     if plan.strategy.cross_site_epochs > 0 and first_round <= plan.rounds:

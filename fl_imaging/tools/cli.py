@@ -117,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     from fl_imaging.tools.launch import run_simulation
 
     experiment, overrides = split_experiment(args.overrides)
-    outcome = run_simulation(experiment, overrides, project_root=args.app)
+    outcome = run_simulation(experiment, overrides, project_root=args.app, verbose=args.verbose)
     print(f"run {outcome.run_id}: {outcome.status} in {outcome.seconds:.0f} s")
     print(f"run folder: {outcome.run_dir}")
     return 0 if outcome.ok else 1
@@ -495,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="experiment=NAME and Hydra overrides, e.g. experiment=demo rounds=3",
     )
     p.add_argument("--app", type=Path, default=PROJECT_ROOT, help="the app folder")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="every line of Flower's stream (always kept in the run's console.log)",
+    )
     p.set_defaults(func=_run)
 
     p = sub.add_parser(

@@ -41,8 +41,11 @@ from fl_imaging.privacy.requests import privacy_plans
 from fl_imaging.server.strategies import strategy_problems
 from fl_imaging.site.resolve import check_sites
 from fl_imaging.tools.bundle import stage_app
+from fl_imaging.tools.console import ConsoleFilter
 
 logger = logging.getLogger(__name__)
+# every line `flwr run --stream` printed, shown on the console or not (in the run folder)
+CONSOLE_LOG = "console.log"
 
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 _SUPERLINK = "flower-superlink"
@@ -91,6 +94,9 @@ def flwr_env(project_root: Path) -> dict[str, str]:
     env.setdefault("FLWR_HOME", str(project_root / ".flwr"))
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    # Ray merges similar lines of different sites into one "[repeated 2x across cluster]",
+    # seconds later and out of order: each site's line should appear once, when it happens
+    env.setdefault("RAY_DEDUP_LOGS", "0")
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     return env
@@ -198,6 +204,7 @@ def run_simulation(
     extra_flwr_args: Sequence[str] = (),
     stop_superlink: bool = True,
     plan: RunPlan | None = None,
+    verbose: bool = False,
 ) -> RunOutcome:
     """Launch ``flwr run`` for ``experiment`` on a local simulation; wait; check the outcome.
 
@@ -211,6 +218,9 @@ def run_simulation(
             composed it already (a Hydra sweep job cannot compose a second time).
         stop_superlink: stop the SuperLink afterwards if this call started it (a
             SuperLink that was already running is left alone).
+        verbose: print every line of Flower's stream; by default known noise is left
+            out (:mod:`fl_imaging.tools.console`). Every line goes to the run folder's
+            ``console.log`` either way.
 
     Raises:
         ConfigError: the composed configuration is invalid (checked before launching).
@@ -251,6 +261,9 @@ def run_simulation(
     already_running = set(local_superlink_pids(flwr_home))
     run_config = f"experiment={json.dumps(experiment)} overrides={json.dumps(shlex.join(items))}"
     staging = Path(tempfile.mkdtemp(prefix="fl-imaging-app-"))
+    # every line of the stream, until the run folder is known (then moved into it)
+    console_log = Path(tempfile.mkstemp(prefix="fl-imaging-console-", suffix=".log")[1])
+    console = ConsoleFilter(verbose=verbose)
     start = time.monotonic()
     run_id = ""
     try:
@@ -266,18 +279,24 @@ def run_simulation(
             *extra_flwr_args,
         ]
         logger.info("$ %s", shlex.join(cmd))
-        with subprocess.Popen(
-            cmd,
-            env=env,
-            cwd=project_root,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-        ) as proc:
+        with (
+            subprocess.Popen(
+                cmd,
+                env=env,
+                cwd=project_root,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+            ) as proc,
+            console_log.open("w", encoding="utf-8") as raw,
+        ):
             for line in proc.stdout or ():
-                sys.stdout.write(line)
-                sys.stdout.flush()
+                raw.write(line)
+                shown = console.show(line)
+                if shown is not None:
+                    sys.stdout.write(shown)
+                    sys.stdout.flush()
                 if not run_id and (match := _RUN_ID.search(line)):
                     run_id = match.group(1)
             code = proc.wait()
@@ -306,4 +325,10 @@ def run_simulation(
                 stop_processes(started)
     # the run's own folder (outputs/latest moves only to a run that completed)
     run_dir = find_run(plan.resolve_path(plan.paths.outputs), run_id)
+    kept = console_log
+    if run_dir is not None:
+        kept = Path(shutil.move(console_log, run_dir / CONSOLE_LOG))
+    if console.hidden:
+        logger.info("%d lines of Flower's stream not shown (--verbose shows them): %s",
+                    console.hidden, kept)  # fmt: skip
     return RunOutcome(run_id, status, run_dir, time.monotonic() - start)
