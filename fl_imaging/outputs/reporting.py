@@ -90,7 +90,7 @@ class RunFolder:
     def mark_latest(self) -> None:
         """Point ``<outputs>/latest`` at this run: only for a run that completed.
 
-        A failed or cut-short run stays in its own folder; ``latest`` (and the README's
+        A failed or cut-short run stays in its own folder; ``latest`` (and docs/OUTPUTS.md's
         ``predict`` example) keeps pointing at the last run that completed.
         """
         outputs = self.path.parent
