@@ -179,3 +179,23 @@ def test_an_unwritable_outputs_folder_is_refused_before_launch(tmp_path: Path) -
     plan = compose("demo", [f"paths.root={tmp_path}", f"paths.outputs={blocked / 'outputs'}"])
     [problem] = outputs_problems(plan)
     assert f"paths.outputs={blocked / 'outputs'} is not writable" in problem
+
+
+def test_the_servers_report_opens_no_scan_and_says_where_overlays_come_from(
+    tiny_plan, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nibabel
+
+    from fl_imaging.server import rounds as server
+
+    def no_scans(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the server opened a scan")
+
+    monkeypatch.setattr(nibabel, "load", no_scans)
+    run = RunFolder.create(tmp_path / "outputs", "x", "")
+    run.append_metrics([{"round": 0, "site": "hospital_a", "split": "val", "dice_mean": 0.5}])
+    run.write_summary({"rounds_completed": 0, "status": "finished"})
+    server._write_report(run, tiny_plan)
+    page = (run.path / "report" / "index.html").read_text()
+    assert "overlays_" not in page
+    assert "`fl-imaging report RUN` run at a hospital draws its own" in page

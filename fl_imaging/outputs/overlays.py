@@ -128,3 +128,25 @@ def render_run_overlays(run_dir: Path, max_cases: int = 3) -> tuple[dict[str, Pa
             f"`fl-imaging report RUN` there to add them)."
         )
     return overlays, note
+
+
+def run_legend(run_dir: Path) -> list[tuple[str, str]]:
+    """The overlay legend of a run folder's labels (from its ``config.yaml``)."""
+    from omegaconf import OmegaConf
+
+    from fl_imaging.outputs.reporting import CONFIG_FILE
+
+    labels = OmegaConf.load(run_dir / CONFIG_FILE).data.labels
+    return list(legend({int(k): str(v) for k, v in labels.items()}))
+
+
+def report_with_overlays(run_dir: Path, *, overlays: bool = True) -> Path:
+    """(Re)write a run's report with overlays of every site whose scans are on this machine.
+
+    Run where the scans are: at a hospital (its own sites), or by ``fl-imaging run``
+    for a local simulation. The server never calls it. Returns the HTML report's path.
+    """
+    from fl_imaging.outputs.reporting import write_report
+
+    drawn, note = render_run_overlays(run_dir) if overlays else ({}, "")
+    return write_report(run_dir, drawn, note, run_legend(run_dir))

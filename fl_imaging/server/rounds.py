@@ -14,7 +14,6 @@ import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -25,7 +24,7 @@ from fl_imaging.config import ConfigError, RunPlan, compose, plan_to_dict, plan_
 from fl_imaging.data.regions import regions_of
 from fl_imaging.logs import setup_logging
 from fl_imaging.ml.models import initial_weights
-from fl_imaging.outputs.overlays import legend, render_run_overlays
+from fl_imaging.outputs.overlays import legend
 from fl_imaging.outputs.reporting import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -720,14 +719,13 @@ def _screen(
     return kept, rows
 
 
+# the server never opens a scan: overlays are drawn where the scans are
+OVERLAY_NOTE = (
+    "Overlays need the scans, which stay at the sites: `fl-imaging report RUN` run at a "
+    "hospital draws its own (`fl-imaging run` does so for a local simulation)."
+)
+
+
 def _write_report(run: RunFolder, plan: RunPlan) -> None:
-    overlays: dict[str, Path] = {}
-    note = ""
-    try:
-        # reads scans: only sites whose data is on this machine (simulation) get overlays
-        overlays, note = render_run_overlays(run.path)
-    except Exception as exc:  # the report must not cost the run its results
-        logger.warning("overlays skipped: %s", exc)
-        note = f"Overlays could not be drawn here: {exc}"
-    path = write_report(run.path, overlays, note, legend(dict(plan.data.labels)))
+    path = write_report(run.path, {}, OVERLAY_NOTE, legend(dict(plan.data.labels)))
     logger.info("report: %s", path)

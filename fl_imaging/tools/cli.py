@@ -400,12 +400,11 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from fl_imaging.outputs.overlays import render_run_overlays
-    from fl_imaging.outputs.reporting import read_summary, write_report
+    from fl_imaging.outputs.overlays import report_with_overlays
+    from fl_imaging.outputs.reporting import read_summary
 
     run_dir = Path(args.run_dir).resolve()
-    overlays, note = ({}, "") if args.no_overlays else render_run_overlays(run_dir)
-    print(write_report(run_dir, overlays, note, _legend(run_dir)))
+    print(report_with_overlays(run_dir, overlays=not args.no_overlays))
     summary = read_summary(run_dir)
     status = summary.get("status")
     if status == "running":
@@ -417,15 +416,6 @@ def _report(args: argparse.Namespace) -> int:
         why = summary.get("failed_sites") or summary.get("error", "")
         print(f"warning: the run's status is {status!r}: {why}", file=sys.stderr)
     return 0 if status in ("finished", None) else 1
-
-
-def _legend(run_dir: Path) -> list[tuple[str, str]]:
-    from omegaconf import OmegaConf
-
-    from fl_imaging.outputs.overlays import legend
-
-    labels = OmegaConf.load(run_dir / "config.yaml").data.labels
-    return list(legend({int(k): str(v) for k, v in labels.items()}))
 
 
 def build_parser() -> argparse.ArgumentParser:

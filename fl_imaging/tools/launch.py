@@ -196,6 +196,16 @@ def _unfinished_runs(env: dict[str, str], cwd: Path, exclude: str) -> list[str]:
     ]
 
 
+def _report_here(run_dir: Path) -> None:
+    """The report again, with overlays: in a simulation the scans are on this machine."""
+    from fl_imaging.outputs.overlays import report_with_overlays
+
+    try:
+        logger.info("report with overlays: %s", report_with_overlays(run_dir))
+    except Exception as exc:  # the report must not cost the run its results
+        logger.warning("overlays skipped: %s", exc)
+
+
 def run_simulation(
     experiment: str,
     overrides: Sequence[str] | str = (),
@@ -328,6 +338,7 @@ def run_simulation(
     kept = console_log
     if run_dir is not None:
         kept = Path(shutil.move(console_log, run_dir / CONSOLE_LOG))
+        _report_here(run_dir)
     if console.hidden:
         logger.info("%d lines of Flower's stream not shown (--verbose shows them): %s",
                     console.hidden, kept)  # fmt: skip
