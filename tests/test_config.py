@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from fl_imaging.config import ConfigError, compose, conf_dir, plan_to_dict
 
@@ -115,3 +116,30 @@ def test_flwr_run_config_example_composes_fedprox() -> None:
     # flwr run . --run-config "experiment='hippocampus' overrides='strategy=fedprox'"
     plan = compose("hippocampus", "strategy=fedprox")
     assert plan.strategy.name == "fedprox" and plan.strategy.proximal_mu > 0
+
+
+def test_the_schemas_name_lists_are_the_factories_names() -> None:
+    """config.py keeps its name lists light (no Flower, torch, Opacus); they must agree."""
+    from opacus.accountants import create_accountant
+
+    from fl_imaging import config
+    from fl_imaging.ml import models, training
+    from fl_imaging.server.strategies import STRATEGIES
+
+    assert set(config.KNOWN_STRATEGIES) == set(STRATEGIES)
+    assert set(config.KNOWN_NORMS) == set(models.NORMS)
+    assert set(config.KNOWN_ACTS) == set(models.ACTIVATIONS)
+    assert set(config.KNOWN_OPTIMIZERS) == set(training.OPTIMIZERS)
+    for name in config.KNOWN_ACCOUNTANTS:  # Opacus knows every accountant we offer
+        assert create_accountant(mechanism=name).mechanism() == name
+
+
+def test_every_shipped_config_file_names_something_the_factories_know() -> None:
+    from fl_imaging import config
+
+    conf = config.conf_dir()
+    known = {"strategy": config.KNOWN_STRATEGIES, "model": config.KNOWN_MODELS}
+    for group, names in known.items():
+        for path in sorted((conf / group).glob("*.yaml")):
+            name = OmegaConf.load(path).get("name")
+            assert name in names, f"{path}: name {name!r} is not one of {names}"

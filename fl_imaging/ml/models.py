@@ -16,11 +16,11 @@ from fl_imaging.config import ConfigError, ModelConfig, RunPlan
 
 # instance: InstanceNorm without affine weights or running statistics; group: GroupNorm
 # (per-case statistics too, with affine weights); both are per-sample, as DP-SGD needs
-_NORMS = {"instance": Norm.INSTANCE, "group": Norm.GROUP, "batch": Norm.BATCH}
+NORMS = {"instance": Norm.INSTANCE, "group": Norm.GROUP, "batch": Norm.BATCH}
 # prelu: MONAI's default (a learnt negative slope, initialised at 0.25); leakyrelu: that
 # slope fixed at 0.25, no weights of its own, so DP-SGD computes no per-sample
 # gradients for it (cheaper steps, the same function as prelu at initialisation)
-_ACTS: dict[str, str | tuple[str, dict[str, float]]] = {
+ACTIVATIONS: dict[str, str | tuple[str, dict[str, float]]] = {
     "prelu": "prelu",
     "relu": "relu",
     "leakyrelu": ("leakyrelu", {"negative_slope": 0.25}),
@@ -30,7 +30,7 @@ _ACTS: dict[str, str | tuple[str, dict[str, float]]] = {
 def _norm(model: ModelConfig) -> str | tuple[str, dict[str, int]]:
     if model.norm == "group":
         return (Norm.GROUP, {"num_groups": model.num_groups})
-    return _NORMS[model.norm]
+    return NORMS[model.norm]
 
 
 def build_model(model: ModelConfig, *, in_channels: int, out_channels: int) -> nn.Module:
@@ -48,10 +48,10 @@ def build_model(model: ModelConfig, *, in_channels: int, out_channels: int) -> n
     """
     if model.name != "unet":
         raise ValueError(f"model.name {model.name!r} is unknown; choose 'unet'")
-    if model.norm not in _NORMS:
-        raise ValueError(f"model.norm {model.norm!r} is unknown; choose one of {sorted(_NORMS)}")
-    if model.act not in _ACTS:
-        raise ValueError(f"model.act {model.act!r} is unknown; choose one of {sorted(_ACTS)}")
+    if model.norm not in NORMS:
+        raise ValueError(f"model.norm {model.norm!r} is unknown; choose one of {sorted(NORMS)}")
+    if model.act not in ACTIVATIONS:
+        raise ValueError(f"model.act {model.act!r} is unknown; choose one of {sorted(ACTIVATIONS)}")
     if in_channels < 1 or out_channels < 2:
         raise ValueError(
             f"need in_channels >= 1 and out_channels >= 2, got {in_channels}, {out_channels}"
@@ -64,7 +64,7 @@ def build_model(model: ModelConfig, *, in_channels: int, out_channels: int) -> n
         strides=tuple(model.strides),
         num_res_units=model.num_res_units,
         norm=_norm(model),
-        act=_ACTS[model.act],
+        act=ACTIVATIONS[model.act],
         dropout=model.dropout,
     )
 
