@@ -66,6 +66,7 @@ from fl_imaging.config import MODULUS_RANGE, RunPlan, protocol_sizes
 from fl_imaging.protocol import MetricKey, RecordKey, SiteKey
 from fl_imaging.secagg import SecureAggregationError
 from fl_imaging.server.grid import DelegatingGrid, destinations, replied_node
+from fl_imaging.server.identity import site_name
 from fl_imaging.updates.compression import codec_of, encode_update
 from fl_imaging.updates.wire import to_numpy, update_records
 
@@ -336,7 +337,7 @@ class _StageGrid(DelegatingGrid):
                 )
         rows = []
         for node, reason in sorted(errors.items()):
-            site = self.secure.node_sites.get(node, f"node {node}")
+            site = site_name(self.secure.node_sites, node)
             logger.warning(
                 "round %d: site %s failed in the secure-aggregation %s stage: %s",
                 self.server_round, site, stage, reason,

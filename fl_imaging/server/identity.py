@@ -41,6 +41,11 @@ logger = logging.getLogger("fl_imaging.server")
 REASK_AFTER = 30.0
 
 
+def site_name(sites: Mapping[int, str], node: int) -> str:
+    """The admitted site of ``node`` for logs and rows; ``node <id>`` when it has none yet."""
+    return sites.get(node, f"node {node}")
+
+
 class IdentityError(ValueError):
     """A public key that cannot be read or fingerprinted."""
 

@@ -54,7 +54,7 @@ from fl_imaging.server.grid import (
     replied_node,
     wait_for_sites,
 )
-from fl_imaging.server.identity import VerifiedGrid
+from fl_imaging.server.identity import VerifiedGrid, site_name
 from fl_imaging.server.strategies import build_strategy, restore_strategy_state, strategy_state
 from fl_imaging.updates.compression import CompressionError, codec_of, decode_update
 from fl_imaging.updates.screening import screen_updates
@@ -128,7 +128,7 @@ def site_rows(
             failures.append(
                 {
                     "round": server_round,
-                    "site": node_sites.get(node, f"node {node}"),
+                    "site": site_name(node_sites, node),
                     "split": split,
                     "error": msg.error.reason,
                     **traffic,
@@ -337,7 +337,7 @@ def run_federation(
         # a reply naming another site than its node was admitted as is a failure, not an update
         replies = [r for r in replies if _named_as_admitted(r, node_sites, sent_to)]
         failures += [
-            {"round": server_round, "site": node_sites.get(n, f"node {n}"), "split": split,
+            {"round": server_round, "site": site_name(node_sites, n), "split": split,
              "error": f"no reply within strategy.round_timeout={plan.strategy.round_timeout:g} s",
              "bytes_down": sent[n]}
             for n in sorted(silent)
@@ -677,7 +677,7 @@ def _decode_updates(
             weights = decode_update(encoded, reference)
         except CompressionError as exc:
             node = msg.metadata.src_node_id
-            site = node_sites.get(node, f"node {node}")
+            site = site_name(node_sites, node)
             logger.warning("rejected the update of site %s: %s", site, exc)
             rejected.append({"site": site, "split": "train", "status": "rejected",
                              "reason": f"undecodable update: {exc}"})  # fmt: skip
@@ -704,7 +704,7 @@ def _screen(
     for msg in replies:
         if not msg.has_error() and RecordKey.ARRAYS in msg.content:
             record = msg.content[RecordKey.ARRAYS]
-            site = node_sites.get(msg.metadata.src_node_id, f"node {msg.metadata.src_node_id}")
+            site = site_name(node_sites, msg.metadata.src_node_id)
             updates[site] = dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
     reasons = screen_updates(reference, updates, norm_factor=plan.strategy.screen_norm_factor)
     rows = []
@@ -714,7 +714,7 @@ def _screen(
                      "status": "rejected", "reason": reason})  # fmt: skip
     kept = [
         m for m in replies
-        if node_sites.get(m.metadata.src_node_id, f"node {m.metadata.src_node_id}") not in reasons
+        if site_name(node_sites, m.metadata.src_node_id) not in reasons
     ]  # fmt: skip
     return kept, rows
 
