@@ -146,7 +146,8 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _stop_superlink(args: argparse.Namespace) -> int:
-    from fl_imaging.tools.launch import flwr_env, local_superlink_pids, stop_processes
+    from fl_imaging.tools.launch import flwr_env, local_superlink_pids
+    from fl_imaging.tools.processes import stop_processes
 
     home = Path(flwr_env(args.app)["FLWR_HOME"])
     pids = local_superlink_pids(home)

@@ -17,15 +17,11 @@ was started with. :func:`run_simulation` therefore
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,12 +38,12 @@ from fl_imaging.server.strategies import strategy_problems
 from fl_imaging.site.resolve import check_sites
 from fl_imaging.tools.bundle import stage_app
 from fl_imaging.tools.console import ConsoleFilter
+from fl_imaging.tools.processes import final_status, list_runs, stop_processes, stream_flwr_run
 
 logger = logging.getLogger(__name__)
 # every line `flwr run --stream` printed, shown on the console or not (in the run folder)
 CONSOLE_LOG = "console.log"
 
-_RUN_ID = re.compile(r"Successfully started run (\d+)")
 _SUPERLINK = "flower-superlink"
 _SUPEREXEC = "flower-superexec"
 
@@ -137,55 +133,6 @@ def local_superlink_pids(flwr_home: Path) -> list[int]:
 def any_local_superlink() -> list[int]:
     """PIDs of every local SuperLink process on this machine (whatever its FLWR_HOME)."""
     return [pid for pid, cmd in _processes() if any(_SUPERLINK in c for c in cmd[:2])]
-
-
-def stop_processes(pids: Sequence[int], timeout: float = 15.0) -> None:
-    """SIGTERM ``pids`` (and their process groups), SIGKILL what is left after ``timeout``."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            for kill in (os.killpg, os.kill):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    kill(pid, sig)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(
-            Path(f"/proc/{p}").exists() and _alive(p) for p in pids
-        ):
-            time.sleep(0.2)
-        if not any(_alive(p) for p in pids):
-            return
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def list_runs(env: dict[str, str], cwd: Path) -> list[dict[str, object]]:
-    """The local SuperLink's runs (``flwr list --format json``); empty if it cannot tell."""
-    out = subprocess.run(
-        ["flwr", "list", "--format", "json"],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    try:
-        return list(json.loads(out.stdout)["runs"])
-    except (ValueError, KeyError, TypeError):
-        logger.warning("`flwr list` gave no run list: %s %s", out.stdout[-200:], out.stderr[-200:])
-        return []
-
-
-def run_status(run_id: str, env: dict[str, str], cwd: Path) -> str:
-    """Flower's status string for ``run_id`` (e.g. ``finished:completed``)."""
-    for run in list_runs(env, cwd):
-        if str(run["run-id"]) == run_id:
-            return str(run["status"])
-    return "unknown"
 
 
 def _unfinished_runs(env: dict[str, str], cwd: Path, exclude: str) -> list[str]:
@@ -289,35 +236,19 @@ def run_simulation(
             *extra_flwr_args,
         ]
         logger.info("$ %s", shlex.join(cmd))
-        with (
-            subprocess.Popen(
-                cmd,
-                env=env,
-                cwd=project_root,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                bufsize=1,
-            ) as proc,
-            console_log.open("w", encoding="utf-8") as raw,
-        ):
-            for line in proc.stdout or ():
+        with console_log.open("w", encoding="utf-8") as raw:
+
+            def on_line(line: str) -> None:
                 raw.write(line)
                 shown = console.show(line)
                 if shown is not None:
                     sys.stdout.write(shown)
                     sys.stdout.flush()
-                if not run_id and (match := _RUN_ID.search(line)):
-                    run_id = match.group(1)
-            code = proc.wait()
+
+            run_id, code = stream_flwr_run(cmd, env, project_root, on_line)
         if not run_id:
             raise LaunchError(f"`flwr run` exited with code {code} before starting a run")
-        status = run_status(run_id, env, project_root)
-        for _ in range(50):  # the status can lag the end of the log stream
-            if status.startswith("finished"):
-                break
-            time.sleep(0.2)
-            status = run_status(run_id, env, project_root)
+        status = final_status(run_id, env, project_root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         started = [p for p in local_superlink_pids(flwr_home) if p not in already_running]

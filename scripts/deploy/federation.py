@@ -34,10 +34,8 @@ default (a fresh ``flwr-clientapp`` process per message, which imports everythin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import re
 import shlex
 import signal
 import socket
@@ -49,13 +47,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fl_imaging.tools.bundle import stage_app
+from fl_imaging.tools.processes import (
+    alive,
+    any_left,
+    final_status,
+    kill_group,
+    stop_processes,
+    stream_flwr_run,
+)
 
-# Nothing from fl_imaging is imported here: it pulls in torch (seconds), and `kill` must be quick.
+# Only fl_imaging's light modules are imported (torch takes seconds): `kill` must be quick.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 CONNECTION = "fl-imaging-deployment"
 STATE_FILE = "deployment.json"
-_RUN_ID = re.compile(r"Successfully started run (\d+)")
 
 
 def log(msg: str) -> None:
@@ -84,14 +89,6 @@ def save_state(folder: Path, state: dict) -> None:
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
 def _free(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
@@ -100,7 +97,7 @@ def _free(port: int) -> bool:
 def _wait_port(port: int, pid: int, what: str, log_file: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not alive(pid):
             sys.exit(f"{what} exited; see {log_file}:\n{log_file.read_text()[-2000:]}")
         if not _free(port):
             return
@@ -283,7 +280,7 @@ def start_executor(
 def cmd_up(args: argparse.Namespace) -> int:
     folder: Path = args.dir.resolve()
     if (folder / STATE_FILE).is_file() and any(
-        _alive(p) for p in _all_pids(json.loads((folder / STATE_FILE).read_text()))
+        alive(p) for p in _all_pids(json.loads((folder / STATE_FILE).read_text()))
     ):
         sys.exit(f"a deployment in {folder} is still running: `federation.py down --dir {folder}`")
     folder.mkdir(parents=True, exist_ok=True)
@@ -368,7 +365,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     state = load_state(folder)
     env = deploy_env(folder)
     old = state["nodes"].get(args.site)
-    if old and any(_alive(p) for p in old["pids"]):
+    if old and any(alive(p) for p in old["pids"]):
         sys.exit(f"{args.site} is running (pids {old['pids']}); `kill` it first")
     if args.unregistered or args.claim:  # a key of its own (make_certs keeps existing ones)
         subprocess.run(
@@ -391,13 +388,6 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
-def _kill_group(pids: Sequence[int], sig: int) -> None:
-    for pid in pids:
-        for kill in (os.killpg, os.kill):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                kill(pid, sig)
-
-
 def cmd_kill(args: argparse.Namespace) -> int:
     """SIGKILL a hospital's SuperNode and its ClientApp processes: a crash, not a shutdown."""
     folder: Path = args.dir.resolve()
@@ -405,7 +395,7 @@ def cmd_kill(args: argparse.Namespace) -> int:
     node = state["nodes"].get(args.site)
     if not node:
         sys.exit(f"no SuperNode {args.site} in {folder}")
-    _kill_group(node["pids"], signal.SIGKILL)
+    kill_group(node["pids"], signal.SIGKILL)
     log(f"killed {args.site} (pids {node['pids']})")
     return 0
 
@@ -413,43 +403,6 @@ def cmd_kill(args: argparse.Namespace) -> int:
 def _all_pids(state: dict) -> list[int]:
     pids = [p for n in state.get("nodes", {}).values() for p in n["pids"]]
     return pids + [state[k] for k in ("superlink", "gateway") if state.get(k)]
-
-
-def stop_processes(pids: Sequence[int], timeout: float = 15.0) -> None:
-    """SIGTERM ``pids`` and their process groups; SIGKILL what is left after ``timeout``."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        _kill_group(pids, sig)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _any_left(pids):
-            time.sleep(0.2)
-        if not _any_left(pids):
-            return
-
-
-def _any_left(pids: Sequence[int]) -> bool:
-    """True while a process, or a member of its process group (e.g. a ClientApp), lives."""
-    for pid in pids:
-        if _alive(pid):
-            return True
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            continue
-        except PermissionError:
-            pass
-        return True
-    return False
-
-
-def run_status(run_id: str, env: dict[str, str]) -> str:
-    """Flower's status of ``run_id`` (``flwr list --format json``), e.g. finished:completed."""
-    cmd = ["flwr", "list", CONNECTION, "--format", "json"]
-    out = subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
-    try:
-        runs = json.loads(out.stdout)["runs"]
-    except (ValueError, KeyError, TypeError):
-        return "unknown"
-    return next((str(r["status"]) for r in runs if str(r["run-id"]) == run_id), "unknown")
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -460,7 +413,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     state = load_state(folder)
     pids = _all_pids(state)
     stop_processes(pids)
-    left = [p for p in pids if _any_left([p])]
+    left = [p for p in pids if any_left([p])]
     log(f"stopped {len(pids) - len(left)} processes" + (f"; still alive: {left}" if left else ""))
     return 1 if left else 0
 
@@ -469,39 +422,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     folder: Path = args.dir.resolve()
     env = deploy_env(folder)
     state = load_state(folder)
-    items = shlex.split(args.overrides)
-    if not any(o.startswith("paths.root=") for o in items):
-        items.append(f"paths.root={PROJECT_ROOT}")  # relative config paths: this checkout
+    from fl_imaging.config import with_root  # Hydra, no torch
+
+    items = with_root(shlex.split(args.overrides), PROJECT_ROOT)  # config paths: this checkout
     if not args.no_site_keys:  # each hospital is the site its registered key belongs to
         items += [f"+federation.site_keys.{s}={fp}" for s, fp in state.get("site_keys", {}).items()]
     run_config = (
         f"experiment={json.dumps(args.experiment)} overrides={json.dumps(shlex.join(items))}"
     )
     start = time.monotonic()
-    run_id = ""
     # a staged copy of the app: flwr run would walk every file of the checkout (.venv too)
     with tempfile.TemporaryDirectory(prefix="fl-imaging-app-") as staging:
         app = stage_app(args.app.resolve(), Path(staging))
         cmd = ["flwr", "run", str(app), CONNECTION, "--stream", "--run-config", run_config]
         log(f"$ FLWR_HOME={env['FLWR_HOME']} {shlex.join(cmd)}  # {app}: staged {args.app}")
-        with subprocess.Popen(
-            cmd, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True,
-        ) as proc:  # fmt: skip
-            for line in proc.stdout or ():
-                sys.stderr.write(line)
-                if not run_id and (match := _RUN_ID.search(line)):
-                    run_id = match.group(1)
-            code = proc.wait()
+        run_id, code = stream_flwr_run(cmd, env, PROJECT_ROOT, sys.stderr.write)
     if not run_id:
         log(f"`flwr run` exited with code {code} before starting a run")
         return 1
-    status = run_status(run_id, env)
-    for _ in range(50):  # the status can lag the end of the log stream
-        if status.startswith("finished"):
-            break
-        time.sleep(0.2)
-        status = run_status(run_id, env)
+    status = final_status(run_id, env, PROJECT_ROOT, CONNECTION)
     result = {"run_id": run_id, "status": status, "seconds": round(time.monotonic() - start, 1)}
     print(json.dumps(result))
     return 0 if status == "finished:completed" else 1
