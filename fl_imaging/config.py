@@ -514,7 +514,22 @@ def compose(
 
 
 def validate(plan: RunPlan) -> list[str]:
-    """Return every problem of ``plan`` (empty when it is usable)."""
+    """Return every problem of ``plan`` (empty when it is usable), section by section."""
+    return [
+        *_run_problems(plan),
+        *_model_problems(plan),
+        *_data_problems(plan),
+        *_train_problems(plan),
+        *_site_problems(plan),
+        *_strategy_problems(plan),
+        *_privacy_problems(plan),
+        *_compression_problems(plan.compression),
+        *secure_aggregation_problems(plan),
+    ]
+
+
+def _run_problems(plan: RunPlan) -> list[str]:
+    """``rounds`` and the list of sites."""
     problems: list[str] = []
     if plan.rounds < 1:
         problems.append(f"rounds must be >= 1, got {plan.rounds}")
@@ -524,6 +539,12 @@ def validate(plan: RunPlan) -> list[str]:
     names = [s.name for s in sites]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"federation.sites: site name {dup!r} appears more than once")
+    return problems
+
+
+def _model_problems(plan: RunPlan) -> list[str]:
+    """``model.*``: known names, channels against strides, group sizes."""
+    problems: list[str] = []
     if plan.model.name not in KNOWN_MODELS:
         problems.append(f"model.name {plan.model.name!r} is unknown; choose one of {KNOWN_MODELS}")
     if plan.model.norm not in KNOWN_NORMS:
@@ -535,6 +556,21 @@ def validate(plan: RunPlan) -> list[str]:
             f"model.channels ({len(plan.model.channels)} entries) must have one more entry "
             f"than model.strides ({len(plan.model.strides)})"
         )
+    widths = [*plan.model.channels, len(plan.data.labels)]  # MONAI's UNet norms its output too
+    if plan.model.norm == "group" and (
+        plan.model.num_groups < 1 or any(c % plan.model.num_groups for c in widths)
+    ):
+        problems.append(
+            f"model.num_groups={plan.model.num_groups} must divide every entry of "
+            f"model.channels {plan.model.channels} and the {len(plan.data.labels)} classes "
+            f"(model.norm=group)"
+        )
+    return problems
+
+
+def _data_problems(plan: RunPlan) -> list[str]:
+    """``data.*``: patch size against the model, labels, spacing, caching."""
+    problems: list[str] = []
     if len(plan.data.patch_size) != 3 or min(plan.data.patch_size) < 1:
         problems.append(f"data.patch_size must be 3 positive sizes, got {plan.data.patch_size}")
     else:
@@ -579,6 +615,12 @@ def validate(plan: RunPlan) -> list[str]:
         )
     if plan.data.memory_cache_mb < 0:
         problems.append(f"data.memory_cache_mb must be >= 0, got {plan.data.memory_cache_mb}")
+    return problems
+
+
+def _train_problems(plan: RunPlan) -> list[str]:
+    """``train.*``: epochs, batch size, optimiser, device."""
+    problems: list[str] = []
     if plan.train.local_epochs < 1:
         problems.append(f"train.local_epochs must be >= 1, got {plan.train.local_epochs}")
     if plan.train.batch_size < 0:
@@ -596,15 +638,6 @@ def validate(plan: RunPlan) -> list[str]:
         problems.append(f"train.momentum must be in [0, 1), got {plan.train.momentum}")
     if plan.train.ema_decay is not None and not 0 < plan.train.ema_decay < 1:
         problems.append(f"train.ema_decay must be in (0, 1) or null, got {plan.train.ema_decay}")
-    widths = [*plan.model.channels, len(plan.data.labels)]  # MONAI's UNet norms its output too
-    if plan.model.norm == "group" and (
-        plan.model.num_groups < 1 or any(c % plan.model.num_groups for c in widths)
-    ):
-        problems.append(
-            f"model.num_groups={plan.model.num_groups} must divide every entry of "
-            f"model.channels {plan.model.channels} and the {len(plan.data.labels)} classes "
-            f"(model.norm=group)"
-        )
     if plan.train.progress not in ("epoch", "round"):
         problems.append(f"train.progress must be 'epoch' or 'round', got {plan.train.progress!r}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", plan.train.device):
@@ -613,7 +646,13 @@ def validate(plan: RunPlan) -> list[str]:
         )
     if plan.train.threads < 0:
         problems.append(f"train.threads must be >= 0, got {plan.train.threads}")
-    problems += _site_problems(plan)
+    return problems
+
+
+def _strategy_problems(plan: RunPlan) -> list[str]:
+    """``strategy.*``: known strategy, fractions, ``min_sites``, FedProx."""
+    problems: list[str] = []
+    sites = plan.federation.sites
     if plan.strategy.name not in KNOWN_STRATEGIES:
         problems.append(
             f"strategy.name {plan.strategy.name!r} is unknown; choose one of {KNOWN_STRATEGIES}"
@@ -640,6 +679,12 @@ def validate(plan: RunPlan) -> list[str]:
         problems.append(f"strategy.screen_norm_factor must be > 1 or null, got {factor}")
     if plan.strategy.proximal_mu < 0:
         problems.append(f"strategy.proximal_mu must be >= 0, got {plan.strategy.proximal_mu}")
+    return problems
+
+
+def _privacy_problems(plan: RunPlan) -> list[str]:
+    """``privacy.*`` and what private sites rule out (FedProx, batch norm)."""
+    problems: list[str] = []
     private = [s.name for s in plan.federation.sites if s.privacy.epsilon is not None]
     if private and plan.strategy.proximal_mu > 0:
         problems.append(
@@ -683,8 +728,6 @@ def validate(plan: RunPlan) -> list[str]:
         problems.append(f"privacy.augmentations must be >= 1, got {plan.privacy.augmentations}")
     if not plan.privacy.lock_timeout >= 0:
         problems.append(f"privacy.lock_timeout must be >= 0, got {plan.privacy.lock_timeout}")
-    problems += _compression_problems(plan.compression)
-    problems += secure_aggregation_problems(plan)
     return problems
 
 
