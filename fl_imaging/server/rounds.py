@@ -85,6 +85,27 @@ def _named_as_admitted(reply: Message, node_sites: Mapping[int, str], sent_to: d
     return admitted == str(reply.content[RecordKey.SITE][SiteKey.NAME])
 
 
+def _record_traffic(summary: dict[str, Any], server_round: int, traffic: Mapping[str, int]) -> None:
+    """A round's bytes up and down (all sites, every message) and the run's totals."""
+    summary["bytes_per_round"][str(server_round)] = {
+        "up": traffic.get("bytes_up", 0),
+        "down": traffic.get("bytes_down", 0),
+    }
+    for key in ("up", "down"):
+        summary[f"bytes_{key}_total"] = sum(r[key] for r in summary["bytes_per_round"].values())
+
+
+def _unrecovered(
+    failed_at: Mapping[str, tuple[int, str]], replied_at: Mapping[str, int]
+) -> dict[str, str]:
+    """Sites whose last failure came after their last successful reply: site -> reason."""
+    return {
+        site: f"round {r}: {error}"
+        for site, (r, error) in sorted(failed_at.items())
+        if replied_at.get(site, -1) <= r
+    }
+
+
 def _record_refusals(summary: dict[str, Any], verified: VerifiedGrid) -> None:
     """Every node refused admission so far, in the summary (none: no key)."""
     refusals = verified.refusals()
@@ -240,6 +261,126 @@ def load_resume_state(run: RunFolder, plan: RunPlan) -> ResumeState:
     )
 
 
+def aggregate_round(
+    server_round: int,
+    replies: list[Message],
+    rows: list[dict[str, Any]],
+    failures: list[dict[str, Any]],
+    arrays: ArrayRecord,
+    strategy: Any,
+    plan: RunPlan,
+    run: RunFolder,
+    summary: dict[str, Any],
+    node_sites: Mapping[int, str],
+) -> ArrayRecord:
+    """Decode, screen and aggregate a round's updates; record what was left out and why.
+
+    Epsilon per private site, rejected updates, exhausted budgets and policy refusals go
+    into ``summary`` (and rejected updates into ``metrics.jsonl``).
+
+    Raises:
+        FederationError: fewer than ``strategy.min_sites`` real updates, or no model.
+    """
+    for row in rows:
+        if "epsilon_spent" in row and math.isfinite(row["epsilon_spent"]):
+            summary["epsilon_spent_per_site"][row["site"]] = row["epsilon_spent"]
+            summary["epsilon_budget_per_site"][row["site"]] = row["epsilon_budget"]
+    replies, undecodable = _decode_updates(replies, arrays, node_sites, plan)
+    replies, rejected = _screen(replies, arrays, node_sites, plan, server_round)
+    rejected = [{"round": server_round, **r} for r in undecodable] + rejected
+    if rejected:
+        run.append_metrics(rejected)
+        summary["rejected_updates"] = summary.get("rejected_updates", 0) + len(rejected)
+        rejected_sites = {r["site"] for r in rejected}
+        rows = [r for r in rows if r["site"] not in rejected_sites]
+    exhausted = [r for r in rows if r.get("status") == "budget_exhausted"]
+    for row in exhausted:
+        logger.warning(
+            "site %s: privacy budget exhausted (spent %.2f of %g); it sent no update",
+            row["site"], row["epsilon_spent"], row["epsilon_budget"],
+        )  # fmt: skip
+    refused = [r for r in rows if r.get("status") == REFUSED_BY_POLICY]
+    for row in refused:
+        logger.warning(
+            "round %d: site %s refused the run (its own privacy policy): %s",
+            server_round, row["site"], row["reason"],
+        )  # fmt: skip
+        summary.setdefault("refused_by_policy", {})[row["site"]] = row["reason"]
+    updated = len(rows) - len(exhausted) - len(refused)
+    if updated < plan.strategy.min_sites:
+        failed = {f["site"]: f["error"] for f in failures}
+        failed.update({r["site"]: "privacy budget exhausted" for r in exhausted})
+        failed.update({r["site"]: f"refused: {r['reason']}" for r in refused})
+        failed.update({r["site"]: r["reason"] for r in rejected})
+        raise FederationError(
+            f"round {server_round}: only {updated} sites returned an update "
+            f"(strategy.min_sites={plan.strategy.min_sites}); others: {failed}"
+        )
+    # only real updates are aggregated (a site out of budget sends none)
+    new_arrays, _ = strategy.aggregate_train(
+        server_round,
+        [m for m in replies if not m.has_error() and RecordKey.ARRAYS in m.content],
+    )
+    if new_arrays is None:
+        raise FederationError(f"round {server_round}: aggregation produced no model")
+    return new_arrays
+
+
+def new_summary(plan: RunPlan, run_id: int) -> dict[str, Any]:
+    """``summary.json`` of a run that starts now (what each round then fills in)."""
+    return {
+        "name": plan.name,
+        "run_id": run_id,
+        "status": "running",
+        "sites": plan.site_names,
+        "rounds_planned": plan.rounds,
+        "rounds_completed": 0,
+        "dice_mean_per_round": {},
+        "best_round": None,
+        "best_dice_mean": None,
+        # private sites only: cumulative epsilon reported after each round
+        "epsilon_spent_per_site": {},
+        "epsilon_budget_per_site": {},
+        # wall-clock seconds of each round's phases: train (send, site compute, receive),
+        # aggregate (decode, screen, aggregate) and evaluate
+        "round_seconds": {},
+        # bytes of every message of a round (train and evaluate), summed over sites
+        "codec": plan.compression.codec,
+        "bytes_per_round": {},
+        "bytes_up_total": 0,
+        "bytes_down_total": 0,
+        # every failed reply per site ({round, split, error}); failed_sites: those that
+        # had not recovered (no later successful reply) when the run ended
+        "site_failures": {},
+    }
+
+
+def _resume(
+    resume: ResumeState, run: RunFolder, plan: RunPlan, strategy: Any, summary: dict[str, Any]
+) -> tuple[ArrayRecord, int, float]:
+    """Continue ``resume``: its model, strategy state and summary; drop the cut-short round.
+
+    Returns the model to start from, the first round to run and the minutes already spent.
+    """
+    run_id = summary["run_id"]  # this run's, not the resumed summary's
+    arrays = ArrayRecord(resume.state_dict)
+    restore_strategy_state(strategy, resume.strategy_state)
+    dropped = run.truncate_metrics(
+        resume.last_round, drop_val_of_last=plan.strategy.evaluate_in_train
+    )
+    summary.update({k: v for k, v in resume.summary.items() if k in summary or k in (
+        "final_dice_mean", "final_dice_per_site", "rejected_updates")})  # fmt: skip
+    summary.update(status="running", run_id=run_id, rounds_planned=plan.rounds)
+    summary.setdefault("resumed_after_rounds", []).append(resume.last_round)
+    first_round = resume.last_round + 1
+    minutes_before = float(resume.summary.get("minutes", 0.0))
+    logger.info(
+        "resuming %s after round %d (%d rows of the unfinished round dropped)",
+        run.path, resume.last_round, dropped,
+    )  # fmt: skip
+    return arrays, first_round, minutes_before
+
+
 def run_federation(
     grid: Grid,
     plan: RunPlan,
@@ -269,47 +410,9 @@ def run_federation(
     strategy = build_strategy(plan)
     arrays = ArrayRecord(initial_weights(plan))  # model.init_checkpoint or fresh
     first_round, minutes_before = 0, 0.0
-    summary: dict[str, Any] = {
-        "name": plan.name,
-        "run_id": run_id,
-        "status": "running",
-        "sites": plan.site_names,
-        "rounds_planned": plan.rounds,
-        "rounds_completed": 0,
-        "dice_mean_per_round": {},
-        "best_round": None,
-        "best_dice_mean": None,
-        # private sites only: cumulative epsilon reported after each round
-        "epsilon_spent_per_site": {},
-        "epsilon_budget_per_site": {},
-        # wall-clock seconds of each round's phases: train (send, site compute, receive),
-        # aggregate (decode, screen, aggregate) and evaluate
-        "round_seconds": {},
-        # bytes of every message of a round (train and evaluate), summed over sites
-        "codec": plan.compression.codec,
-        "bytes_per_round": {},
-        "bytes_up_total": 0,
-        "bytes_down_total": 0,
-        # every failed reply per site ({round, split, error}); failed_sites: those that
-        # had not recovered (no later successful reply) when the run ended
-        "site_failures": {},
-    }
+    summary = new_summary(plan, run_id)
     if resume is not None:
-        arrays = ArrayRecord(resume.state_dict)
-        restore_strategy_state(strategy, resume.strategy_state)
-        dropped = run.truncate_metrics(
-            resume.last_round, drop_val_of_last=plan.strategy.evaluate_in_train
-        )
-        summary.update({k: v for k, v in resume.summary.items() if k in summary or k in (
-            "final_dice_mean", "final_dice_per_site", "rejected_updates")})  # fmt: skip
-        summary.update(status="running", run_id=run_id, rounds_planned=plan.rounds)
-        summary.setdefault("resumed_after_rounds", []).append(resume.last_round)
-        first_round = resume.last_round + 1
-        minutes_before = float(resume.summary.get("minutes", 0.0))
-        logger.info(
-            "resuming %s after round %d (%d rows of the unfinished round dropped)",
-            run.path, resume.last_round, dropped,
-        )  # fmt: skip
+        arrays, first_round, minutes_before = _resume(resume, run, plan, strategy, summary)
     traffic: dict[str, int] = {}  # this round's bytes up and down (summary)
     # the last round each site replied successfully / failed (recovered failures clear)
     replied_at: dict[str, int] = {}
@@ -444,49 +547,10 @@ def run_federation(
                     server_round - 1, val_rows, arrays.to_torch_state_dict()
                 )
                 evaluated = len(val_rows)
-            for row in rows:
-                if "epsilon_spent" in row and math.isfinite(row["epsilon_spent"]):
-                    summary["epsilon_spent_per_site"][row["site"]] = row["epsilon_spent"]
-                    summary["epsilon_budget_per_site"][row["site"]] = row["epsilon_budget"]
-            replies, undecodable = _decode_updates(replies, arrays, node_sites, plan)
-            replies, rejected = _screen(replies, arrays, node_sites, plan, server_round)
-            rejected = [{"round": server_round, **r} for r in undecodable] + rejected
-            if rejected:
-                run.append_metrics(rejected)
-                summary["rejected_updates"] = summary.get("rejected_updates", 0) + len(rejected)
-                rejected_sites = {r["site"] for r in rejected}
-                rows = [r for r in rows if r["site"] not in rejected_sites]
-            exhausted = [r for r in rows if r.get("status") == "budget_exhausted"]
-            for row in exhausted:
-                logger.warning(
-                    "site %s: privacy budget exhausted (spent %.2f of %g); it sent no update",
-                    row["site"], row["epsilon_spent"], row["epsilon_budget"],
-                )  # fmt: skip
-            refused = [r for r in rows if r.get("status") == REFUSED_BY_POLICY]
-            for row in refused:
-                logger.warning(
-                    "round %d: site %s refused the run (its own privacy policy): %s",
-                    server_round, row["site"], row["reason"],
-                )  # fmt: skip
-                summary.setdefault("refused_by_policy", {})[row["site"]] = row["reason"]
-            updated = len(rows) - len(exhausted) - len(refused)
-            if updated < plan.strategy.min_sites:
-                failed = {f["site"]: f["error"] for f in failures}
-                failed.update({r["site"]: "privacy budget exhausted" for r in exhausted})
-                failed.update({r["site"]: f"refused: {r['reason']}" for r in refused})
-                failed.update({r["site"]: r["reason"] for r in rejected})
-                raise FederationError(
-                    f"round {server_round}: only {updated} sites returned an update "
-                    f"(strategy.min_sites={plan.strategy.min_sites}); others: {failed}"
-                )
-            # only real updates are aggregated (a site out of budget sends none)
-            new_arrays, _ = strategy.aggregate_train(
-                server_round,
-                [m for m in replies if not m.has_error() and RecordKey.ARRAYS in m.content],
-            )
-            if new_arrays is None:
-                raise FederationError(f"round {server_round}: aggregation produced no model")
-            arrays = new_arrays
+            arrays = aggregate_round(
+                server_round, replies, rows, failures, arrays, strategy, plan, run, summary,
+                node_sites,
+            )  # fmt: skip
             phase["aggregate"] = time.monotonic() - trained_at
             phase["train"] = trained_at - round_started
         state_dict = arrays.to_torch_state_dict()
@@ -505,11 +569,7 @@ def run_federation(
             rounds_completed=server_round,
             minutes=minutes_before + (time.monotonic() - started) / 60,
         )
-        summary["bytes_per_round"][str(server_round)] = {
-            "up": traffic.get("bytes_up", 0), "down": traffic.get("bytes_down", 0)
-        }  # fmt: skip
-        for key in ("up", "down"):
-            summary[f"bytes_{key}_total"] = sum(r[key] for r in summary["bytes_per_round"].values())
+        _record_traffic(summary, server_round, traffic)
         _record_refusals(summary, verified)
         run.write_summary(summary)
         elapsed = time.monotonic() - started
@@ -532,8 +592,7 @@ def run_federation(
             for site in plan.site_names
             if f"{site} fine-tuned" in matrix["dice"]
         }
-    failed = {site: f"round {r}: {error}" for site, (r, error) in sorted(failed_at.items())
-              if replied_at.get(site, -1) <= r}  # fmt: skip
+    failed = _unrecovered(failed_at, replied_at)
     summary["failed_sites"] = failed
     summary["status"] = "finished_with_failures" if failed else "finished"
     _record_refusals(summary, verified)
