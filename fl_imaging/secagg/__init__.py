@@ -2,8 +2,8 @@
 
 :mod:`fl_imaging.secagg.server` runs the protocol's stages from the ServerApp;
 :mod:`fl_imaging.secagg.client` wraps a site's plain training in Flower's
-``secaggplus_mod``. The configuration checks and protocol sizes are in
-:mod:`fl_imaging.config`.
+``secaggplus_mod``; :mod:`fl_imaging.secagg.settings` sizes the protocol and says
+what cannot work with it (used by the config's validation).
 """
 
 

@@ -22,7 +22,7 @@ unchanged, inside the Message-API apps, for the training step of a round only:
 
 A site's metrics (loss, num-examples, epsilon) travel in the clear, as in plain rounds.
 Which configurations cannot work with secure aggregation is checked in
-``fl_imaging.config`` (robust strategies, screening, central DP, compression, ...).
+``fl_imaging.secagg.settings`` (robust strategies, screening, central DP, compression, ...).
 """
 
 from __future__ import annotations
@@ -62,9 +62,10 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from fl_imaging.config import MODULUS_RANGE, RunPlan, protocol_sizes
+from fl_imaging.config import RunPlan
 from fl_imaging.protocol import MetricKey, RecordKey, SiteKey
 from fl_imaging.secagg import SecureAggregationError
+from fl_imaging.secagg.settings import MODULUS_RANGE, protocol_sizes
 from fl_imaging.server.grid import DelegatingGrid, destinations, replied_node
 from fl_imaging.server.identity import site_name
 from fl_imaging.updates.compression import codec_of, encode_update
