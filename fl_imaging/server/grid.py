@@ -78,6 +78,30 @@ def wait_for_sites(
         time.sleep(1.0)
 
 
+def ask_sites(
+    grid: Grid, timeout: float, nodes: Iterable[int]
+) -> tuple[dict[int, str], dict[int, str]]:
+    """Ask ``nodes`` which site they are: ``(node -> claimed name, node -> error reason)``.
+
+    An error reply the SuperLink wrote on a node's behalf is attributed to that node.
+    A node that does not answer within ``timeout`` is in neither mapping.
+    """
+    messages = [
+        Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=node) for node in nodes
+    ]
+    names: dict[int, str] = {}
+    errors: dict[int, str] = {}
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    sent_to = destinations(messages)
+    for reply in replies:
+        node = replied_node(reply, sent_to)
+        if reply.has_error():
+            errors[node] = reply.error.reason
+        elif RecordKey.SITE in reply.content:
+            names[node] = str(reply.content[RecordKey.SITE][SiteKey.NAME])
+    return names, errors
+
+
 def identify_sites(
     grid: Grid, timeout: float, nodes: Iterable[int] | None = None
 ) -> dict[int, str]:
@@ -87,15 +111,7 @@ def identify_sites(
     logs and ``metrics.jsonl``. A node that does not answer is named later, by its
     first successful reply.
     """
-    messages = [
-        Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=node)
-        for node in (grid.get_node_ids() if nodes is None else nodes)
-    ]
-    names = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        if not reply.has_error() and RecordKey.SITE in reply.content:
-            names[reply.metadata.src_node_id] = str(reply.content[RecordKey.SITE][SiteKey.NAME])
-    return names
+    return ask_sites(grid, timeout, grid.get_node_ids() if nodes is None else nodes)[0]
 
 
 class DelegatingGrid(Grid):

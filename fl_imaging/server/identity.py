@@ -28,12 +28,10 @@ from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from flwr.app import Message, MessageType, RecordDict
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
 
-from fl_imaging.protocol import RecordKey, SiteKey
-from fl_imaging.server.grid import DelegatingGrid
+from fl_imaging.server.grid import DelegatingGrid, ask_sites
 
 logger = logging.getLogger("fl_imaging.server")
 
@@ -131,6 +129,7 @@ class VerifiedGrid(DelegatingGrid):
         self.sites: dict[int, str] = {}  # admitted: node id -> verified site
         self.refused: dict[int, Refusal] = {}  # for good (key or name wrong)
         self.waiting: dict[int, Refusal] = {}  # its site is held by a connected node
+        self.keys: dict[int, str | None] = {}  # node id -> its key's fingerprint (None: none)
         self._asked_at: dict[int, float] = {}
 
     def get_node_ids(self) -> Iterable[int]:
@@ -158,39 +157,32 @@ class VerifiedGrid(DelegatingGrid):
         if unnamed:
             for n in unnamed:
                 self._asked_at[n] = now
-            self._ask(unnamed)
-        keys = self._fingerprints(nodes) if self.bound else {}
-        for node in nodes:
-            if node in self.claimed:
-                self._judge(node, self.claimed[node], keys.get(node), connected)
-            elif self.bound and node in self.errors:
-                # its key says who it is; its replies say why it cannot take part (e.g. the
-                # hospital refused the app bundle): admitted so every round records that
-                self._judge(node, None, keys.get(node), connected)
-
-    def _ask(self, nodes: list[int]) -> None:
-        """Ask ``nodes`` which site they are; keep each claim, or the error it answered."""
-        messages = [
-            Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes
-        ]
-        for reply in self.inner.send_and_receive(messages, timeout=self.timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                self.errors[node] = reply.error.reason
-            elif RecordKey.SITE in reply.content:
-                self.claimed[node] = str(reply.content[RecordKey.SITE][SiteKey.NAME])
+            names, errors = ask_sites(self.inner, self.timeout, unnamed)
+            self.claimed.update(names)
+            self.errors.update(errors)
+            for node in names:
                 self.errors.pop(node, None)
+        # a node is judged once it said who it is, or (names bound to keys) answered an error:
+        # its key then says who it is, its replies why it cannot take part (e.g. the hospital
+        # refused the app bundle), so it is admitted and every round records that
+        judged = [n for n in nodes if n in self.claimed or (self.bound and n in self.errors)]
+        if self.bound:
+            self._fetch_keys([n for n in judged if n not in self.keys])
+        for node in judged:
+            self._judge(node, self.claimed.get(node), self.keys.get(node), connected)
 
-    def _fingerprints(self, nodes: list[int]) -> dict[int, str | None]:
+    def _fetch_keys(self, nodes: list[int]) -> None:
+        """Fingerprints of ``nodes``' registered keys (a node id keeps its key: asked once)."""
+        if not nodes:
+            return
         wanted = set(nodes)
-        found: dict[int, str | None] = {n: None for n in nodes}
         for info in self.inner.get_nodes():
-            if info.node_id in wanted and info.public_key:
+            if info.node_id in wanted:
                 try:
-                    found[info.node_id] = key_fingerprint(info.public_key)
+                    fingerprint = key_fingerprint(info.public_key) if info.public_key else None
                 except IdentityError:
-                    found[info.node_id] = None
-        return found
+                    fingerprint = None
+                self.keys[info.node_id] = fingerprint
 
     def _judge(self, node: int, claim: str | None, key: str | None, connected: list[int]) -> None:
         """Admit ``node`` as its site, or refuse it (``claim`` None: it could not say)."""

@@ -157,8 +157,8 @@ def site_rows(
             )
             continue
         claimed = str(msg.content[RecordKey.SITE][SiteKey.NAME])
-        site = node_sites.setdefault(node, claimed)
-        if claimed != site:  # the admitted identity wins; the reply is not counted
+        site = node_sites.setdefault(node, claimed)  # a site never seen before names itself
+        if not _named_as_admitted(msg, node_sites, sent_to or {}):  # the admitted name wins
             failures.append({"round": server_round, "site": site, "split": split,
                              "error": f"reply names site {claimed!r}, but node {node} was "
                                       f"admitted as {site!r}", **traffic})  # fmt: skip
