@@ -36,6 +36,8 @@ _NOT_FORWARDED = frozenset(
     {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
      "trailer", "upgrade", "proxy-authorization", "proxy-authenticate"}
 )  # fmt: skip
+# and the body's encoding: httpx hands the gateway the decoded body
+_NOT_RETURNED = _NOT_FORWARDED | {"content-encoding"}
 
 
 @lru_cache(maxsize=1)
@@ -109,8 +111,7 @@ def build_app(upstream: Upstream, transport: object | None = None):  # noqa: ANN
         except httpx.HTTPError as exc:
             logger.error("SuperLink %s unreachable for %s: %s", upstream.address, path, exc)
             return JSONResponse({"error": "SuperLink unreachable"}, status_code=502)
-        out = {k: v for k, v in answer.headers.items() if k.lower() not in _NOT_FORWARDED}
-        out.pop("content-encoding", None)  # httpx has decoded the body already
+        out = {k: v for k, v in answer.headers.items() if k.lower() not in _NOT_RETURNED}
         return Response(answer.content, status_code=answer.status_code, headers=out)
 
     @contextlib.asynccontextmanager
