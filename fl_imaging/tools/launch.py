@@ -219,7 +219,9 @@ def run_simulation(
     run_config = f"experiment={json.dumps(experiment)} overrides={json.dumps(shlex.join(items))}"
     staging = Path(tempfile.mkdtemp(prefix="fl-imaging-app-"))
     # every line of the stream, until the run folder is known (then moved into it)
-    console_log = Path(tempfile.mkstemp(prefix="fl-imaging-console-", suffix=".log")[1])
+    handle, name = tempfile.mkstemp(prefix="fl-imaging-console-", suffix=".log")
+    os.close(handle)  # reopened by name below
+    console_log = Path(name)
     console = ConsoleFilter(verbose=verbose)
     start = time.monotonic()
     run_id = ""
