@@ -33,9 +33,17 @@ from fl_imaging.secagg.settings import secure_aggregation_problems
 CONF_DIR_ENV = "FL_IMAGING_CONF"
 KNOWN_MODELS = ("unet",)
 KNOWN_STRATEGIES = (
-    "fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm",
-    "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
-)  # fmt: skip
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedavgm",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+)
 KNOWN_ACCOUNTANTS = ("rdp", "prv", "gdp")
 KNOWN_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
 KNOWN_NORMS = ("instance", "group", "batch")

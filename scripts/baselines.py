@@ -38,8 +38,12 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="hippocampus")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="default: rounds x train.local_epochs of the experiment")  # fmt: skip
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="default: rounds x train.local_epochs of the experiment",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides")
     args = parser.parse_args()
     setup_logging()
@@ -59,8 +63,14 @@ def main() -> int:
         start = time.perf_counter()
         model = new_model(plan)
         loader = train_loader(cases, plan.data, batch_size=plan.train.batch_size, seed=plan.seed)
-        train_local(model, loader, epochs=epochs, lr=plan.train.lr,
-                    weight_decay=plan.train.weight_decay, log_prefix=f"[{label}] ")  # fmt: skip
+        train_local(
+            model,
+            loader,
+            epochs=epochs,
+            lr=plan.train.lr,
+            weight_decay=plan.train.weight_decay,
+            log_prefix=f"[{label}] ",
+        )
         minutes[label] = (time.perf_counter() - start) / 60
         results[label] = {
             site: evaluate(
@@ -69,13 +79,18 @@ def main() -> int:
             for site, loader_ in val.items()
         }
         logging.getLogger("fl_imaging").info(
-            "%s: %d cases x %d epochs, %.1f min, Dice %s", label, len(cases), epochs,
-            minutes[label], {k: round(v, 3) for k, v in results[label].items()},
-        )  # fmt: skip
+            "%s: %d cases x %d epochs, %.1f min, Dice %s",
+            label,
+            len(cases),
+            epochs,
+            minutes[label],
+            {k: round(v, 3) for k, v in results[label].items()},
+        )
     json.dump(
         {"experiment": args.experiment, "epochs": epochs, "dice": results, "minutes": minutes},
-        sys.stdout, indent=2,
-    )  # fmt: skip
+        sys.stdout,
+        indent=2,
+    )
     print()
     return 0
 

@@ -62,9 +62,16 @@ def main() -> int:
         case = _write_case(Path(tmp), shape, args.modalities)
         modalities = ",".join(f"m{i}" for i in range(args.modalities))
         for dtype in ("float32", "float16"):
-            plan = compose("demo", [f"data.modalities=[{modalities}]", "data.spacing=null",
-                                    f"data.cache_dtype={dtype}", "data.memory_cache_mb=0",
-                                    "+data.labels={0: bg, 1: ncr, 2: ed, 4: et}"])  # fmt: skip
+            plan = compose(
+                "demo",
+                [
+                    f"data.modalities=[{modalities}]",
+                    "data.spacing=null",
+                    f"data.cache_dtype={dtype}",
+                    "data.memory_cache_mb=0",
+                    "+data.labels={0: bg, 1: ncr, 2: ed, 4: et}",
+                ],
+            )
             cache = Path(tmp) / f"cache-{dtype}"
             train = train_dataset([case], plan.data, seed=0, cache_dir=cache / "train")
             train[0]  # fills the cache

@@ -62,9 +62,13 @@ def main() -> None:
         for mode in ("memory", "disk"):
             plan = compose(
                 args.experiment,
-                [f"paths.root={ROOT}", f"paths.state={state / mode}", f"data.cache={mode}",
-                 f"train.threads={args.threads}"],
-            )  # fmt: skip
+                [
+                    f"paths.root={ROOT}",
+                    f"paths.state={state / mode}",
+                    f"data.cache={mode}",
+                    f"train.threads={args.threads}",
+                ],
+            )
             site = resolve_site({"site": args.site}, plan)
             manifest = load_site_manifest(site, plan)
             row: dict[str, object] = {
@@ -85,9 +89,13 @@ def main() -> None:
                 done = time.perf_counter()
                 compute = outcome.result.seconds if outcome.result else float("nan")
                 rounds.append(
-                    {"round": r, "train_s": trained - started, "train_loop_s": compute,
-                     "evaluate_s": done - trained}
-                )  # fmt: skip
+                    {
+                        "round": r,
+                        "train_s": trained - started,
+                        "train_loop_s": compute,
+                        "evaluate_s": done - trained,
+                    }
+                )
             row["rounds"] = rounds
             results[mode] = row
             print(json.dumps({mode: row}), flush=True)

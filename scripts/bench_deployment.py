@@ -56,10 +56,21 @@ def run_mode(
         base = [sys.executable, str(FEDERATION), "--dir", str(folder)]
         started = time.monotonic()
         up = subprocess.run(
-            [*base, "up", "--port", str(port), "--data-dir", str(data_dir), "--sites", *SITES,
-             *MODES[mode]],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            [
+                *base,
+                "up",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(data_dir),
+                "--sites",
+                *SITES,
+                *MODES[mode],
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         try:
             if up.returncode:
                 raise RuntimeError(f"{mode}: up failed: {up.stderr[-2000:]}")
@@ -68,8 +79,10 @@ def run_mode(
             with (folder / "run.log").open("w") as log:
                 run = subprocess.Popen(
                     [*base, "run", "--overrides", " ".join(items)],
-                    stdout=subprocess.PIPE, stderr=log, text=True,
-                )  # fmt: skip
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    text=True,
+                )
                 done_at: dict[int, float] = {}
                 while run.poll() is None:
                     rows = _rows(outputs)

@@ -35,10 +35,16 @@ def _peak_rss_mb() -> float:
 def _plan(args: argparse.Namespace):  # noqa: ANN202
     from fl_imaging.config import compose
 
-    return compose("tumour_synthetic", [
-        "data.spacing=null", f"data.patch_size=[{args.patch},{args.patch},{args.patch}]",
-        "data.memory_cache_mb=0", "train.threads=2", *args.overrides,
-    ])  # fmt: skip
+    return compose(
+        "tumour_synthetic",
+        [
+            "data.spacing=null",
+            f"data.patch_size=[{args.patch},{args.patch},{args.patch}]",
+            "data.memory_cache_mb=0",
+            "train.threads=2",
+            *args.overrides,
+        ],
+    )
 
 
 def _child(args: argparse.Namespace) -> dict[str, float]:
@@ -52,8 +58,12 @@ def _child(args: argparse.Namespace) -> dict[str, float]:
 
     torch.set_num_threads(2)
     folder = Path(args.case_dir)
-    case = Case("case", (folder / "t1c.nii.gz", folder / "flair.nii.gz"), folder / "seg.nii.gz",
-                split="train")  # fmt: skip
+    case = Case(
+        "case",
+        (folder / "t1c.nii.gz", folder / "flair.nii.gz"),
+        folder / "seg.nii.gz",
+        split="train",
+    )
     plan = _plan(args)
     model = new_model(plan)
     before = _peak_rss_mb()
@@ -63,17 +73,25 @@ def _child(args: argparse.Namespace) -> dict[str, float]:
         result = train_local(model, loader, epochs=1, lr=plan.train.lr)
         seconds = (time.perf_counter() - start) / result.steps
         return {
-            "seconds_per_step": round(seconds, 2), "steps": result.steps,
-            "peak_rss_mb": round(_peak_rss_mb(), 1), "rss_before_mb": round(before, 1),
-        }  # fmt: skip
+            "seconds_per_step": round(seconds, 2),
+            "steps": result.steps,
+            "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "rss_before_mb": round(before, 1),
+        }
     start = time.perf_counter()
-    out = evaluate(model, eval_loader([case], plan.data), num_classes=len(plan.data.labels),
-                   roi_size=plan.data.patch_size,
-                   regions=regions_as_classes(regions_of(plan.data.label_scheme),
-                                              plan.data.labels))  # fmt: skip
-    return {"seconds_per_case": round(time.perf_counter() - start, 2),
-            "regions_untrained": {k: [round(v, 3) for v in d] for k, d in out.regions.items()},
-            "peak_rss_mb": round(_peak_rss_mb(), 1), "rss_before_mb": round(before, 1)}  # fmt: skip
+    out = evaluate(
+        model,
+        eval_loader([case], plan.data),
+        num_classes=len(plan.data.labels),
+        roi_size=plan.data.patch_size,
+        regions=regions_as_classes(regions_of(plan.data.label_scheme), plan.data.labels),
+    )
+    return {
+        "seconds_per_case": round(time.perf_counter() - start, 2),
+        "regions_untrained": {k: [round(v, 3) for v in d] for k, d in out.regions.items()},
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "rss_before_mb": round(before, 1),
+    }
 
 
 def _write_case(folder: Path) -> None:
@@ -84,8 +102,10 @@ def _write_case(folder: Path) -> None:
     shape = (240, 240, 155)
     affine = np.diag([-1.0, -1.0, 1.0, 1.0])
     for name in ("t1c", "flair"):
-        nib.save(nib.Nifti1Image(rng.random(shape, dtype=np.float32) * 1000, affine),
-                 str(folder / f"{name}.nii.gz"))  # fmt: skip
+        nib.save(
+            nib.Nifti1Image(rng.random(shape, dtype=np.float32) * 1000, affine),
+            str(folder / f"{name}.nii.gz"),
+        )
     label = np.zeros(shape, dtype=np.uint8)
     label[100:150, 90:150, 60:100] = 2
     label[115:135, 105:135, 70:90] = 4
@@ -104,14 +124,29 @@ def main() -> int:
     if args.child:
         print(json.dumps(_child(args)))
         return 0
-    results = {"shape": [240, 240, 155], "modalities": 2, "patch": args.patch,
-               "overrides": args.overrides}  # fmt: skip
+    results = {
+        "shape": [240, 240, 155],
+        "modalities": 2,
+        "patch": args.patch,
+        "overrides": args.overrides,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         _write_case(Path(tmp))
         for child in ("train", "evaluate"):
-            cmd = [sys.executable, str(Path(__file__)), "--child", child, "--case-dir", tmp,
-                   "--patch", str(args.patch), "--steps", str(args.steps),
-                   "--overrides", *args.overrides]  # fmt: skip
+            cmd = [
+                sys.executable,
+                str(Path(__file__)),
+                "--child",
+                child,
+                "--case-dir",
+                tmp,
+                "--patch",
+                str(args.patch),
+                "--steps",
+                str(args.steps),
+                "--overrides",
+                *args.overrides,
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 print(out.stderr[-3000:], file=sys.stderr)

@@ -77,12 +77,18 @@ def federated(experiment: str, overrides: list[str], rounds: int, work: Path) ->
     launched = time.time()
     outcome = run_simulation(
         experiment,
-        [*overrides, f"rounds={rounds}", "train.local_epochs=1", "strategy.cross_site_epochs=0",
-         # evaluation as its own message: the train phase then holds training only
-         "strategy.evaluate_in_train=false",
-         f"paths.outputs={work / 'outputs'}", f"paths.state={work / 'state'}"],
+        [
+            *overrides,
+            f"rounds={rounds}",
+            "train.local_epochs=1",
+            "strategy.cross_site_epochs=0",
+            # evaluation as its own message: the train phase then holds training only
+            "strategy.evaluate_in_train=false",
+            f"paths.outputs={work / 'outputs'}",
+            f"paths.state={work / 'state'}",
+        ],
         project_root=ROOT,
-    )  # fmt: skip
+    )
     if not outcome.ok or outcome.run_dir is None:
         raise SystemExit(f"federated run ended {outcome.status}")
     summary = read_summary(outcome.run_dir)

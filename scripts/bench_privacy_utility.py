@@ -95,8 +95,9 @@ def plot(reports: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, report in enumerate(reports):
         runs = [r for r in report["runs"] if r.get("final_dice_mean") is not None]
-        private = sorted((float(r["epsilon"]), r["final_dice_mean"]) for r in runs
-                         if r["epsilon"] != "none")  # fmt: skip
+        private = sorted(
+            (float(r["epsilon"]), r["final_dice_mean"]) for r in runs if r["epsilon"] != "none"
+        )
         label = report.get("label") or " ".join(report.get("overrides", [])) or "recipe"
         if private:
             line = ax.plot(*zip(*private, strict=True), marker="o", label=label)[0]
@@ -105,8 +106,7 @@ def plot(reports: list[dict[str, Any]], path: Path) -> None:
             colour = f"C{i}"
         for r in runs:
             if r["epsilon"] == "none":
-                ax.axhline(r["final_dice_mean"], ls="--", color=colour,
-                           label=f"{label}: no DP")  # fmt: skip
+                ax.axhline(r["final_dice_mean"], ls="--", color=colour, label=f"{label}: no DP")
     ax.set_xscale("log")
     ax.set_xlabel("epsilon at every site (delta 1e-5)")
     ax.set_ylabel("final mean validation Dice")
@@ -123,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--experiment", default="hippocampus_private")
     parser.add_argument(
-        "--epsilons", nargs="+", default=["1", "2", "4", "8", "16", "none"],
+        "--epsilons",
+        nargs="+",
+        default=["1", "2", "4", "8", "16", "none"],
         help="epsilon of every site per run; none: without DP-SGD",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--keep",
         type=Path,
@@ -134,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--label", default="", help="name of this setting in the plot")
     parser.add_argument(
-        "--plot", type=Path, nargs="+", metavar=("PNG", "JSON"),
+        "--plot",
+        type=Path,
+        nargs="+",
+        metavar=("PNG", "JSON"),
         help="only plot: PNG from earlier JSON outputs of this script (no runs)",
-    )  # fmt: skip
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = parser.parse_args(argv)
     if args.plot:

@@ -66,8 +66,9 @@ def import_seconds(module: str, repeat: int = 3) -> float:
         code = (
             f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
         )
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             check=True, cwd=ROOT)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+        )
         times.append(float(out.stdout.strip()))
     return round(statistics.median(times), 2)
 

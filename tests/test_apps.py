@@ -49,8 +49,11 @@ def test_train_reply_holds_weights_metrics_and_site_name_only(overrides: list[st
     reply = client_app.train(msg, context_for(0, overrides))
     content = reply.content
     assert set(content.keys()) == {
-        RecordKey.UPDATE, RecordKey.CODEC, RecordKey.METRICS, RecordKey.SITE
-    }  # fmt: skip
+        RecordKey.UPDATE,
+        RecordKey.CODEC,
+        RecordKey.METRICS,
+        RecordKey.SITE,
+    }
     # only the model's own tensors travel (as an update): same names and shapes
     sent = sent_weights(reply, arrays)
     expected = arrays.to_torch_state_dict()
@@ -169,8 +172,11 @@ def test_a_site_failing_on_its_data_makes_the_run_finish_with_failures(
     # case and file buried at the end of a multi-line traceback
     victim = _corrupt_first_training_case(tiny_sites[0], tmp_path / "hospital_a")
     manifests = [tmp_path / "hospital_a" / "dataset.json", *tiny_sites[1:]]
-    overrides = [*tiny_overrides(manifests, tmp_path), "rounds=2",
-                 f"strategy.allow_site_failures={str(allow).lower()}"]  # fmt: skip
+    overrides = [
+        *tiny_overrides(manifests, tmp_path),
+        "rounds=2",
+        f"strategy.allow_site_failures={str(allow).lower()}",
+    ]
     plan = compose("demo", overrides)
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
     summary = server.run_federation(LocalGrid(overrides), plan, run, run_id=1)
@@ -209,20 +215,28 @@ def test_private_run_trains_and_reports_epsilon_per_site(
     overrides = [
         # the private recipe of hippocampus_private: small UNet, every case in every step,
         # SGD with momentum, PRV accounting
-        *tiny_overrides(dp_sites, tmp_path), "model=unet_dp", "rounds=3",
-        "train.local_epochs=5", "train.batch_size=0", "train.optimizer=sgd", "train.lr=0.1",
+        *tiny_overrides(dp_sites, tmp_path),
+        "model=unet_dp",
+        "rounds=3",
+        "train.local_epochs=5",
+        "train.batch_size=0",
+        "train.optimizer=sgd",
+        "train.lr=0.1",
         "privacy.accountant=prv",
         "federation.sites.0.privacy.epsilon=8",
-        "federation.sites.1.privacy.epsilon=8", "federation.sites.2.privacy.epsilon=1",
+        "federation.sites.1.privacy.epsilon=8",
+        "federation.sites.2.privacy.epsilon=1",
         "privacy.delta=1e-3",
-    ]  # fmt: skip
+    ]
     plan = compose("demo", overrides)
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
     summary = server.run_federation(LocalGrid(overrides), plan, run, run_id=1)
 
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
-    dice = {r: sum(x["dice_mean"] for x in rows if x["split"] == "val" and x["round"] == r) / 3
-            for r in (0, 3)}  # fmt: skip
+    dice = {
+        r: sum(x["dice_mean"] for x in rows if x["split"] == "val" and x["round"] == r) / 3
+        for r in (0, 3)
+    }
     # measured 0.044 -> 0.31 and 0.30 (the noise is secret: every run differs)
     assert dice[3] > dice[0] + 0.1, dice
     budgets = {"hospital_a": 8.0, "hospital_b": 8.0, "hospital_c": 1.0}
@@ -238,8 +252,12 @@ def test_private_run_trains_and_reports_epsilon_per_site(
 def test_a_site_out_of_budget_sends_no_update_and_the_run_goes_on(
     tiny_sites: list[Path], tmp_path: Path, task_identity: None
 ) -> None:
-    private = [*tiny_overrides(tiny_sites, tmp_path), "rounds=1",
-               "federation.sites.2.privacy.epsilon=1", "privacy.delta=1e-3"]  # fmt: skip
+    private = [
+        *tiny_overrides(tiny_sites, tmp_path),
+        "rounds=1",
+        "federation.sites.2.privacy.epsilon=1",
+        "privacy.delta=1e-3",
+    ]
     plan = compose("demo", private)
     first = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
     server.run_federation(LocalGrid(private), plan, first, run_id=1)  # spends it all
@@ -263,8 +281,9 @@ def test_central_dp_noises_the_aggregate(
 
     plain = final_weights([], "plain")
     again = final_weights([], "again")
-    noised = final_weights(["privacy.central.noise_multiplier=0.5",
-                            "privacy.central.clipping_norm=1.0"], "central")  # fmt: skip
+    noised = final_weights(
+        ["privacy.central.noise_multiplier=0.5", "privacy.central.clipping_norm=1.0"], "central"
+    )
     # training is deterministic (up to the order Flower samples the sites in)
     assert all(torch.allclose(plain[k], again[k], atol=1e-6) for k in plain)
     assert any(not torch.allclose(plain[k], noised[k], atol=1e-3) for k in plain)
@@ -276,10 +295,11 @@ class FlakyGrid(LocalGrid):
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
         train_round_2 = [
-            m for m in messages
+            m
+            for m in messages
             if m.metadata.message_type == MessageType.TRAIN
             and int(m.content["config"]["server-round"]) == 2
-        ]  # fmt: skip
+        ]
         if not train_round_2:
             return super().send_and_receive(messages, timeout=timeout)
         replies = super().send_and_receive(
@@ -327,8 +347,11 @@ def test_sites_named_before_the_loop_are_not_asked_again(
     grid = LocalGrid([*overrides, "rounds=1"])
     known = {1: "hospital_a", 2: "hospital_b"}
     server.run_federation(grid, plan, run, run_id=1, node_sites=known)
-    queried = [r.metadata.src_node_id for r in grid.received
-               if r.metadata.message_type == MessageType.QUERY]  # fmt: skip
+    queried = [
+        r.metadata.src_node_id
+        for r in grid.received
+        if r.metadata.message_type == MessageType.QUERY
+    ]
     assert queried == [3]
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert {r["site"] for r in rows} == set(plan.site_names)

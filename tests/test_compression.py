@@ -181,9 +181,11 @@ def test_encoded_bytes_shrink_as_the_codec_promises(codec: Codec) -> None:
     reference = {"w": np.zeros((64, 64, 16), np.float32)}
     local = {"w": np.random.default_rng(6).normal(size=(64, 64, 16)).astype(np.float32)}
     ratio = encode_update(local, reference, codec)[0].nbytes / reference["w"].nbytes
-    expected = {"none": 1.0, "fp16": 0.5, "topk": 2 * 0.25}[codec.name] if codec.name != (
-        "int8"
-    ) else (0.25 + (1 / 16 if codec.scales == "blockwise" else 0.0))  # fmt: skip
+    expected = (
+        {"none": 1.0, "fp16": 0.5, "topk": 2 * 0.25}[codec.name]
+        if codec.name != ("int8")
+        else (0.25 + (1 / 16 if codec.scales == "blockwise" else 0.0))
+    )
     assert ratio == pytest.approx(expected, abs=1e-4)
 
 
@@ -211,8 +213,9 @@ def test_mismatched_tensors_are_clear_errors() -> None:
         encode_update({**local, "conv.weight": np.zeros((2, 2), np.float32)}, reference, Codec())
     encoded, _ = encode_update(local, reference, Codec("int8"))
     # decoding against another model: the packed sizes, or a pass-through tensor, differ
-    with pytest.raises(CompressionError, match="'int8' holds 329 int8 entries; the global "
-                       "model needs 332 int8"):  # fmt: skip
+    with pytest.raises(
+        CompressionError, match="'int8' holds 329 int8 entries; the global model needs 332 int8"
+    ):
         decode_update(encoded, {**reference, "other": np.zeros(3, np.float32)})
     with pytest.raises(CompressionError, match=r"missing \['step::raw'\]"):
         decode_update(encoded, {**reference, "step": np.zeros(1, np.int64)})
@@ -221,13 +224,16 @@ def test_mismatched_tensors_are_clear_errors() -> None:
     broken["stray"] = np.zeros(1)
     with pytest.raises(CompressionError, match=r"missing \['scale'\], unexpected \['stray'\]"):
         decode_update(EncodedUpdate(encoded.codec, broken), reference)
-    with pytest.raises(CompressionError, match="'scale' holds 4 float32 entries; the global "
-                       "model needs 23 float32"):  # fmt: skip
+    with pytest.raises(
+        CompressionError, match="'scale' holds 4 float32 entries; the global model needs 23 float32"
+    ):
         decode_update(EncodedUpdate(Codec("int8", block_size=16), encoded.arrays), reference)
     fp32 = {"fp16": encoded.arrays["int8"].astype(np.float32)}
     with pytest.raises(CompressionError, match="'fp16' holds 329 float32 entries"):
-        decode_update(EncodedUpdate(Codec("fp16"), {**fp32, "norm.num_batches_tracked::raw":
-                                                    np.array(1)}), reference)  # fmt: skip
+        decode_update(
+            EncodedUpdate(Codec("fp16"), {**fp32, "norm.num_batches_tracked::raw": np.array(1)}),
+            reference,
+        )
     topk, _ = encode_update(local, reference, Codec("topk", topk_fraction=0.5))
     # packed in sorted name order: conv.bias (2 kept of 4) comes first
     index = topk.arrays["index"].copy()
@@ -258,8 +264,12 @@ def test_compression_config_group_and_validation() -> None:
 
 
 def _run(codec: str, sites: list[Path], root: Path) -> tuple[LocalGrid, list[dict], dict]:
-    overrides = [*tiny_overrides(sites, root / codec), "model=unet_small",
-                 "strategy.cross_site_epochs=0", f"compression={codec}"]  # fmt: skip
+    overrides = [
+        *tiny_overrides(sites, root / codec),
+        "model=unet_small",
+        "strategy.cross_site_epochs=0",
+        f"compression={codec}",
+    ]
     plan = compose("demo", overrides)
     run = RunFolder.create(root / codec / "outputs", plan.name, plan_to_yaml(plan))
     grid = LocalGrid(overrides)
@@ -304,8 +314,12 @@ def test_an_int8_run_sends_a_quarter_of_the_bytes_up_and_still_trains(
 
 
 def test_the_report_states_the_bytes_sent() -> None:
-    summary = {"codec": "int8", "bytes_up_total": 2_500_000, "bytes_down_total": 10_000_000,
-               "bytes_per_round": {"0": {}, "1": {}}}  # fmt: skip
+    summary = {
+        "codec": "int8",
+        "bytes_up_total": 2_500_000,
+        "bytes_down_total": 10_000_000,
+        "bytes_per_round": {"0": {}, "1": {}},
+    }
     assert traffic_line(summary) == (
         "bytes sent (update codec int8): up 2.50 MB, down 10.00 MB over 2 rounds "
         "(all sites, train and evaluate)"
@@ -328,8 +342,12 @@ class MisencodingGrid(TamperingGrid):
 def test_updates_the_server_cannot_decode_are_rejected_naming_the_site(
     tiny_sites: list[Path], tmp_path: Path, task_identity: None
 ) -> None:
-    overrides = [*tiny_overrides(tiny_sites, tmp_path), "rounds=1", "strategy.min_sites=1",
-                 "strategy.cross_site_epochs=0"]  # fmt: skip
+    overrides = [
+        *tiny_overrides(tiny_sites, tmp_path),
+        "rounds=1",
+        "strategy.min_sites=1",
+        "strategy.cross_site_epochs=0",
+    ]
     plan = compose("demo", overrides)
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
     summary = server.run_federation(MisencodingGrid(overrides), plan, run, run_id=1)

@@ -95,9 +95,11 @@ def test_memory_cache_serves_later_rounds_without_the_disk(
     for memory_mb in (0, 64):
         plan = compose(
             "demo",
-            [*tiny_overrides(tiny_sites, tmp_path / str(memory_mb)),
-             f"data.memory_cache_mb={memory_mb}"],
-        )  # fmt: skip
+            [
+                *tiny_overrides(tiny_sites, tmp_path / str(memory_mb)),
+                f"data.memory_cache_mb={memory_mb}",
+            ],
+        )
         site = resolve_site({"partition-id": 1}, plan)
         weights = new_model(plan).state_dict()
         first = train_round(site, plan, weights, server_round=1)
@@ -144,10 +146,18 @@ def test_the_cache_stores_float16_images_and_uint8_labels_and_serves_float32(
     stored = torch.load(next(folder.glob("*.pt")), weights_only=False)
     assert stored["image"].dtype == torch.float16 and stored["label"].dtype == torch.uint8
     # what a site trains on differs from float32 only by the float16 rounding
-    exact = compose("demo", [f"paths.root={tiny_plan.paths.root}", "data.cache_dtype=float32",
-                             *[f"federation.sites.{i}.manifest={s.manifest}"
-                               for i, s in enumerate(tiny_plan.federation.sites)],
-                             "data.patch_size=[16,16,16]"])  # fmt: skip
+    exact = compose(
+        "demo",
+        [
+            f"paths.root={tiny_plan.paths.root}",
+            "data.cache_dtype=float32",
+            *[
+                f"federation.sites.{i}.manifest={s.manifest}"
+                for i, s in enumerate(tiny_plan.federation.sites)
+            ],
+            "data.patch_size=[16,16,16]",
+        ],
+    )
     full = next(iter(eval_loader(_cases(site, exact, VAL), exact.data, cache_dir=None)))
     assert torch.allclose(batch["image"], full["image"], atol=1e-3)
     assert torch.equal(batch["label"], full["label"])

@@ -145,14 +145,35 @@ def deployment(
     (policies / f"{POLICY_SITE}.yaml").write_text(POLICY)
     approved = folder / "approved"  # hospital_b reviewed this checkout and approved it
     approve = subprocess.run(
-        [sys.executable, "-m", "fl_imaging.tools.cli", "site", "approve", str(REPO_ROOT),
-         "--to", str(approved / f"{PINNED}.txt")],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fl_imaging.tools.cli",
+            "site",
+            "approve",
+            str(REPO_ROOT),
+            "--to",
+            str(approved / f"{PINNED}.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert approve.returncode == 0, approve.stderr
-    up = _federation(folder, "up", "--port", str(port), "--data-dir", str(data_dir),
-                     "--policy-dir", str(policies), "--approved-dir", str(approved),
-                     "--sites", *SITES)  # fmt: skip
+    up = _federation(
+        folder,
+        "up",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--policy-dir",
+        str(policies),
+        "--approved-dir",
+        str(approved),
+        "--sites",
+        *SITES,
+    )
     try:
         assert up.returncode == 0, up.stderr[-3000:]
         intruder = _federation(folder, "node", INTRUDER, "--unregistered")
@@ -169,10 +190,19 @@ def deployment(
         ]
         run_log = (folder / "logs" / "run.log").open("w")
         run = subprocess.Popen(
-            [sys.executable, str(FEDERATION), "--dir", str(folder), "run",
-             "--overrides", " ".join(overrides)],
-            stdout=subprocess.PIPE, stderr=run_log, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(FEDERATION),
+                "--dir",
+                str(folder),
+                "run",
+                "--overrides",
+                " ".join(overrides),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=run_log,
+            text=True,
+        )
         # crash one hospital as round 1 starts (the server writes the initial model and
         # summary.json just before it sends round 1, whose replies also evaluate that model)...
         _wait_for(
@@ -199,8 +229,13 @@ def deployment(
         # the coordinator turns DP off for hospital_a: the hospital's policy refuses
         refused_outputs = folder / "outputs-refused"
         plain = [o for o in overrides if o not in PRIVATE_A and not o.startswith("paths.outputs")]
-        second = _federation(folder, "run", "--overrides", " ".join(
-            [*plain, "rounds=1", f"paths.outputs={refused_outputs}"]), timeout=300)  # fmt: skip
+        second = _federation(
+            folder,
+            "run",
+            "--overrides",
+            " ".join([*plain, "rounds=1", f"paths.outputs={refused_outputs}"]),
+            timeout=300,
+        )
         assert second.returncode == 0, second.stderr[-4000:]
         refused_outcome = json.loads(second.stdout.strip().splitlines()[-1])
         # the coordinator submits a modified bundle: hospital_b has not approved it
@@ -208,10 +243,23 @@ def deployment(
         with (modified_app / "fl_imaging" / "apps" / "client_app.py").open("a") as source:
             source.write("\n# changed by the coordinator after the hospitals' review\n")
         modified_outputs = folder / "outputs-modified"
-        third = _federation(folder, "run", "--app", str(modified_app), "--overrides", " ".join(
-            [*[o for o in overrides if not o.startswith("paths.outputs")], "rounds=1",
-             "strategy.min_sites=1", "strategy.allow_site_failures=true",
-             f"paths.outputs={modified_outputs}"]), timeout=300)  # fmt: skip
+        third = _federation(
+            folder,
+            "run",
+            "--app",
+            str(modified_app),
+            "--overrides",
+            " ".join(
+                [
+                    *[o for o in overrides if not o.startswith("paths.outputs")],
+                    "rounds=1",
+                    "strategy.min_sites=1",
+                    "strategy.allow_site_failures=true",
+                    f"paths.outputs={modified_outputs}",
+                ]
+            ),
+            timeout=300,
+        )
         assert third.returncode == 0, third.stderr[-4000:]
         modified_outcome = json.loads(third.stdout.strip().splitlines()[-1])
         outsider = _outsider_calls(folder, port)
@@ -220,11 +268,18 @@ def deployment(
         pids += [state["superlink"], state["gateway"]]
         intruder_alive = _pid_alive(state["nodes"][INTRUDER]["pids"][0])
         yield Deployment(
-            folder, outcome, next(outputs.glob("*-demo")), intruder_alive, pids,
-            refused_outcome, next(refused_outputs.glob("*-demo")), modified_outcome,
-            next(modified_outputs.glob("*-demo")), bundle_hash(fab_bytes(modified_app)),
+            folder,
+            outcome,
+            next(outputs.glob("*-demo")),
+            intruder_alive,
+            pids,
+            refused_outcome,
+            next(refused_outputs.glob("*-demo")),
+            modified_outcome,
+            next(modified_outputs.glob("*-demo")),
+            bundle_hash(fab_bytes(modified_app)),
             outsider,
-        )  # fmt: skip
+        )
     finally:
         down = _federation(folder, "down")
         assert down.returncode == 0, down.stderr
@@ -242,8 +297,11 @@ def test_tls_authenticated_deployment_completes_rounds_and_writes_the_run_folder
     summary = json.loads((deployment.run_dir / "summary.json").read_text())
     assert summary["status"] == "finished"
     assert summary["rounds_completed"] == 3
-    trained = {(r["round"], r["site"]) for r in read_metrics(deployment.run_dir)
-               if r["split"] == "train" and r.get("num_examples", 0) > 0}  # fmt: skip
+    trained = {
+        (r["round"], r["site"])
+        for r in read_metrics(deployment.run_dir)
+        if r["split"] == "train" and r.get("num_examples", 0) > 0
+    }
     assert {(n, s) for n in (1, 2, 3) for s in ("hospital_a", "hospital_b")} <= trained
 
 
@@ -276,8 +334,11 @@ def test_a_hospitals_own_policy_refuses_a_run_without_dp_over_tls(
     deployment: Deployment,
 ) -> None:
     # first run: hospital_a trained privately, as its policy allows
-    first = [r for r in read_metrics(deployment.run_dir)
-             if r["site"] == POLICY_SITE and r["split"] == "train"]  # fmt: skip
+    first = [
+        r
+        for r in read_metrics(deployment.run_dir)
+        if r["site"] == POLICY_SITE and r["split"] == "train"
+    ]
     assert first and all(0 < r["epsilon_spent"] <= 8 for r in first)
     # second run: the coordinator asked for no DP; hospital_a refused, the others trained
     assert deployment.refused_outcome["status"] == "finished:completed"
@@ -287,12 +348,11 @@ def test_a_hospitals_own_policy_refuses_a_run_without_dp_over_tls(
     [refused] = [r for r in rows if r["site"] == POLICY_SITE]
     assert refused["status"] == "refused_by_policy" and refused["num_examples"] == 0
     assert f"{POLICY_SITE}.yaml" in refused["reason"]
-    assert {r["site"] for r in rows if r.get("num_examples", 0) > 0} == {
-        "hospital_b", "hospital_c"
-    }  # fmt: skip
+    assert {r["site"] for r in rows if r.get("num_examples", 0) > 0} == {"hospital_b", "hospital_c"}
     node_log = (deployment.folder / "logs" / f"{POLICY_SITE}.log").read_text()
-    node_log += "".join(p.read_text() for p in (deployment.folder / "logs").glob(
-        f"{POLICY_SITE}.executor.log"))  # fmt: skip
+    node_log += "".join(
+        p.read_text() for p in (deployment.folder / "logs").glob(f"{POLICY_SITE}.executor.log")
+    )
     assert "refused to train" in node_log
 
 
@@ -316,8 +376,9 @@ def test_each_hospitals_audit_log_matches_the_bytes_the_server_received(
     deployment: Deployment,
 ) -> None:
     run_id = int(deployment.outcome["run_id"])
-    received = [r for r in read_metrics(deployment.run_dir)
-                if r["split"] == "train" and "error" not in r]  # fmt: skip
+    received = [
+        r for r in read_metrics(deployment.run_dir) if r["split"] == "train" and "error" not in r
+    ]
     assert {r["site"] for r in received} == set(SITES)
     for site in SITES:
         logged = [

@@ -38,8 +38,9 @@ def cases(*label_values: list[int]) -> list[dict[str, torch.Tensor]]:
 
 def test_a_class_absent_from_every_validation_case_is_nan_and_left_out_of_the_mean() -> None:
     # labels {0, 1, 2, 4} (BraTS 2021 style): class 2 never appears in these cases
-    result = evaluate(Oracle(5), cases([1, 4], [1]), num_classes=5, roi_size=[8, 8, 8],
-                      foreground=[1, 2, 4])  # fmt: skip
+    result = evaluate(
+        Oracle(5), cases([1, 4], [1]), num_classes=5, roi_size=[8, 8, 8], foreground=[1, 2, 4]
+    )
     assert set(result.dice_per_class) == {1, 2, 4}  # no dead channel 3 reported
     assert result.dice_per_class[1] == 1.0 and result.dice_per_class[4] == 1.0
     assert math.isnan(result.dice_per_class[2])
@@ -56,7 +57,8 @@ def test_training_time_dice_and_predict_dice_agree_on_an_absent_class() -> None:
     label = cases([1, 4])[0]["label"][0, 0].numpy().astype(np.int64)
     labels = {0: "bg", 1: "ncr", 2: "ed", 4: "et"}
     offline = dice_per_label(label, label, labels)
-    online = evaluate(Oracle(5), cases([1, 4]), num_classes=5, roi_size=[8, 8, 8],
-                      foreground=[1, 2, 4]).dice_per_class  # fmt: skip
+    online = evaluate(
+        Oracle(5), cases([1, 4]), num_classes=5, roi_size=[8, 8, 8], foreground=[1, 2, 4]
+    ).dice_per_class
     assert math.isnan(offline["ed"]) and math.isnan(online[2])
     assert offline["ncr"] == online[1] and offline["et"] == online[4]

@@ -56,17 +56,22 @@ def test_flwr_run_trains_three_sites_and_writes_the_run_folder(
 
 @pytest.mark.e2e
 def test_a_site_with_broken_data_makes_fl_imaging_run_fail_loudly(
-    tiny_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tiny_sites: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     # the audit: a site whose training case was truncated gave exit 0 and "finished"
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / ".flwr"))
     broken = tmp_path / "hospital_c"
     shutil.copytree(tiny_sites[2].parent, broken)
     victim = load_manifest(broken / "dataset.json").split("train")[0].images[0]
     victim.write_bytes(victim.read_bytes()[:200])  # a truncated download
-    overrides = [*tiny_overrides([*tiny_sites[:2], broken / "dataset.json"], tmp_path),
-                 "rounds=1", "strategy.cross_site_epochs=0"]  # fmt: skip
+    overrides = [
+        *tiny_overrides([*tiny_sites[:2], broken / "dataset.json"], tmp_path),
+        "rounds=1",
+        "strategy.cross_site_epochs=0",
+    ]
 
     code = main(["run", "--app", str(REPO_ROOT), "experiment=demo", *overrides])
 

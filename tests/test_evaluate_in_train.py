@@ -95,11 +95,13 @@ def test_without_it_every_round_has_its_own_evaluate_message(
 
 def test_resuming_drops_the_validation_that_will_be_repeated(tmp_path: Path) -> None:
     run = RunFolder.create(tmp_path, "r", "name: r\n")
-    run.append_metrics([
-        {"round": 1, "site": "a", "split": "train", "loss": 1.0},
-        {"round": 1, "site": "a", "split": "val", "loss": 1.0},
-        {"round": 2, "site": "a", "split": "train", "loss": 1.0},
-    ])  # fmt: skip
+    run.append_metrics(
+        [
+            {"round": 1, "site": "a", "split": "train", "loss": 1.0},
+            {"round": 1, "site": "a", "split": "val", "loss": 1.0},
+            {"round": 2, "site": "a", "split": "train", "loss": 1.0},
+        ]
+    )
     assert run.truncate_metrics(1, drop_val_of_last=True) == 2
     kept = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["split"]) for r in kept] == [(1, "train")]

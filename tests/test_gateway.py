@@ -46,8 +46,12 @@ def gateway(forwarded: list[httpx.Request]) -> Caller:
 
 def test_the_fleet_routes_come_from_flower_and_include_what_a_supernode_calls() -> None:
     routes = fleet_routes()
-    assert {"/v1/fleet/activate-node", "/v1/fleet/pull-messages", "/v1/fleet/push-messages",
-            "/v1/fleet/get-fab"} <= routes  # fmt: skip
+    assert {
+        "/v1/fleet/activate-node",
+        "/v1/fleet/pull-messages",
+        "/v1/fleet/push-messages",
+        "/v1/fleet/get-fab",
+    } <= routes
     assert not any(r.startswith("/v1/control") or r.startswith("/v1/runtime") for r in routes)
 
 

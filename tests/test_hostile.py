@@ -29,9 +29,14 @@ class HostileGrid(TamperingGrid):
 
 
 def final_dice(grid_cls: type[LocalGrid], strategy: str, sites: list[Path], root: Path) -> float:
-    overrides = [*tiny_overrides(sites, root), "model=unet_small", "rounds=3",
-                 "train.local_epochs=2", f"strategy={strategy}",
-                 "strategy.screen_norm_factor=null"]  # fmt: skip
+    overrides = [
+        *tiny_overrides(sites, root),
+        "model=unet_small",
+        "rounds=3",
+        "train.local_epochs=2",
+        f"strategy={strategy}",
+        "strategy.screen_norm_factor=null",
+    ]
     plan = compose("demo", overrides)
     run = RunFolder.create(root / strategy / grid_cls.__name__, plan.name, plan_to_yaml(plan))
     summary = server.run_federation(grid_cls(overrides), plan, run, run_id=1)
@@ -46,7 +51,9 @@ def test_robust_aggregation_shrugs_off_a_hostile_site_fedavg_does_not(
     attacked_robust = final_dice(HostileGrid, robust, tiny_sites, tmp_path)
     honest_avg = final_dice(LocalGrid, "fedavg", tiny_sites, tmp_path)
     attacked_avg = final_dice(HostileGrid, "fedavg", tiny_sites, tmp_path)
-    print(f"{robust}: honest {honest_robust:.3f} attacked {attacked_robust:.3f}; "
-          f"fedavg: honest {honest_avg:.3f} attacked {attacked_avg:.3f}")  # fmt: skip
+    print(
+        f"{robust}: honest {honest_robust:.3f} attacked {attacked_robust:.3f}; "
+        f"fedavg: honest {honest_avg:.3f} attacked {attacked_avg:.3f}"
+    )
     assert abs(attacked_robust - honest_robust) <= 0.05
     assert attacked_avg < honest_avg - 0.1

@@ -88,11 +88,22 @@ def test_with_site_keys_only_the_key_holder_is_admitted_as_its_site(task_identit
     keys = {site: new_key() for site in SITES}
     attacker = new_key()
     grid = NamedNodes(
-        claims={1: "hospital_a", 2: "hospital_b", 3: "hospital_c", 7: "hospital_a",
-                8: "hospital_a", 9: "hospital_c"},
-        keys={1: pem(keys["hospital_a"]), 2: pem(keys["hospital_b"]),
-              3: pem(keys["hospital_c"]), 7: pem(attacker), 8: pem(keys["hospital_b"])},
-    )  # fmt: skip
+        claims={
+            1: "hospital_a",
+            2: "hospital_b",
+            3: "hospital_c",
+            7: "hospital_a",
+            8: "hospital_a",
+            9: "hospital_c",
+        },
+        keys={
+            1: pem(keys["hospital_a"]),
+            2: pem(keys["hospital_b"]),
+            3: pem(keys["hospital_c"]),
+            7: pem(attacker),
+            8: pem(keys["hospital_b"]),
+        },
+    )
     site_keys = {site: key_fingerprint(openssh(k)) for site, k in keys.items()}
     verified = VerifiedGrid(grid, SITES, site_keys, timeout=1.0)
 
@@ -143,9 +154,15 @@ def test_site_keys_are_validated_against_the_sites(tiny_sites: list[Path], tmp_p
     overrides = tiny_overrides(tiny_sites, tmp_path)
     good = key_fingerprint(pem(new_key()))
     with pytest.raises(ConfigError) as caught:
-        compose("demo", [*overrides, f"+federation.site_keys.hospital_a={good}",
-                         f"+federation.site_keys.hospital_b={good}",
-                         "+federation.site_keys.hospital_z=abc"])  # fmt: skip
+        compose(
+            "demo",
+            [
+                *overrides,
+                f"+federation.site_keys.hospital_a={good}",
+                f"+federation.site_keys.hospital_b={good}",
+                "+federation.site_keys.hospital_z=abc",
+            ],
+        )
     message = str(caught.value)
     assert "names 'hospital_z', which is not in federation.sites" in message
     assert "no key for site 'hospital_c'" in message
@@ -178,9 +195,12 @@ def test_an_impostor_with_its_own_key_never_trains_and_is_in_the_summary(
     # node 99 registered a key of its own and says it is hospital_a (the audit's attack)
     grid.keys[99] = pem(new_key())
     grid.contexts[99] = Context(
-        run_id=1, node_id=99, node_config={"site": "hospital_a"}, state=RecordDict(),
+        run_id=1,
+        node_id=99,
+        node_config={"site": "hospital_a"},
+        state=RecordDict(),
         run_config=grid.contexts[1].run_config,
-    )  # fmt: skip
+    )
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
 
     summary = server.run_federation(grid, plan, run, run_id=1)

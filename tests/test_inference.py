@@ -23,8 +23,12 @@ from fl_imaging.tools.inference import (
 
 def save_checkpoint(plan: RunPlan, tmp_path: Path, **changes: object) -> Path:
     run = RunFolder(tmp_path / "run")
-    meta = {"config": plan_to_dict(plan), "labels": dict(plan.data.labels),
-            "modalities": list(plan.data.modalities), "round": 1}  # fmt: skip
+    meta = {
+        "config": plan_to_dict(plan),
+        "labels": dict(plan.data.labels),
+        "modalities": list(plan.data.modalities),
+        "round": 1,
+    }
     meta.update(changes)
     state = meta.pop("state_dict", new_model(plan).state_dict())
     return run.save_checkpoint("best", state, **meta)
@@ -79,15 +83,30 @@ def test_checkpoint_that_does_not_fit_its_config_is_refused(
 
 
 def test_predict_command_reports_dice_per_scan(
-    tiny_plan: RunPlan, tiny_sites: list[Path], tmp_path: Path,
+    tiny_plan: RunPlan,
+    tiny_sites: list[Path],
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     site_dir = tiny_sites[2].parent
     checkpoint = save_checkpoint(tiny_plan, tmp_path)
     out = tmp_path / "preds"
-    assert main(["predict", "--checkpoint", str(checkpoint), "--input",
-                 str(site_dir / "imagesTr"), "--output", str(out), "--label",
-                 str(site_dir / "labelsTr")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(checkpoint),
+                "--input",
+                str(site_dir / "imagesTr"),
+                "--output",
+                str(out),
+                "--label",
+                str(site_dir / "labelsTr"),
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     scans = sorted((site_dir / "imagesTr").glob("*.nii.gz"))
     assert len(lines) == len(scans) and all("Dice oedema" in line for line in lines)
@@ -117,16 +136,35 @@ def test_predict_takes_one_file_per_modality(
     # BraTS-style: t1c.nii.gz and flair.nii.gz, not one 4D file
     from fl_imaging.data.synthetic import generate_federation
 
-    [manifest, *_] = generate_federation(tmp_path / "mm", num_sites=3, total_cases=12,
-                                         fov_mm=32.0, modalities=("T1c", "FLAIR"),
-                                         modality_layout="files", seed=1)  # fmt: skip
+    [manifest, *_] = generate_federation(
+        tmp_path / "mm",
+        num_sites=3,
+        total_cases=12,
+        fov_mm=32.0,
+        modalities=("T1c", "FLAIR"),
+        modality_layout="files",
+        seed=1,
+    )
     tiny_plan.data.modalities = ["T1c", "FLAIR"]
     case = load_manifest(manifest).cases[0]
     checkpoint = save_checkpoint(tiny_plan, tmp_path)
     out = tmp_path / "seg.nii.gz"
-    assert main(["predict", "--checkpoint", str(checkpoint), "--input",
-                 *map(str, case.images), "--output", str(out),
-                 "--label", str(case.label)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(checkpoint),
+                "--input",
+                *map(str, case.images),
+                "--output",
+                str(out),
+                "--label",
+                str(case.label),
+            ]
+        )
+        == 0
+    )
     assert "Dice oedema" in capsys.readouterr().out
     first = nib.load(str(case.images[0]))
     written = nib.load(str(out))

@@ -48,8 +48,7 @@ def test_audit_of_a_run_and_warm_start_from_its_checkpoint(
 
     # warm start: a second run from the first one's final weights starts where it ended
     final = read_summary(run.path)["final_dice_per_site"]
-    warm = [*overrides, f"model.init_checkpoint={run.path / 'checkpoints' / 'last.pt'}",
-            "rounds=1"]  # fmt: skip
+    warm = [*overrides, f"model.init_checkpoint={run.path / 'checkpoints' / 'last.pt'}", "rounds=1"]
     plan2 = compose("demo", warm)
     run2 = RunFolder.create(tmp_path / "outputs2", plan2.name, plan_to_yaml(plan2))
     server.run_federation(LocalGrid(warm), plan2, run2, run_id=2)

@@ -35,8 +35,9 @@ class InterceptingGrid(LocalGrid):
     ) -> Iterable[Message]:
         replies = list(super().send_and_receive(messages, timeout=timeout))
         for reply in replies:  # before the server decodes or edits anything
-            self.seen.append((reply.metadata.src_node_id, reply.content.object_id,
-                              message_bytes(reply)))  # fmt: skip
+            self.seen.append(
+                (reply.metadata.src_node_id, reply.content.object_id, message_bytes(reply))
+            )
         return replies
 
 
@@ -85,9 +86,11 @@ def test_every_reply_is_logged_at_its_site_with_the_hash_the_server_sees(
 
 
 def test_site_audit_prints_one_line_per_reply(
-    tiny_sites: list[Path], tmp_path: Path, task_identity: None,
+    tiny_sites: list[Path],
+    tmp_path: Path,
+    task_identity: None,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     overrides = [*tiny_overrides(tiny_sites, tmp_path), "rounds=1", "strategy.cross_site_epochs=0"]
     plan = compose("demo", overrides)
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))

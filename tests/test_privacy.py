@@ -37,8 +37,14 @@ from tests.conftest import tiny_overrides
 def test_planned_noise_never_exceeds_and_nearly_spends_the_budget(
     epsilon: float, delta: float, rounds: int, steps: int, sample_rate: float
 ) -> None:
-    sigma = noise_for_budget(history=[], epsilon=epsilon, delta=delta, sample_rate=sample_rate,
-                             steps=rounds * steps, accountant="rdp")  # fmt: skip
+    sigma = noise_for_budget(
+        history=[],
+        epsilon=epsilon,
+        delta=delta,
+        sample_rate=sample_rate,
+        steps=rounds * steps,
+        accountant="rdp",
+    )
     spent = [
         epsilon_of([(sigma, sample_rate, steps * r)], delta=delta, accountant="rdp")
         for r in range(1, rounds + 1)
@@ -51,12 +57,24 @@ def test_planned_noise_never_exceeds_and_nearly_spends_the_budget(
 @pytest.mark.parametrize("stop_after", [1, 4])
 def test_replanning_after_a_restart_spends_the_rest_exactly(stop_after: int) -> None:
     epsilon, delta, q, steps, rounds = 8.0, 1e-5, 0.1, 10, 6
-    sigma = noise_for_budget(history=[], epsilon=epsilon, delta=delta, sample_rate=q,
-                             steps=steps * rounds, accountant="rdp")  # fmt: skip
+    sigma = noise_for_budget(
+        history=[],
+        epsilon=epsilon,
+        delta=delta,
+        sample_rate=q,
+        steps=steps * rounds,
+        accountant="rdp",
+    )
     history = [(sigma, q, steps * stop_after)]
     # a new run plans its own 6 rounds over what is left
-    sigma2 = noise_for_budget(history=history, epsilon=epsilon, delta=delta, sample_rate=q,
-                              steps=steps * rounds, accountant="rdp")  # fmt: skip
+    sigma2 = noise_for_budget(
+        history=history,
+        epsilon=epsilon,
+        delta=delta,
+        sample_rate=q,
+        steps=steps * rounds,
+        accountant="rdp",
+    )
     assert sigma2 > sigma  # less budget left, more noise
     final = epsilon_of([*history, (sigma2, q, steps * rounds)], delta=delta, accountant="rdp")
     assert 0.95 * epsilon <= final <= epsilon
@@ -64,16 +82,28 @@ def test_replanning_after_a_restart_spends_the_rest_exactly(stop_after: int) -> 
 
 def test_no_noise_helps_once_the_budget_is_spent() -> None:
     with pytest.raises(ValueError, match="is spent"):
-        noise_for_budget(history=[(0.5, 0.5, 1000)], epsilon=1.0, delta=1e-5, sample_rate=0.5,
-                         steps=1, accountant="rdp")  # fmt: skip
+        noise_for_budget(
+            history=[(0.5, 0.5, 1000)],
+            epsilon=1.0,
+            delta=1e-5,
+            sample_rate=0.5,
+            steps=1,
+            accountant="rdp",
+        )
 
 
 @pytest.fixture
 def private_plan(tiny_sites: list[Path], tmp_path: Path) -> RunPlan:
     """Tiny demo with hospital_a private (epsilon 8) over 3 planned rounds."""
-    return compose("demo", [*tiny_overrides(tiny_sites, tmp_path), "rounds=3",
-                            "federation.sites.0.privacy.epsilon=8",
-                            "federation.sites.0.privacy.delta=1e-3"])  # fmt: skip
+    return compose(
+        "demo",
+        [
+            *tiny_overrides(tiny_sites, tmp_path),
+            "rounds=3",
+            "federation.sites.0.privacy.epsilon=8",
+            "federation.sites.0.privacy.delta=1e-3",
+        ],
+    )
 
 
 def test_reported_epsilon_matches_an_independent_opacus_recount(private_plan: RunPlan) -> None:
@@ -91,8 +121,9 @@ def test_reported_epsilon_matches_an_independent_opacus_recount(private_plan: Ru
     independent = RDPAccountant()
     for entry in ledger.rounds:
         for _ in range(entry["accounted_steps"]):
-            independent.step(noise_multiplier=entry["noise_multiplier"],
-                             sample_rate=entry["sample_rate"])  # fmt: skip
+            independent.step(
+                noise_multiplier=entry["noise_multiplier"], sample_rate=entry["sample_rate"]
+            )
     assert reports[-1].epsilon_spent == pytest.approx(independent.get_epsilon(delta=1e-3))
     assert 0 < reports[0].epsilon_spent < reports[1].epsilon_spent <= 8.0
 
@@ -123,18 +154,37 @@ def test_a_changed_budget_is_refused_until_an_audited_reset(
     private_plan: RunPlan, capsys: pytest.CaptureFixture[str]
 ) -> None:
     site = resolve_site({"partition-id": 0}, private_plan)
-    train_round(site, private_plan, new_model(private_plan).state_dict(), server_round=1,
-                run_id="a")  # fmt: skip
+    train_round(
+        site, private_plan, new_model(private_plan).state_dict(), server_round=1, run_id="a"
+    )
     with pytest.raises(LedgerError, match=r"site hospital_a.*epsilon=8.*epsilon=4.*privacy reset"):
         open_ledger(site.state_dir, site="hospital_a", epsilon=4.0, delta=1e-3, accountant="rdp")
 
-    overrides = [f"paths.root={private_plan.paths.root}",
-                 *[f"federation.sites.{i}.manifest={s.manifest}"
-                   for i, s in enumerate(private_plan.federation.sites)]]  # fmt: skip
+    overrides = [
+        f"paths.root={private_plan.paths.root}",
+        *[
+            f"federation.sites.{i}.manifest={s.manifest}"
+            for i, s in enumerate(private_plan.federation.sites)
+        ],
+    ]
     assert main(["privacy", "status", "experiment=demo", *overrides]) == 0
     assert "hospital_a" in capsys.readouterr().out
-    assert main(["privacy", "reset", "--site", "hospital_a", "--yes", "--reason", "new cohort",
-                 "experiment=demo", *overrides]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "privacy",
+                "reset",
+                "--site",
+                "hospital_a",
+                "--yes",
+                "--reason",
+                "new cohort",
+                "experiment=demo",
+                *overrides,
+            ]
+        )
+        == 0
+    )
     assert not ledger_path(site.state_dir).exists()
     [event] = [json.loads(x) for x in (site.state_dir / AUDIT_FILE).read_text().splitlines()]
     assert event["site"] == "hospital_a" and event["reason"] == "new cohort"

@@ -180,8 +180,9 @@ max_local_epochs: 2
 
 
 def _sites(plan: RunPlan) -> list[str]:
-    return [f"federation.sites.{i}.manifest={s.manifest}" for i, s in
-            enumerate(plan.federation.sites)]  # fmt: skip
+    return [
+        f"federation.sites.{i}.manifest={s.manifest}" for i, s in enumerate(plan.federation.sites)
+    ]
 
 
 def test_a_run_at_least_as_strict_as_the_policy_trains(
@@ -278,8 +279,22 @@ def test_a_deleted_ledger_is_refused_until_an_audited_reset(
     with pytest.raises(LedgerError, match="ledger is missing"):
         train(site, private_plan, run_id="r2")
     overrides = [f"paths.root={private_plan.paths.root}", *_sites(private_plan), *PRIVATE_A]
-    assert main(["privacy", "reset", "--site", "hospital_a", "--yes", "--reason", "new cohort",
-                 "experiment=demo", *overrides]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "privacy",
+                "reset",
+                "--site",
+                "hospital_a",
+                "--yes",
+                "--reason",
+                "new cohort",
+                "experiment=demo",
+                *overrides,
+            ]
+        )
+        == 0
+    )
     [event] = [json.loads(x) for x in (site.state_dir / AUDIT_FILE).read_text().splitlines()]
     assert event["reason"] == "new cohort" and "ledger is missing" in event["problem"]
     assert train(site, private_plan, run_id="r3").weights is not None
@@ -338,8 +353,9 @@ def test_a_second_training_on_the_same_state_waits_for_the_lock(private_plan: Ru
     recount = RDPAccountant()
     for entry in ledger.rounds:
         for _ in range(entry["accounted_steps"]):
-            recount.step(noise_multiplier=entry["noise_multiplier"],
-                         sample_rate=entry["sample_rate"])  # fmt: skip
+            recount.step(
+                noise_multiplier=entry["noise_multiplier"], sample_rate=entry["sample_rate"]
+            )
     assert ledger.epsilon_spent == pytest.approx(recount.get_epsilon(delta=1e-3))
 
 
@@ -395,8 +411,12 @@ def test_reported_epsilon_is_never_negative() -> None:
 def test_a_delta_not_below_one_over_the_cohort_is_refused_at_the_site(
     tiny_sites: list[Path], tmp_path: Path
 ) -> None:
-    plan = plan_for(tiny_sites, tmp_path, "federation.sites.0.privacy.epsilon=8",
-                    "federation.sites.0.privacy.delta=0.9")  # fmt: skip
+    plan = plan_for(
+        tiny_sites,
+        tmp_path,
+        "federation.sites.0.privacy.epsilon=8",
+        "federation.sites.0.privacy.delta=0.9",
+    )
     with pytest.raises(ConfigError, match=r"site hospital_a: delta=0.9 must be below 1/"):
         train(site_a(plan), plan)
 
@@ -418,9 +438,14 @@ def test_the_privacy_plan_equals_opacus_and_the_training_that_runs(
     steps_per_epoch = -(-num_train // private_plan.train.batch_size)
     assert (plan.num_train, plan.sample_rate) == (num_train, 1 / steps_per_epoch)
     # an independent recount with Opacus' own functions
-    sigma = get_noise_multiplier(target_epsilon=8.0, target_delta=1e-3,
-                                 sample_rate=1 / steps_per_epoch, steps=plan.total_steps,
-                                 accountant="rdp", epsilon_tolerance=0.01)  # fmt: skip
+    sigma = get_noise_multiplier(
+        target_epsilon=8.0,
+        target_delta=1e-3,
+        sample_rate=1 / steps_per_epoch,
+        steps=plan.total_steps,
+        accountant="rdp",
+        epsilon_tolerance=0.01,
+    )
     assert plan.noise_multiplier == pytest.approx(sigma)
     recount = RDPAccountant()
     recount.history = [(sigma, 1 / steps_per_epoch, plan.steps_per_round)]

@@ -58,10 +58,17 @@ def test_each_patient_is_one_clipped_contribution_with_several_views(
     spy = _ClipSpy(monkeypatch)
     cases, views, max_norm = 6, 3, 0.05
     train_private(
-        _tiny_model(), _views_loader(cases, views, batch=cases), noise_multiplier=1.0,
-        max_grad_norm=max_norm, epochs=3, lr=0.1, weight_decay=0.0, accountant="rdp",
-        history=[], optimizer_name="sgd",
-    )  # fmt: skip
+        _tiny_model(),
+        _views_loader(cases, views, batch=cases),
+        noise_multiplier=1.0,
+        max_grad_norm=max_norm,
+        epochs=3,
+        lr=0.1,
+        weight_decay=0.0,
+        accountant="rdp",
+        history=[],
+        optimizer_name="sgd",
+    )
     # q = 1 (one batch of all cases): every step clips exactly one row per patient, not
     # one per view (18 network inputs each step)
     assert spy.rows == [cases] * 3
@@ -82,20 +89,35 @@ def test_per_layer_clipping_keeps_the_total_sensitivity(monkeypatch: pytest.Monk
     monkeypatch.setattr(DPPerLayerOptimizer, "clip_and_accumulate", spy)
     model = _tiny_model()
     train_private(
-        model, _views_loader(cases=4, views=1, batch=4), noise_multiplier=1.0,
-        max_grad_norm=0.5, epochs=1, lr=0.1, weight_decay=0.0, accountant="rdp",
-        history=[], optimizer_name="sgd", clipping="per_layer",
-    )  # fmt: skip
+        model,
+        _views_loader(cases=4, views=1, batch=4),
+        noise_multiplier=1.0,
+        max_grad_norm=0.5,
+        epochs=1,
+        lr=0.1,
+        weight_decay=0.0,
+        accountant="rdp",
+        history=[],
+        optimizer_name="sgd",
+        clipping="per_layer",
+    )
     norms, total = seen[0]
     assert len(norms) == len(list(model.parameters()))
     assert total == pytest.approx(0.5)  # the noise is sigma x 0.5, as with flat clipping
     assert math.sqrt(sum(n * n for n in norms)) == pytest.approx(0.5)
     with pytest.raises(ValueError, match=r"privacy\.clipping 'auto' is unknown"):
         train_private(
-            _tiny_model(), _views_loader(cases=4, views=1, batch=4), noise_multiplier=1.0,
-            max_grad_norm=0.5, epochs=1, lr=0.1, weight_decay=0.0, accountant="rdp",
-            history=[], clipping="auto",
-        )  # fmt: skip
+            _tiny_model(),
+            _views_loader(cases=4, views=1, batch=4),
+            noise_multiplier=1.0,
+            max_grad_norm=0.5,
+            epochs=1,
+            lr=0.1,
+            weight_decay=0.0,
+            accountant="rdp",
+            history=[],
+            clipping="auto",
+        )
 
 
 def test_fold_views_averages_the_views_of_each_case() -> None:
@@ -123,10 +145,18 @@ def test_physical_batches_make_one_noisy_step_per_poisson_batch(
     monkeypatch.setattr(DPOptimizer, "add_noise", count)
     loader = _views_loader(cases=12, views=1, batch=12)
     _, result, history = train_private(
-        _tiny_model(), loader, noise_multiplier=1.0, max_grad_norm=1.0, epochs=4, lr=0.1,
-        weight_decay=0.0, accountant="rdp", history=[], optimizer_name="sgd",
+        _tiny_model(),
+        loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        epochs=4,
+        lr=0.1,
+        weight_decay=0.0,
+        accountant="rdp",
+        history=[],
+        optimizer_name="sgd",
         max_physical_batch=5,
-    )  # fmt: skip
+    )
     assert sum(n for _, _, n in history) == 4  # q = 1: one step per epoch, accounted
     assert len(steps) == result.steps <= 4  # one noise draw per logical batch only
 
@@ -136,10 +166,18 @@ def test_frozen_weights_come_back_unchanged_and_a_typo_is_refused() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out_stage = [n for n, _ in model.named_parameters()][-1].rsplit(".", 1)[0]
     weights, _, _ = train_private(
-        model, _views_loader(cases=8, views=1, batch=8), noise_multiplier=1.0,
-        max_grad_norm=1.0, epochs=2, lr=0.5, weight_decay=0.0, accountant="rdp",
-        history=[], optimizer_name="sgd", trainable=[out_stage],
-    )  # fmt: skip
+        model,
+        _views_loader(cases=8, views=1, batch=8),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        epochs=2,
+        lr=0.5,
+        weight_decay=0.0,
+        accountant="rdp",
+        history=[],
+        optimizer_name="sgd",
+        trainable=[out_stage],
+    )
     changed = {k for k in weights if not torch.equal(weights[k], before[k])}
     assert changed and all(k.startswith(out_stage) for k in changed), changed
     assert all(p.requires_grad for p in model.parameters())  # unfrozen again afterwards
@@ -169,8 +207,15 @@ def test_recipe_settings_are_validated() -> None:
     problems = validate(_unchecked("hippocampus_private", grouped))
     assert any("model.num_groups=2 must divide" in p and "3 classes" in p for p in problems)
     assert not validate(compose("hippocampus_private", ["model.norm=group"]))
-    bad = _unchecked("demo", ["privacy.augmentations=0", "train.momentum=1.0",
-                              "train.ema_decay=1.5", "train.batch_size=-1"])  # fmt: skip
+    bad = _unchecked(
+        "demo",
+        [
+            "privacy.augmentations=0",
+            "train.momentum=1.0",
+            "train.ema_decay=1.5",
+            "train.batch_size=-1",
+        ],
+    )
     text = "\n".join(validate(bad))
     for key in ("privacy.augmentations", "train.momentum", "train.ema_decay", "train.batch_size"):
         assert key in text
@@ -198,10 +243,14 @@ def test_a_checkpoint_warm_starts_the_run_and_a_misfit_is_named(
     torch.save(trained, bare)  # a plain state dict works too
     plan = compose("demo", [f"model.init_checkpoint={bare}", *_overrides(warm_plan)])
     assert all(torch.equal(initial_weights(plan)[k], trained[k]) for k in trained)
-    bigger = compose("demo", [f"model.init_checkpoint={bare}", *_overrides(warm_plan),
-                              "model.channels=[8,16]"])  # fmt: skip
-    with pytest.raises(ConfigError, match=r"weights.pt does not fit the configured model .*"
-                                          r"other shape"):  # fmt: skip
+    bigger = compose(
+        "demo", [f"model.init_checkpoint={bare}", *_overrides(warm_plan), "model.channels=[8,16]"]
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"weights.pt does not fit the configured model .*"
+        r"other shape",
+    ):
         initial_weights(bigger)
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
@@ -210,8 +259,11 @@ def test_a_checkpoint_warm_starts_the_run_and_a_misfit_is_named(
             compose("demo", [f"model.init_checkpoint={broken}", *_overrides(warm_plan)])
         )
     with pytest.raises(ConfigError, match=r"missing\.pt: no such file"):
-        initial_weights(compose("demo", [f"model.init_checkpoint={tmp_path / 'missing.pt'}",
-                                         *_overrides(warm_plan)]))  # fmt: skip
+        initial_weights(
+            compose(
+                "demo", [f"model.init_checkpoint={tmp_path / 'missing.pt'}", *_overrides(warm_plan)]
+            )
+        )
 
 
 def _overrides(plan: RunPlan) -> list[str]:
@@ -256,15 +308,32 @@ def test_the_plan_warns_about_adam_and_high_noise_only() -> None:
 
     def plan(batch: int, epsilon: float, optimizer: str) -> list[str]:
         return plan_site(
-            site="s", num_train=119, batch_size=batch, epochs=2, rounds=10, epsilon=epsilon,
-            delta=1e-5, accountant="rdp", num_weights=151_202, optimizer=optimizer,
-        ).warnings()  # fmt: skip
+            site="s",
+            num_train=119,
+            batch_size=batch,
+            epochs=2,
+            rounds=10,
+            epsilon=epsilon,
+            delta=1e-5,
+            accountant="rdp",
+            num_weights=151_202,
+            optimizer=optimizer,
+        ).warnings()
 
     assert plan(16, 8.0, "sgd") == []  # the recipe at B_float's size: 0.08 clipping norms
     [adam] = plan(16, 8.0, "adam")
     assert "train.optimizer=adam under DP-SGD" in adam
     [noisy] = plan(2, 0.5, "sgd")
     assert "the noise on each averaged gradient is" in noisy and "train.batch_size=0" in noisy
-    recipe = plan_site(site="s", num_train=119, batch_size=16, epochs=2, rounds=10, epsilon=8.0,
-                       delta=1e-5, accountant="rdp", num_weights=151_202)  # fmt: skip
+    recipe = plan_site(
+        site="s",
+        num_train=119,
+        batch_size=16,
+        epochs=2,
+        rounds=10,
+        epsilon=8.0,
+        delta=1e-5,
+        accountant="rdp",
+        num_weights=151_202,
+    )
     assert recipe.noise_norm == pytest.approx(recipe.noise_to_signal * math.sqrt(151_202))

@@ -56,8 +56,9 @@ def test_evaluate_reports_regions_averaged_over_every_case() -> None:
         if with_et:
             label[0, 0, 3:5, 3:5, 3:5] = 4
         cases.append({"image": label.clone(), "label": label})
-    result = evaluate(Oracle(5), cases, num_classes=5, roi_size=[8, 8, 8],
-                      foreground=[1, 2, 4], regions=BRATS21)  # fmt: skip
+    result = evaluate(
+        Oracle(5), cases, num_classes=5, roi_size=[8, 8, 8], foreground=[1, 2, 4], regions=BRATS21
+    )
     # a perfect model: 1.0 everywhere, the case without ET included (nothing predicted)
     assert result.regions == {"WT": (1.0, 0.0), "TC": (1.0, 0.0), "ET": (1.0, 0.0)}
     assert math.isnan(result.dice_per_class[1])  # no necrosis anywhere: left out
@@ -90,10 +91,18 @@ def test_region_metrics_travel_from_site_to_the_run_folder_rows() -> None:
     from fl_imaging.server.rounds import site_rows
     from tests.local_grid import make_message
 
-    result = EvalResult(loss=0.5, dice_per_class={1: 0.7, 2: 0.8, 4: float("nan")}, num_cases=2,
-                        regions={"WT": (0.9, 3.5), "TC": (0.8, 4.0), "ET": (1.0, 0.0)})  # fmt: skip
-    content = RecordDict({"metrics": MetricRecord(_eval_metrics(result)),
-                          "site": ConfigRecord({"name": "hospital_a"})})  # fmt: skip
+    result = EvalResult(
+        loss=0.5,
+        dice_per_class={1: 0.7, 2: 0.8, 4: float("nan")},
+        num_cases=2,
+        regions={"WT": (0.9, 3.5), "TC": (0.8, 4.0), "ET": (1.0, 0.0)},
+    )
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(_eval_metrics(result)),
+            "site": ConfigRecord({"name": "hospital_a"}),
+        }
+    )
     request = make_message(RecordDict(), MessageType.EVALUATE, dst=1)
     reply = Message(content, reply_to=request)
     labels = {0: "bg", 1: "ncr", 2: "ed", 4: "et"}
@@ -107,9 +116,15 @@ def brats_sites(tmp_path_factory: pytest.TempPathFactory) -> list:
     from fl_imaging.data.synthetic import generate_federation
 
     return generate_federation(
-        tmp_path_factory.mktemp("brats"), num_sites=3, total_cases=12, fov_mm=40.0,
-        modalities=("T1c", "FLAIR"), modality_layout="files", label_scheme="brats2021", seed=2,
-    )  # fmt: skip
+        tmp_path_factory.mktemp("brats"),
+        num_sites=3,
+        total_cases=12,
+        fov_mm=40.0,
+        modalities=("T1c", "FLAIR"),
+        modality_layout="files",
+        label_scheme="brats2021",
+        seed=2,
+    )
 
 
 def test_the_tumour_experiment_trains_classes_0_to_3_and_reports_regions(
@@ -129,8 +144,7 @@ def test_the_tumour_experiment_trains_classes_0_to_3_and_reports_regions(
     from tests.conftest import tiny_overrides
     from tests.local_grid import LocalGrid
 
-    overrides = [*tiny_overrides(brats_sites, tmp_path), "rounds=1",
-                 "strategy.cross_site_epochs=0"]  # fmt: skip
+    overrides = [*tiny_overrides(brats_sites, tmp_path), "rounds=1", "strategy.cross_site_epochs=0"]
     plan = compose("tumour_synthetic", overrides)
     assert new_model(plan)(torch.zeros(1, 2, 16, 16, 16)).shape[1] == 4
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
@@ -155,11 +169,23 @@ def test_the_report_shows_region_dice_and_hd95_per_site(tmp_path) -> None:
     from fl_imaging.outputs.reporting import RunFolder, write_report
 
     run = RunFolder.create(tmp_path, "t", "a: 1\n")
-    run.append_metrics([
-        {"round": r, "site": s, "split": "val", "loss": 0.5, "dice_mean": 0.5 + r / 10,
-         "dice_WT": 0.8 + r / 100, "hd95_WT": 4.0 - r, "dice_ET": 0.6, "hd95_ET": 7.5}
-        for r in (0, 1) for s in ("hospital_a", "hospital_b")
-    ])  # fmt: skip
+    run.append_metrics(
+        [
+            {
+                "round": r,
+                "site": s,
+                "split": "val",
+                "loss": 0.5,
+                "dice_mean": 0.5 + r / 10,
+                "dice_WT": 0.8 + r / 100,
+                "hd95_WT": 4.0 - r,
+                "dice_ET": 0.6,
+                "hd95_ET": 7.5,
+            }
+            for r in (0, 1)
+            for s in ("hospital_a", "hospital_b")
+        ]
+    )
     run.close()
     write_report(run.path, {}, "", [])
     markdown = (run.path / "report.md").read_text()
@@ -183,8 +209,9 @@ def test_label_values_with_gaps_round_trip_through_training_classes(tmp_path) ->
     gaps = "+data.labels={0: background, 1: necrosis, 2: oedema, 4: enhancing}"
     plan = compose("demo", ["data.spacing=null", "data.label_scheme=brats2021", gaps])
     assert needs_remap(labels) and not needs_remap({0: "bg", 1: "a", 2: "b"})
-    item = eval_transforms(plan.data)({"image": str(tmp_path / "img.nii"),
-                                       "label": str(tmp_path / "seg.nii")})  # fmt: skip
+    item = eval_transforms(plan.data)(
+        {"image": str(tmp_path / "img.nii"), "label": str(tmp_path / "seg.nii")}
+    )
     classes = item["label"][0].round().long().numpy()
     assert set(np.unique(classes).tolist()) == {0, 1, 2, 3}  # contiguous: no dead channel
     back = np.asarray(class_values(labels))[classes]

@@ -68,8 +68,12 @@ def test_report_tabulates_every_round_and_site(tmp_path: Path) -> None:
 def test_report_lists_nodes_the_server_refused(tmp_path: Path) -> None:
     run = RunFolder.create(tmp_path, "x", "")
     run.append_metrics([{"round": 0, "site": "a", "split": "val", "dice_mean": 0.5}])
-    refusal = {"node": 7, "claimed_site": "a", "key_fingerprint": "ab" * 32,
-               "reason": "its key abab... belongs to no site in federation.site_keys"}  # fmt: skip
+    refusal = {
+        "node": 7,
+        "claimed_site": "a",
+        "key_fingerprint": "ab" * 32,
+        "reason": "its key abab... belongs to no site in federation.site_keys",
+    }
     run.write_summary({"rounds_completed": 0, "status": "finished", "refused_nodes": [refusal]})
     write_report(run.path)
     text = (run.path / "report.md").read_text()
@@ -160,9 +164,13 @@ def test_a_crash_of_the_server_leaves_status_crashed(
 
     monkeypatch.setattr(server, "run_federation", interrupted)
     monkeypatch.setattr(server, "PromptGrid", lambda grid: grid)
-    context = Context(run_id=7, node_id=0, node_config={}, state=RecordDict(),
-                      run_config={"experiment": "demo",
-                                  "overrides": " ".join(tiny_plan_overrides)})  # fmt: skip
+    context = Context(
+        run_id=7,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={"experiment": "demo", "overrides": " ".join(tiny_plan_overrides)},
+    )
     with pytest.raises(KeyboardInterrupt):
         server.serve(object(), context)  # type: ignore[arg-type]
     [run_dir] = [p for p in (tmp_path / "outputs").iterdir() if not p.is_symlink()]

@@ -55,9 +55,11 @@ def test_a_killed_run_resumes_without_losing_or_repeating_rounds(
     evaluate_in_train: bool, tiny_sites: list[Path], tmp_path: Path, task_identity: None
 ) -> None:
     overrides = [
-        *tiny_overrides(tiny_sites, tmp_path), "rounds=3", "strategy=fedadam",
+        *tiny_overrides(tiny_sites, tmp_path),
+        "rounds=3",
+        "strategy=fedadam",
         f"strategy.evaluate_in_train={str(evaluate_in_train).lower()}",
-    ]  # fmt: skip
+    ]
     plan = compose("demo", overrides)
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
     with pytest.raises(Killed):

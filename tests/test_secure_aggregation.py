@@ -302,8 +302,13 @@ def test_private_sites_mask_their_noised_update_and_an_exhausted_one_weighs_noth
 ) -> None:
     # its own state folder: a site with a ledger never trains without DP again, and the
     # module's other runs are not private
-    private = [*base, *SECURE, "federation.sites.2.privacy.epsilon=1", "privacy.delta=1e-3",
-               f"paths.state={tmp_path / 'state'}"]  # fmt: skip
+    private = [
+        *base,
+        *SECURE,
+        "federation.sites.2.privacy.epsilon=1",
+        "privacy.delta=1e-3",
+        f"paths.state={tmp_path / 'state'}",
+    ]
     first = federate(private, tmp_path / "first")  # hospital_c spends its whole budget
     row = train_rows(first)["hospital_c"]
     assert 0.9 <= row["epsilon_spent"] <= 1.0 and row["num_examples"] > 0
@@ -322,15 +327,22 @@ def test_one_contributing_site_is_never_unmasked(
     # the audit: with the other two sites out of budget (zero updates of weight 0), the
     # unmasked "sum" equalled hospital_a's update to 2.9e-6
     private = [
-        *base, *SECURE, "privacy.delta=1e-3", f"paths.state={tmp_path / 'state'}",
-        "federation.sites.1.privacy.epsilon=1", "federation.sites.2.privacy.epsilon=1",
-    ]  # fmt: skip
+        *base,
+        *SECURE,
+        "privacy.delta=1e-3",
+        f"paths.state={tmp_path / 'state'}",
+        "federation.sites.1.privacy.epsilon=1",
+        "federation.sites.2.privacy.epsilon=1",
+    ]
     federate(private, tmp_path / "first")  # hospital_b and hospital_c spend their budgets
     plan = compose("demo", private)
     run = RunFolder.create(tmp_path / "second", plan.name, plan_to_yaml(plan))
     wire = WireGrid(private)
-    with pytest.raises(SecureAggregationError, match=r"only 1 sites contributed an update "
-                       r"\(hospital_a\).*Not unmasked") as info:  # fmt: skip
+    with pytest.raises(
+        SecureAggregationError,
+        match=r"only 1 sites contributed an update "
+        r"\(hospital_a\).*Not unmasked",
+    ) as info:
         server.run_federation(wire, plan, run, run_id=1)
     assert "budget_exhausted" in str(info.value)
     # nothing after the masked vectors was asked: no site sent the shares that unmask
@@ -339,8 +351,10 @@ def test_one_contributing_site_is_never_unmasked(
     assert sum(c is not None and Key.MASKED_PARAMETERS in c for c in configs) == 3
     rows = read_metrics(run.path)
     assert {r["site"]: r.get("status") for r in rows if r["split"] == "train"} == {
-        "hospital_a": None, "hospital_b": "budget_exhausted", "hospital_c": "budget_exhausted"
-    }  # fmt: skip
+        "hospital_a": None,
+        "hospital_b": "budget_exhausted",
+        "hospital_c": "budget_exhausted",
+    }
 
 
 def test_min_sites_below_two_is_refused_with_secure_aggregation(base: list[str]) -> None:
@@ -359,8 +373,10 @@ def test_sites_say_when_the_clipping_range_cuts_their_update(
         logger.removeHandler(caplog.handler)
     clipped = [r.getMessage() for r in caplog.records if "secure aggregation clips" in r.message]
     assert {m.split(":")[0] for m in clipped} == {
-        "site hospital_a", "site hospital_b", "site hospital_c"
-    }  # fmt: skip
+        "site hospital_a",
+        "site hospital_b",
+        "site hospital_c",
+    }
 
 
 @pytest.mark.parametrize(
@@ -411,8 +427,9 @@ def test_flwr_run_with_secaggplus_trains_every_site_and_finishes(
     for server_round in (1, 2):
         trained = {r["site"] for r in rows if r["split"] == "train" and r["round"] == server_round}
         assert trained == {"hospital_a", "hospital_b", "hospital_c"}
-    dice = {r: [x["dice_mean"] for x in rows if x["split"] == "val" and x["round"] == r]
-            for r in (0, 2)}  # fmt: skip
+    dice = {
+        r: [x["dice_mean"] for x in rows if x["split"] == "val" and x["round"] == r] for r in (0, 2)
+    }
     assert sum(dice[2]) > sum(dice[0])
     assert local_superlink_pids(flwr_home) == []
 

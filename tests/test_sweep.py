@@ -26,12 +26,21 @@ def test_sweep_runs_each_job_and_summarises_failures_too(
     sweep_dir = tmp_path / "sweep"
     overrides = [o for o in tiny_overrides(tiny_sites, tmp_path) if not o.startswith("rounds=")]
     cmd = [
-        sys.executable, "-m", "fl_imaging.tools.cli", "sweep", "-m", "experiment=demo", *overrides,
-        "rounds=1", "train.lr=0.003,0.001,-1", f"hydra.sweep.dir={sweep_dir}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "fl_imaging.tools.cli",
+        "sweep",
+        "-m",
+        "experiment=demo",
+        *overrides,
+        "rounds=1",
+        "train.lr=0.003,0.001,-1",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     env = {**os.environ, "FLWR_HOME": str(tmp_path / ".flwr")}
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # one job failed
 
     with (sweep_dir / "sweep_summary.csv").open() as fh:
@@ -39,8 +48,10 @@ def test_sweep_runs_each_job_and_summarises_failures_too(
     done = [r for r in rows if r["status"] == "finished:completed"]
     assert sorted({r["job"] for r in done}) == ["0", "1"]
     assert sorted(r["site"] for r in done if r["job"] == "0") == [
-        "hospital_a", "hospital_b", "hospital_c",
-    ]  # fmt: skip
+        "hospital_a",
+        "hospital_b",
+        "hospital_c",
+    ]
     assert all(0.0 <= float(r["final_dice"]) <= 1.0 and r["rounds"] == "1" for r in done)
     [failed] = [r for r in rows if r["job"] == "2"]
     assert failed["status"] == "failed" and "train.lr" in failed["error"]

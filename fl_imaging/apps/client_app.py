@@ -133,11 +133,15 @@ def _audited(handler: Handler) -> Handler:
         else:
             sha, records, error = reply.content.object_id, describe_records(reply.content), None
         entry = audit_entry(
-            site=site.name, run_id=int(context.run_id),
+            site=site.name,
+            run_id=int(context.run_id),
             server_round=int(server_round) if server_round is not None else None,
-            message_type=str(msg.metadata.message_type), num_bytes=message_bytes(reply),
-            sha256=sha, records=records, error=error,
-        )  # fmt: skip
+            message_type=str(msg.metadata.message_type),
+            num_bytes=message_bytes(reply),
+            sha256=sha,
+            records=records,
+            error=error,
+        )
         append_audit(site.state_dir, entry)
         return reply
 
@@ -250,9 +254,16 @@ def train_step(msg: Message, context: Context) -> Message:
     if outcome.result is None or outcome.weights is None:
         # budget exhausted, or refused by the site's own privacy policy: the site says so
         # and sends no update (metric keys match a normal reply)
-        metrics.update({MetricKey.NUM_EXAMPLES: 0, MetricKey.LOSS: math.nan, MetricKey.STEPS: 0,
-                        MetricKey.TRAIN_SECONDS: 0.0, MetricKey.TRAINED: 0,
-                        MetricKey.REFUSED: int(outcome.refusal is not None)})  # fmt: skip
+        metrics.update(
+            {
+                MetricKey.NUM_EXAMPLES: 0,
+                MetricKey.LOSS: math.nan,
+                MetricKey.STEPS: 0,
+                MetricKey.TRAIN_SECONDS: 0.0,
+                MetricKey.TRAINED: 0,
+                MetricKey.REFUSED: int(outcome.refusal is not None),
+            }
+        )
         if outcome.refusal is not None:
             extra[RecordKey.REFUSAL] = ConfigRecord(
                 {RefusalKey.STATUS: REFUSED_BY_POLICY, RefusalKey.REASON: outcome.refusal}
@@ -261,17 +272,24 @@ def train_step(msg: Message, context: Context) -> Message:
     result = outcome.result
     logger.info(
         "[%s r%d] trained %d cases, %d steps, loss %.4f, %.1f s%s",
-        site.name, server_round, result.num_examples, result.steps, result.loss, result.seconds,
+        site.name,
+        server_round,
+        result.num_examples,
+        result.steps,
+        result.loss,
+        result.seconds,
         f", epsilon {privacy.epsilon_spent:.3f} of {privacy.epsilon_budget:g}" if privacy else "",
-    )  # fmt: skip
-    metrics.update({
-        MetricKey.NUM_EXAMPLES: result.num_examples,
-        MetricKey.LOSS: result.loss,
-        MetricKey.STEPS: result.steps,
-        MetricKey.TRAIN_SECONDS: result.seconds,
-        MetricKey.TRAIN_STARTED_AT: result.started_at,
-        MetricKey.TRAINED: 1,
-    })  # fmt: skip
+    )
+    metrics.update(
+        {
+            MetricKey.NUM_EXAMPLES: result.num_examples,
+            MetricKey.LOSS: result.loss,
+            MetricKey.STEPS: result.steps,
+            MetricKey.TRAIN_SECONDS: result.seconds,
+            MetricKey.TRAIN_STARTED_AT: result.started_at,
+            MetricKey.TRAINED: 1,
+        }
+    )
     # a fine-tune (cross-site evaluation) is not aggregated: it leaves the residual alone
     update = _encode(plan, context, received, outcome.weights, feedback=not finetune)
     return _reply(msg, site, metrics, {**update, **extra})

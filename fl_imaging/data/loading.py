@@ -280,14 +280,18 @@ def _dataset(
     """
     items = [c.as_monai_dict() for c in cases]
     if cache_dir is None:
-        return CacheDataset(items, transform=transform, cache_rate=1.0, num_workers=0,
-                            progress=False)  # fmt: skip
+        return CacheDataset(
+            items, transform=transform, cache_rate=1.0, num_workers=0, progress=False
+        )
     cache_dir.mkdir(parents=True, exist_ok=True)
     if memory_mb > 0:
         return MemoryBackedPersistentDataset(
-            items, transform=transform, cache_dir=cache_dir, hash_func=_case_hash,
+            items,
+            transform=transform,
+            cache_dir=cache_dir,
+            hash_func=_case_hash,
             memory_limit_bytes=memory_mb * 2**20,
-        )  # fmt: skip
+        )
     return PersistentDataset(items, transform=transform, cache_dir=cache_dir, hash_func=_case_hash)
 
 

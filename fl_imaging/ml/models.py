@@ -116,10 +116,13 @@ def initial_weights(plan: RunPlan) -> dict[str, torch.Tensor]:
     if missing or extra or shapes:
         details = "; ".join(
             f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-            for what, keys in (("missing", missing), ("unexpected", extra),
-                               ("other shape (checkpoint vs model)", shapes))
+            for what, keys in (
+                ("missing", missing),
+                ("unexpected", extra),
+                ("other shape (checkpoint vs model)", shapes),
+            )
             if keys
-        )  # fmt: skip
+        )
         raise ConfigError(
             f"model.init_checkpoint: {path} does not fit the configured model "
             f"(model.channels {plan.model.channels}, {len(plan.data.modalities)} input "

@@ -306,8 +306,9 @@ def evaluate(
         labels = [to_onehot(y) for y in decollate_batch(label)]
         metric(y_pred=preds, y=labels)
         if regions:
-            found = region_metrics(logits[0].argmax(0), label[0, 0].round().long(), regions,
-                                   spacing)  # fmt: skip
+            found = region_metrics(
+                logits[0].argmax(0), label[0, 0].round().long(), regions, spacing
+            )
             for name, values in found.items():
                 per_region[name].append(values)
         cases += 1

@@ -58,9 +58,12 @@ def render_site_overlays(
     for batch in eval_loader(cases, plan.data):
         image, label = batch["image"], batch["label"]
         logits = sliding_window_inference(
-            image, roi_size=tuple(plan.data.patch_size), sw_batch_size=4, predictor=model,
+            image,
+            roi_size=tuple(plan.data.patch_size),
+            sw_batch_size=4,
+            predictor=model,
             overlap=0.25,
-        )  # fmt: skip
+        )
         pred = logits.argmax(dim=1)[0]  # [X, Y, Z]
         truth = label[0, 0].round().long()
         z = int((truth > 0).sum(dim=(0, 1)).argmax())  # axial slice with most foreground

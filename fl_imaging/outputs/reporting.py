@@ -183,8 +183,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise CheckpointReadError(f"{path}: no such checkpoint") from exc
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError,
-            UnicodeDecodeError, AttributeError, TypeError) as exc:  # fmt: skip
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        OSError,
+        UnicodeDecodeError,
+        AttributeError,
+        TypeError,
+    ) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise CheckpointReadError(
             f"{path}: not a safe fl-imaging checkpoint ({type(exc).__name__}: {first}); it is "
@@ -249,8 +257,9 @@ def run_folders(outputs: Path) -> list[Path]:
     runs = [p for p in outputs.iterdir() if (p / CONFIG_FILE).is_file() and not p.is_symlink()]
 
     def active(path: Path) -> float:
-        return max((path / f).stat().st_mtime for f in (CONFIG_FILE, SUMMARY_FILE)
-                   if (path / f).is_file())  # fmt: skip
+        return max(
+            (path / f).stat().st_mtime for f in (CONFIG_FILE, SUMMARY_FILE) if (path / f).is_file()
+        )
 
     return sorted(runs, key=lambda p: (active(p), p.name))
 
@@ -405,8 +414,14 @@ def write_cross_site(run_dir: Path, matrix: Mapping[str, Any]) -> Path:
     for i, row in enumerate(values):
         for j, v in enumerate(row):
             if math.isfinite(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center",
-                        color="white" if v < 0.5 else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    color="white" if v < 0.5 else "black",
+                )
     ax.set_xlabel("validation data of site")
     ax.set_title("cross-site mean Dice (model x site)")
     fig.colorbar(image, ax=ax)
@@ -470,8 +485,10 @@ def write_report(
         columns = list(next(iter(regions.values())))
         lines += [f"## Tumour regions, round {region_round} model (validation)", ""]
         lines += ["| site | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-        lines += [f"| {site} | " + " | ".join(_fmt(v.get(c)) for c in columns) + " |"
-                  for site, v in sorted(regions.items())]  # fmt: skip
+        lines += [
+            f"| {site} | " + " | ".join(_fmt(v.get(c)) for c in columns) + " |"
+            for site, v in sorted(regions.items())
+        ]
         lines += [""]
     cross_path = run_dir / CROSS_SITE_FILE
     if cross_path.is_file() and (out / "cross_site.png").is_file():
@@ -486,8 +503,13 @@ def write_report(
     eps_lines: list[str] = []
     if eps:
         budgets = summary.get("epsilon_budget_per_site") or {}
-        _line_plot(eps, out / "epsilon.png", "cumulative DP epsilon (dashed: budget)",
-                   "privacy spent per site", budgets)  # fmt: skip
+        _line_plot(
+            eps,
+            out / "epsilon.png",
+            "cumulative DP epsilon (dashed: budget)",
+            "privacy spent per site",
+            budgets,
+        )
         images.append(("DP epsilon spent per site (DP-SGD at the site)", "epsilon.png"))
         eps_lines = _table_lines(eps_rounds, eps, mean=False)
         lines += ["## DP epsilon spent per site (cumulative, DP-SGD at the site)", ""]
@@ -498,13 +520,19 @@ def write_report(
     audit = read_privacy_audit(run_dir)
     spent = summary.get("epsilon_spent_per_site") or {}
     if audit:
-        lines += [f"## {AUDIT_TITLE}", "", AUDIT_NOTE, "",
-                  "| site | attack AUC | 95 % interval | training / validation cases "
-                  "| epsilon spent |",
-                  "|---|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {r['site']} | {r['auc']:.3f}{_few(r)} | {r['low']:.3f}-{r['high']:.3f} | "
-                  f"{r['members']} / {r['non_members']} | {_fmt(spent.get(r['site']))} |"
-                  for r in audit]  # fmt: skip
+        lines += [
+            f"## {AUDIT_TITLE}",
+            "",
+            AUDIT_NOTE,
+            "",
+            "| site | attack AUC | 95 % interval | training / validation cases | epsilon spent |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['site']} | {r['auc']:.3f}{_few(r)} | {r['low']:.3f}-{r['high']:.3f} | "
+            f"{r['members']} / {r['non_members']} | {_fmt(spent.get(r['site']))} |"
+            for r in audit
+        ]
         lines += [""]
     if overlays:
         lines += ["## Overlays (ground truth left, prediction right)", ""]
@@ -515,9 +543,22 @@ def write_report(
 
     config_path = run_dir / CONFIG_FILE
     config_text = config_path.read_text() if config_path.is_file() else ""
-    page = _html_page(run_dir.name, summary, rounds, table, eps_rounds, eps, images,
-                      overlays or {}, overlay_note, legend, config_text, region_round,
-                      regions, audit)  # fmt: skip
+    page = _html_page(
+        run_dir.name,
+        summary,
+        rounds,
+        table,
+        eps_rounds,
+        eps,
+        images,
+        overlays or {},
+        overlay_note,
+        legend,
+        config_text,
+        region_round,
+        regions,
+        audit,
+    )
     index = out / "index.html"
     _atomic_write_bytes(index, page.encode())
     return index
@@ -566,8 +607,10 @@ def _html_page(
     audit: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     esc = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(name)}</title>",
-             f"<style>{_CSS}</style></head><body><h1>Run {esc(name)}</h1>"]  # fmt: skip
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(name)}</title>",
+        f"<style>{_CSS}</style></head><body><h1>Run {esc(name)}</h1>",
+    ]
     if summary:
         final = summary.get("final_dice_per_site") or {}
         spent = summary.get("epsilon_spent_per_site") or {}
@@ -580,8 +623,9 @@ def _html_page(
         if traffic := traffic_line(summary):
             parts.append(f"<p>{esc(traffic)}</p>")
         for title, problems in _site_problems(summary):
-            items = "".join(f"<li><b>{esc(site)}</b>: {esc(reason)}</li>"
-                            for site, reason in problems.items())  # fmt: skip
+            items = "".join(
+                f"<li><b>{esc(site)}</b>: {esc(reason)}</li>" for site, reason in problems.items()
+            )
             parts.append(f"<h2 class='problem'>{esc(title)}</h2><ul>{items}</ul>")
         rows = "".join(
             f"<tr><td style='text-align:left'>{esc(site)}</td><td>{_fmt(dice)}</td>"
@@ -601,11 +645,14 @@ def _html_page(
         head = "".join(f"<th>{esc(c)}</th>" for c in columns)
         body = "".join(
             f"<tr><td style='text-align:left'>{esc(site)}</td>"
-            + "".join(f"<td>{_fmt(v.get(c))}</td>" for c in columns) + "</tr>"
+            + "".join(f"<td>{_fmt(v.get(c))}</td>" for c in columns)
+            + "</tr>"
             for site, v in sorted(region_rows.items())
-        )  # fmt: skip
-        parts.append(f"<h2>Tumour regions, round {region_round} model (validation)</h2>"
-                     f"<table><tr><th>site</th>{head}</tr>{body}</table>")  # fmt: skip
+        )
+        parts.append(
+            f"<h2>Tumour regions, round {region_round} model (validation)</h2>"
+            f"<table><tr><th>site</th>{head}</tr>{body}</table>"
+        )
     if eps:
         parts.append("<h2>DP epsilon spent per site (cumulative)</h2>")
         parts.append(_html_table(eps_rounds, eps, mean=False))
@@ -617,18 +664,27 @@ def _html_page(
             f"</td><td>{_fmt(spent.get(r['site']))}</td></tr>"
             for r in audit
         )
-        parts.append(f"<h2>{esc(AUDIT_TITLE)}</h2><p class='note'>{esc(AUDIT_NOTE)}</p><table>"
-                     "<tr><th>site</th><th>attack AUC</th><th>95 % interval</th>"
-                     "<th>training / validation cases</th><th>epsilon spent</th></tr>"
-                     f"{body}</table>")  # fmt: skip
+        parts.append(
+            f"<h2>{esc(AUDIT_TITLE)}</h2><p class='note'>{esc(AUDIT_NOTE)}</p><table>"
+            "<tr><th>site</th><th>attack AUC</th><th>95 % interval</th>"
+            "<th>training / validation cases</th><th>epsilon spent</th></tr>"
+            f"{body}</table>"
+        )
     parts.append("<h2>Prediction vs ground truth (validation cases)</h2>")
     if legend:
-        parts.append("<p>" + "".join(
-            f"<span class='swatch' style='background:{esc(c)}'></span>{esc(n)}" for n, c in legend
-        ) + " &mdash; in each pair: ground truth left, prediction right.</p>")  # fmt: skip
+        parts.append(
+            "<p>"
+            + "".join(
+                f"<span class='swatch' style='background:{esc(c)}'></span>{esc(n)}"
+                for n, c in legend
+            )
+            + " &mdash; in each pair: ground truth left, prediction right.</p>"
+        )
     for site, png in sorted(overlays.items()):
-        parts.append(f"<h3>{esc(site)}</h3><div class='overlay'><img src='{esc(png.name)}' "
-                     f"alt='overlays {esc(site)}'></div>")  # fmt: skip
+        parts.append(
+            f"<h3>{esc(site)}</h3><div class='overlay'><img src='{esc(png.name)}' "
+            f"alt='overlays {esc(site)}'></div>"
+        )
     if overlay_note:
         parts.append(f"<p class='note'>{esc(overlay_note)}</p>")
     parts.append(f"<h2>Resolved configuration</h2><pre>{esc(config_text)}</pre></body></html>")
@@ -639,16 +695,29 @@ def _site_problems(summary: Mapping[str, Any]) -> list[tuple[str, dict[str, str]
     """Sections for sites that failed or refused (shown above everything else)."""
     sections = []
     if summary.get("failed_sites"):
-        sections.append(("Sites that FAILED (their traceback is in the site's log)",
-                         dict(summary["failed_sites"])))  # fmt: skip
+        sections.append(
+            (
+                "Sites that FAILED (their traceback is in the site's log)",
+                dict(summary["failed_sites"]),
+            )
+        )
     if summary.get("refused_by_policy"):
-        sections.append(("Sites that refused the run (their own privacy policy)",
-                         dict(summary["refused_by_policy"])))  # fmt: skip
+        sections.append(
+            (
+                "Sites that refused the run (their own privacy policy)",
+                dict(summary["refused_by_policy"]),
+            )
+        )
     if summary.get("refused_nodes"):
-        sections.append(("Nodes the server refused (identity not verified)", {
-            f"node {r['node']} (claimed {r.get('claimed_site') or 'nothing'})": r["reason"]
-            for r in summary["refused_nodes"]
-        }))  # fmt: skip
+        sections.append(
+            (
+                "Nodes the server refused (identity not verified)",
+                {
+                    f"node {r['node']} (claimed {r.get('claimed_site') or 'nothing'})": r["reason"]
+                    for r in summary["refused_nodes"]
+                },
+            )
+        )
     return sections
 
 

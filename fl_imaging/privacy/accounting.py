@@ -78,10 +78,14 @@ def noise_for_budget(
     if not history:
         return float(
             get_noise_multiplier(
-                target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                steps=steps, accountant=accountant, epsilon_tolerance=EPSILON_TOLERANCE,
+                target_epsilon=epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=EPSILON_TOLERANCE,
             )
-        )  # fmt: skip
+        )
     prefix = [tuple(h) for h in history]
 
     def spent(sigma: float) -> float:

@@ -240,11 +240,19 @@ def save_ledger(state_dir: Path, ledger: Ledger) -> None:
     body = json.loads(json.dumps(body))  # the types the file will hold when read back
     prev = ledger.digest
     ledger.digest = _digest(prev, body)
-    doc = {**body, "prev_digest": prev, "digest": ledger.digest,
-           "epsilon_spent": ledger.epsilon_spent}  # fmt: skip  # for readers; recomputed on load
+    doc = {
+        **body,
+        "prev_digest": prev,
+        "digest": ledger.digest,
+        "epsilon_spent": ledger.epsilon_spent,
+    }  # for readers; recomputed on load
     write_private(ledger_path(state_dir), json.dumps(doc, indent=1) + "\n")
-    marker = {"site": ledger.site, "digest": ledger.digest, "epsilon_spent": doc["epsilon_spent"],
-              "time": time.time()}  # fmt: skip
+    marker = {
+        "site": ledger.site,
+        "digest": ledger.digest,
+        "epsilon_spent": doc["epsilon_spent"],
+        "time": time.time(),
+    }
     write_private(state_dir / MARKER_FILE, json.dumps(marker) + "\n")
 
 
@@ -299,8 +307,12 @@ def reset_ledger(state_dir: Path, *, operator: str, reason: str) -> Path | None:
     try:
         ledger = read_ledger(state_dir)
         if ledger is not None:
-            found = {"site": ledger.site, "epsilon_spent": ledger.epsilon_spent,
-                     "epsilon_budget": ledger.epsilon_budget, "delta": ledger.delta}  # fmt: skip
+            found = {
+                "site": ledger.site,
+                "epsilon_spent": ledger.epsilon_spent,
+                "epsilon_budget": ledger.epsilon_budget,
+                "delta": ledger.delta,
+            }
     except LedgerError as exc:
         found = {"problem": str(exc)}
     stamp = time.strftime("%Y%m%d-%H%M%S")

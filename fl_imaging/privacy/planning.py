@@ -76,8 +76,10 @@ class SitePrivacyPlan:
     def warnings(self) -> list[str]:
         """What in this plan is known not to learn, and what would change it."""
         if self.noise_multiplier is None:
-            return [f"site {self.site}: its budget is spent ({self.already_spent:.3f} of "
-                    f"{self.epsilon_budget:g}); it will not train"]  # fmt: skip
+            return [
+                f"site {self.site}: its budget is spent ({self.already_spent:.3f} of "
+                f"{self.epsilon_budget:g}); it will not train"
+            ]
         found = []
         if self.optimizer == "adam":
             found.append(
@@ -130,9 +132,13 @@ def plan_site(
     spent = epsilon_of(prior, delta=delta, accountant=accountant)
     try:
         sigma: float | None = noise_for_budget(
-            history=prior, epsilon=epsilon, delta=delta, sample_rate=sample_rate,
-            steps=steps * rounds, accountant=accountant,
-        )  # fmt: skip
+            history=prior,
+            epsilon=epsilon,
+            delta=delta,
+            sample_rate=sample_rate,
+            steps=steps * rounds,
+            accountant=accountant,
+        )
     except ValueError:
         sigma = None
     per_round = []
@@ -144,12 +150,22 @@ def plan_site(
             for r in range(1, rounds + 1)
         ]
     return SitePrivacyPlan(
-        site=site, num_train=num_train, batch_size=batch_size, sample_rate=sample_rate,
-        steps_per_round=steps, total_steps=steps * rounds, rounds=rounds,
-        epsilon_budget=epsilon, delta=delta, accountant=accountant, already_spent=spent,
-        noise_multiplier=sigma, epsilon_per_round=per_round, num_weights=num_weights,
+        site=site,
+        num_train=num_train,
+        batch_size=batch_size,
+        sample_rate=sample_rate,
+        steps_per_round=steps,
+        total_steps=steps * rounds,
+        rounds=rounds,
+        epsilon_budget=epsilon,
+        delta=delta,
+        accountant=accountant,
+        already_spent=spent,
+        noise_multiplier=sigma,
+        epsilon_per_round=per_round,
+        num_weights=num_weights,
         optimizer=optimizer,
-    )  # fmt: skip
+    )
 
 
 def plan_lines(plans: Sequence[SitePrivacyPlan]) -> list[str]:

@@ -104,8 +104,9 @@ def load_policy(path: Path) -> SitePolicy:
             problems.append(f"{key} must be finite and > 0 (delta below 1), got {value}")
     for key in ("max_rounds", "max_local_epochs"):
         value = raw.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 1):  # fmt: skip
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
             problems.append(f"{key} must be an integer >= 1, got {value!r}")
     if raw.get("accountant") is not None and raw["accountant"] not in ACCOUNTANTS:
         problems.append(f"accountant must be one of {ACCOUNTANTS}, got {raw['accountant']!r}")

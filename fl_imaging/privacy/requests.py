@@ -92,12 +92,17 @@ def privacy_plans(plan: RunPlan) -> list[SitePrivacyPlan]:
         ledger = read_ledger(site.state_dir)
         plans.append(
             plan_site(
-                site=site.name, num_train=num_train,
-                batch_size=site_batch_size(site, plan, num_train), epochs=epochs,
-                rounds=plan.rounds, epsilon=float(request.epsilon),  # type: ignore[arg-type]
-                delta=float(request.delta), accountant=request.accountant,  # type: ignore[arg-type]
+                site=site.name,
+                num_train=num_train,
+                batch_size=site_batch_size(site, plan, num_train),
+                epochs=epochs,
+                rounds=plan.rounds,
+                epsilon=float(request.epsilon),  # type: ignore[arg-type]
+                delta=float(request.delta),
+                accountant=request.accountant,  # type: ignore[arg-type]
                 history=ledger.history if ledger is not None else (),
-                num_weights=num_weights, optimizer=plan.train.optimizer,
+                num_weights=num_weights,
+                optimizer=plan.train.optimizer,
             )
-        )  # fmt: skip
+        )
     return plans

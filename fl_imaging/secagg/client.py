@@ -132,5 +132,10 @@ def _check_update(
         logger.warning(
             "site %s: secure aggregation clips %d update entries to +-%g (largest weighted "
             "entry %.3g = %d/%g x update); raise secure_aggregation.clipping_range",
-            site, clipped, cfg.clipping_range, largest, num_examples, cfg.max_weight,
-        )  # fmt: skip
+            site,
+            clipped,
+            cfg.clipping_range,
+            largest,
+            num_examples,
+            cfg.max_weight,
+        )

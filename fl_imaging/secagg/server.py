@@ -169,9 +169,10 @@ class SecureAggregation:
         workflow(stages, context)
         seconds = {"total": time.monotonic() - started, **stages.seconds}
         logger.info(
-            "round %d: SecAgg+ seconds: %s", server_round,
+            "round %d: SecAgg+ seconds: %s",
+            server_round,
             ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()),
-        )  # fmt: skip
+        )
         rows, failures = stages.rows, stages.failures
         if adapter.mean_update is None:
             raise SecureAggregationError(
@@ -190,8 +191,10 @@ class SecureAggregation:
         }
         logger.info(
             "round %d: securely aggregated the updates of %d sites (%d examples)",
-            server_round, len(rows), total,
-        )  # fmt: skip
+            server_round,
+            len(rows),
+            total,
+        )
         # encoded like any site's update (codec none), so the ServerApp decodes it as usual
         encoded, _ = encode_update(weights, to_numpy(arrays), codec_of(self.plan.compression))
         content = RecordDict(
@@ -315,8 +318,9 @@ class _StageGrid(DelegatingGrid):
         contributors = sorted(r["site"] for r in rows if r.get("num_examples", 0) > 0)
         if len(contributors) >= self.min_contributors:
             return
-        others = {r["site"]: r.get("status", "no update") for r in rows
-                  if r["site"] not in contributors}  # fmt: skip
+        others = {
+            r["site"]: r.get("status", "no update") for r in rows if r["site"] not in contributors
+        }
         raise SecureAggregationError(
             f"round {self.server_round}: only {len(contributors)} sites contributed an update "
             f"({', '.join(contributors) or 'none'}); secure aggregation unmasks a sum of at "
@@ -341,10 +345,19 @@ class _StageGrid(DelegatingGrid):
             site = site_name(self.secure.node_sites, node)
             logger.warning(
                 "round %d: site %s failed in the secure-aggregation %s stage: %s",
-                self.server_round, site, stage, reason,
-            )  # fmt: skip
-            rows.append({"round": self.server_round, "site": site, "split": "train",
-                         "error": f"secure aggregation ({stage}): {reason}"})  # fmt: skip
+                self.server_round,
+                site,
+                stage,
+                reason,
+            )
+            rows.append(
+                {
+                    "round": self.server_round,
+                    "site": site,
+                    "split": "train",
+                    "error": f"secure aggregation ({stage}): {reason}",
+                }
+            )
         if rows:
             self.secure.record(rows)
             self.failures += rows

@@ -67,8 +67,10 @@ def wait_for_sites(
             if len(nodes) >= minimum:
                 logger.warning(
                     "%d of %d sites connected after %.0f s: going on without the others",
-                    len(nodes), expected, timeout,
-                )  # fmt: skip
+                    len(nodes),
+                    expected,
+                    timeout,
+                )
                 return nodes
             raise FederationError(
                 f"only {len(nodes)} of {expected} sites connected within {timeout:.0f} s; in "

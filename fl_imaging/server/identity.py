@@ -151,9 +151,10 @@ class VerifiedGrid(DelegatingGrid):
     def _decide(self, nodes: list[int], connected: list[int]) -> None:
         now = time.monotonic()
         unnamed = [
-            n for n in nodes
+            n
+            for n in nodes
             if n not in self.claimed and now - self._asked_at.get(n, -REASK_AFTER) >= REASK_AFTER
-        ]  # fmt: skip
+        ]
         if unnamed:
             for n in unnamed:
                 self._asked_at[n] = now
@@ -187,31 +188,50 @@ class VerifiedGrid(DelegatingGrid):
     def _judge(self, node: int, claim: str | None, key: str | None, connected: list[int]) -> None:
         """Admit ``node`` as its site, or refuse it (``claim`` None: it could not say)."""
         if claim is not None and claim not in self.site_names:
-            self._refuse(node, claim, key, f"names site {claim!r}, which is not in "
-                         f"federation.sites {self.site_names}")  # fmt: skip
+            self._refuse(
+                node,
+                claim,
+                key,
+                f"names site {claim!r}, which is not in federation.sites {self.site_names}",
+            )
             return
         if self.bound:
             if key is None:
-                self._refuse(node, claim, None, "presents no registered public key "
-                             "(federation.site_keys binds every site to a key)")  # fmt: skip
+                self._refuse(
+                    node,
+                    claim,
+                    None,
+                    "presents no registered public key "
+                    "(federation.site_keys binds every site to a key)",
+                )
                 return
             owner = self.site_of_key.get(key)
             if owner is None:
-                self._refuse(node, claim, key, f"its key {key[:16]}... belongs to no site "
-                             "in federation.site_keys")  # fmt: skip
+                self._refuse(
+                    node,
+                    claim,
+                    key,
+                    f"its key {key[:16]}... belongs to no site in federation.site_keys",
+                )
                 return
             if claim is None:
-                logger.warning("node %d is %s by its key, but it could not say which site it "
-                               "is: %s", node, owner, self.errors.get(node))  # fmt: skip
+                logger.warning(
+                    "node %d is %s by its key, but it could not say which site it is: %s",
+                    node,
+                    owner,
+                    self.errors.get(node),
+                )
                 claim = owner
             elif owner != claim:
-                self._refuse(node, claim, key, f"claims site {claim!r} but its key belongs "
-                             f"to {owner!r}")  # fmt: skip
+                self._refuse(
+                    node, claim, key, f"claims site {claim!r} but its key belongs to {owner!r}"
+                )
                 return
         holder = next((n for n, s in self.sites.items() if s == claim and n in connected), None)
         if holder is not None:
-            refusal = Refusal(node, claim, key, f"claims site {claim!r}, already connected "
-                              f"as node {holder}")  # fmt: skip
+            refusal = Refusal(
+                node, claim, key, f"claims site {claim!r}, already connected as node {holder}"
+            )
             if node not in self.waiting:
                 logger.warning("REFUSED node %d: %s", node, refusal.reason)
             self.waiting[node] = refusal
@@ -221,9 +241,11 @@ class VerifiedGrid(DelegatingGrid):
         self.waiting.pop(node, None)
         self.sites[node] = claim
         logger.info(
-            "node %d admitted as %s%s", node, claim,
+            "node %d admitted as %s%s",
+            node,
+            claim,
             f" (key {key[:16]}...)" if self.bound and key else "",
-        )  # fmt: skip
+        )
 
     def _refuse(self, node: int, claim: str, key: str | None, reason: str) -> None:
         self.refused[node] = Refusal(node, claim, key, reason)

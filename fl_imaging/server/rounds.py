@@ -159,9 +159,16 @@ def site_rows(
         claimed = str(msg.content[RecordKey.SITE][SiteKey.NAME])
         site = node_sites.setdefault(node, claimed)  # a site never seen before names itself
         if not _named_as_admitted(msg, node_sites, sent_to or {}):  # the admitted name wins
-            failures.append({"round": server_round, "site": site, "split": split,
-                             "error": f"reply names site {claimed!r}, but node {node} was "
-                                      f"admitted as {site!r}", **traffic})  # fmt: skip
+            failures.append(
+                {
+                    "round": server_round,
+                    "site": site,
+                    "split": split,
+                    "error": f"reply names site {claimed!r}, but node {node} was "
+                    f"admitted as {site!r}",
+                    **traffic,
+                }
+            )
             continue
         metrics = msg.content[metrics_key]
         row: dict[str, Any] = {
@@ -297,14 +304,18 @@ def aggregate_round(
     for row in exhausted:
         logger.warning(
             "site %s: privacy budget exhausted (spent %.2f of %g); it sent no update",
-            row["site"], row["epsilon_spent"], row["epsilon_budget"],
-        )  # fmt: skip
+            row["site"],
+            row["epsilon_spent"],
+            row["epsilon_budget"],
+        )
     refused = [r for r in rows if r.get("status") == REFUSED_BY_POLICY]
     for row in refused:
         logger.warning(
             "round %d: site %s refused the run (its own privacy policy): %s",
-            server_round, row["site"], row["reason"],
-        )  # fmt: skip
+            server_round,
+            row["site"],
+            row["reason"],
+        )
         summary.setdefault("refused_by_policy", {})[row["site"]] = row["reason"]
     updated = len(rows) - len(exhausted) - len(refused)
     if updated < plan.strategy.min_sites:
@@ -368,16 +379,23 @@ def _resume(
     dropped = run.truncate_metrics(
         resume.last_round, drop_val_of_last=plan.strategy.evaluate_in_train
     )
-    summary.update({k: v for k, v in resume.summary.items() if k in summary or k in (
-        "final_dice_mean", "final_dice_per_site", "rejected_updates")})  # fmt: skip
+    summary.update(
+        {
+            k: v
+            for k, v in resume.summary.items()
+            if k in summary or k in ("final_dice_mean", "final_dice_per_site", "rejected_updates")
+        }
+    )
     summary.update(status="running", run_id=run_id, rounds_planned=plan.rounds)
     summary.setdefault("resumed_after_rounds", []).append(resume.last_round)
     first_round = resume.last_round + 1
     minutes_before = float(resume.summary.get("minutes", 0.0))
     logger.info(
         "resuming %s after round %d (%d rows of the unfinished round dropped)",
-        run.path, resume.last_round, dropped,
-    )  # fmt: skip
+        run.path,
+        resume.last_round,
+        dropped,
+    )
     return arrays, first_round, minutes_before
 
 
@@ -402,9 +420,12 @@ def run_federation(
     started = time.monotonic()
     # only admitted nodes take part, each as the site its key (or its first claim) says
     grid = verified = VerifiedGrid(
-        grid, plan.site_names, plan.federation.site_keys, plan.strategy.round_timeout,
+        grid,
+        plan.site_names,
+        plan.federation.site_keys,
+        plan.strategy.round_timeout,
         node_sites,
-    )  # fmt: skip
+    )
     node_sites = verified.sites
     wait_for_sites(grid, num_sites, plan.strategy.connect_timeout)
     strategy = build_strategy(plan)
@@ -432,26 +453,35 @@ def run_federation(
         sent = {m.metadata.dst_node_id: message_bytes(m) for m in messages}
         replies = list(grid.send_and_receive(messages, timeout=plan.strategy.round_timeout))
         sent_to = destinations(messages)
-        rows, failures = site_rows(replies, server_round, split, labels, node_sites, sent, sent_to,
-                                   regions=regions)  # fmt: skip
+        rows, failures = site_rows(
+            replies, server_round, split, labels, node_sites, sent, sent_to, regions=regions
+        )
         silent = {m.metadata.dst_node_id for m in messages} - {
             replied_node(r, sent_to) for r in replies
         }
         # a reply naming another site than its node was admitted as is a failure, not an update
         replies = [r for r in replies if _named_as_admitted(r, node_sites, sent_to)]
+        timeout = plan.strategy.round_timeout
         failures += [
-            {"round": server_round, "site": site_name(node_sites, n), "split": split,
-             "error": f"no reply within strategy.round_timeout={plan.strategy.round_timeout:g} s",
-             "bytes_down": sent[n]}
+            {
+                "round": server_round,
+                "site": site_name(node_sites, n),
+                "split": split,
+                "error": f"no reply within strategy.round_timeout={timeout:g} s",
+                "bytes_down": sent[n],
+            }
             for n in sorted(silent)
-        ]  # fmt: skip
+        ]
         for key in ("bytes_up", "bytes_down"):
             traffic[key] = traffic.get(key, 0) + sum(r.get(key, 0) for r in rows + failures)
         for failure in failures:
             logger.warning(
-                "round %d %s failed at %s: %s", server_round, split, failure["site"],
+                "round %d %s failed at %s: %s",
+                server_round,
+                split,
+                failure["site"],
                 failure["error"],
-            )  # fmt: skip
+            )
         record_failures(server_round, split, rows, failures)
         run.append_metrics(rows + failures)
         return replies, rows, failures
@@ -515,9 +545,13 @@ def run_federation(
     dice_mean, evaluated = float("nan"), 0
     if fused and first_round == 0:  # the initial model, so that a failing round 1 loses nothing
         run.save_checkpoint(
-            "last", arrays.to_torch_state_dict(), round=0, dice_mean=math.nan,
-            strategy_state=strategy_state(strategy), **meta,
-        )  # fmt: skip
+            "last",
+            arrays.to_torch_state_dict(),
+            round=0,
+            dice_mean=math.nan,
+            strategy_state=strategy_state(strategy),
+            **meta,
+        )
         run.write_summary(summary)
     for server_round in range(max(first_round, 1) if fused else first_round, plan.rounds + 1):
         round_started = time.monotonic()
@@ -539,18 +573,31 @@ def run_federation(
             if fused:  # the validation of the model the sites just received
                 val_rows, _ = site_rows(
                     [m for m in replies if not m.has_error() and RecordKey.EVALUATION in m.content],
-                    server_round - 1, "val", labels, node_sites,
-                    metrics_key=RecordKey.EVALUATION, count_bytes=False, regions=regions,
-                )  # fmt: skip
+                    server_round - 1,
+                    "val",
+                    labels,
+                    node_sites,
+                    metrics_key=RecordKey.EVALUATION,
+                    count_bytes=False,
+                    regions=regions,
+                )
                 run.append_metrics(val_rows)
                 dice_mean = record_evaluation(
                     server_round - 1, val_rows, arrays.to_torch_state_dict()
                 )
                 evaluated = len(val_rows)
             arrays = aggregate_round(
-                server_round, replies, rows, failures, arrays, strategy, plan, run, summary,
+                server_round,
+                replies,
+                rows,
+                failures,
+                arrays,
+                strategy,
+                plan,
+                run,
+                summary,
                 node_sites,
-            )  # fmt: skip
+            )
             phase["aggregate"] = time.monotonic() - trained_at
             phase["train"] = trained_at - round_started
         state_dict = arrays.to_torch_state_dict()
@@ -561,10 +608,13 @@ def run_federation(
             dice_mean, evaluated = record_evaluation(server_round, rows, state_dict), len(rows)
         timings[str(server_round)] = phase
         run.save_checkpoint(
-            "last", state_dict, round=server_round,
+            "last",
+            state_dict,
+            round=server_round,
             dice_mean=summary["dice_mean_per_round"].get(str(server_round), math.nan),
-            strategy_state=strategy_state(strategy), **meta,
-        )  # fmt: skip
+            strategy_state=strategy_state(strategy),
+            **meta,
+        )
         summary.update(
             rounds_completed=server_round,
             minutes=minutes_before + (time.monotonic() - started) / 60,
@@ -579,11 +629,20 @@ def run_federation(
         logger.log(
             logging.WARNING if failed_now else logging.INFO,
             "round %d/%d done | %d/%d sites evaluated%s | mean Dice %.3f%s | %.0f s elapsed | "
-            "eta %.0f s%s", server_round, plan.rounds, evaluated, num_sites,
-            f" (the round {server_round - 1} model)" if fused and server_round < plan.rounds
-            else "", dice_mean, _epsilon_note(summary), elapsed, eta,
+            "eta %.0f s%s",
+            server_round,
+            plan.rounds,
+            evaluated,
+            num_sites,
+            f" (the round {server_round - 1} model)"
+            if fused and server_round < plan.rounds
+            else "",
+            dice_mean,
+            _epsilon_note(summary),
+            elapsed,
+            eta,
             f" | FAILED: {', '.join(failed_now)}" if failed_now else "",
-        )  # fmt: skip
+        )
     if plan.strategy.cross_site_epochs > 0 and first_round <= plan.rounds:
         matrix = cross_site_evaluation(grid, plan, arrays, node_sites, plan.rounds)
         write_cross_site(run.path, matrix)
@@ -662,8 +721,9 @@ def serve(grid: Grid, context: Context, node_sites: Mapping[int, str] | None = N
     resume = None
     if plan.resume:
         # latest: the most recently active run folder (a failed run is not outputs/latest)
-        target = last_started_run(outputs) if plan.resume == "latest" else plan.resolve_path(
-            plan.resume)  # fmt: skip
+        target = (
+            last_started_run(outputs) if plan.resume == "latest" else plan.resolve_path(plan.resume)
+        )
         run = RunFolder.reopen(target.resolve())
         resume = load_resume_state(run, plan)
     else:
@@ -675,8 +735,13 @@ def serve(grid: Grid, context: Context, node_sites: Mapping[int, str] | None = N
         status = "failed" if isinstance(exc, Exception) else "crashed"
         logger.error("run %s: %s", status, exc or type(exc).__name__)
         try:
-            run.write_summary({**read_summary(run.path), "status": status,
-                               "error": str(exc) or type(exc).__name__})  # fmt: skip
+            run.write_summary(
+                {
+                    **read_summary(run.path),
+                    "status": status,
+                    "error": str(exc) or type(exc).__name__,
+                }
+            )
         except OSError as write_error:
             logger.error("could not record the %s status: %s", status, write_error)
         raise
@@ -685,12 +750,17 @@ def serve(grid: Grid, context: Context, node_sites: Mapping[int, str] | None = N
         if (run.path / "metrics.jsonl").is_file():
             _write_report(run, plan)
     for site, reason in summary.get("refused_by_policy", {}).items():
-        logger.warning("site %s did not train: its own privacy policy refused the run: %s",
-                       site, reason)  # fmt: skip
+        logger.warning(
+            "site %s did not train: its own privacy policy refused the run: %s", site, reason
+        )
     failed = summary.get("failed_sites", {})
     for site, reason in failed.items():
-        logger.error("site %s FAILED: %s (the traceback is in the site's log and its "
-                     "state folder's site_errors.log)", site, reason)  # fmt: skip
+        logger.error(
+            "site %s FAILED: %s (the traceback is in the site's log and its "
+            "state folder's site_errors.log)",
+            site,
+            reason,
+        )
     logger.log(
         logging.ERROR if failed else logging.INFO,
         "%s %d rounds in %.1f min: final mean Dice %.3f %s; results in %s",
@@ -738,14 +808,22 @@ def _decode_updates(
             node = msg.metadata.src_node_id
             site = site_name(node_sites, node)
             logger.warning("rejected the update of site %s: %s", site, exc)
-            rejected.append({"site": site, "split": "train", "status": "rejected",
-                             "reason": f"undecodable update: {exc}"})  # fmt: skip
+            rejected.append(
+                {
+                    "site": site,
+                    "split": "train",
+                    "status": "rejected",
+                    "reason": f"undecodable update: {exc}",
+                }
+            )
             continue
-        msg.content = RecordDict({
-            RecordKey.ARRAYS: to_record(weights),
-            RecordKey.METRICS: content[RecordKey.METRICS],
-            RecordKey.SITE: content[RecordKey.SITE],
-        })  # fmt: skip
+        msg.content = RecordDict(
+            {
+                RecordKey.ARRAYS: to_record(weights),
+                RecordKey.METRICS: content[RecordKey.METRICS],
+                RecordKey.SITE: content[RecordKey.SITE],
+            }
+        )
         kept.append(msg)
     return kept, rejected
 
@@ -769,12 +847,16 @@ def _screen(
     rows = []
     for site, reason in sorted(reasons.items()):
         logger.warning("round %d: rejected the update of site %s: %s", server_round, site, reason)
-        rows.append({"round": server_round, "site": site, "split": "train",
-                     "status": "rejected", "reason": reason})  # fmt: skip
-    kept = [
-        m for m in replies
-        if site_name(node_sites, m.metadata.src_node_id) not in reasons
-    ]  # fmt: skip
+        rows.append(
+            {
+                "round": server_round,
+                "site": site,
+                "split": "train",
+                "status": "rejected",
+                "reason": reason,
+            }
+        )
+    kept = [m for m in replies if site_name(node_sites, m.metadata.src_node_id) not in reasons]
     return kept, rows
 
 

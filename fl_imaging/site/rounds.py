@@ -156,16 +156,28 @@ def train_round(
     batch_size = site_batch_size(site, plan, len(cases))
     if site.config.privacy.epsilon is not None:
         loader = private_train_loader(
-            cases, plan.data, batch_size=batch_size, seed=seed,
-            cache_dir=cache_dir(site, plan, TRAIN), views=plan.privacy.augmentations,
-        )  # fmt: skip
+            cases,
+            plan.data,
+            batch_size=batch_size,
+            seed=seed,
+            cache_dir=cache_dir(site, plan, TRAIN),
+            views=plan.privacy.augmentations,
+        )
         # the whole private round holds the site's privacy lock: no second training of
         # this site can release weights the ledger does not record
         with ledger_lock(site.state_dir, site=site.name, timeout=plan.privacy.lock_timeout):
             return _train_private(
-                site, plan, model, loader, epochs, server_round, run_id, prefix,
-                request=request, policy=policy,
-            )  # fmt: skip
+                site,
+                plan,
+                model,
+                loader,
+                epochs,
+                server_round,
+                run_id,
+                prefix,
+                request=request,
+                policy=policy,
+            )
     loader = train_loader(
         cases, plan.data, batch_size=batch_size, seed=seed, cache_dir=cache_dir(site, plan, TRAIN)
     )
@@ -241,9 +253,13 @@ def _train_private(
         rounds_left = max(plan.rounds - server_round + 1, 1)
         try:
             sigma = noise_for_budget(
-                history=ledger.history, epsilon=epsilon, delta=delta, sample_rate=sample_rate,
-                steps=steps * rounds_left, accountant=accountant,
-            )  # fmt: skip
+                history=ledger.history,
+                epsilon=epsilon,
+                delta=delta,
+                sample_rate=sample_rate,
+                steps=steps * rounds_left,
+                accountant=accountant,
+            )
         except ValueError:
             return exhausted(float("nan"))
         ledger.plan = NoisePlan(run_id, sigma, sample_rate, steps, server_round, rounds_left)
@@ -251,8 +267,15 @@ def _train_private(
         logger.info(
             "%splanned DP-SGD: noise %.3f, q %.4f, %d steps/round over %d rounds for "
             "epsilon %g (delta %g), %.3f already spent",
-            prefix, sigma, sample_rate, steps, rounds_left, epsilon, delta, ledger.epsilon_spent,
-        )  # fmt: skip
+            prefix,
+            sigma,
+            sample_rate,
+            steps,
+            rounds_left,
+            epsilon,
+            delta,
+            ledger.epsilon_spent,
+        )
     sigma = ledger.plan.noise_multiplier  # type: ignore[union-attr]
     too_little_noise = noise_refusal(policy, sigma)
     if too_little_noise:
@@ -260,25 +283,41 @@ def _train_private(
     if ledger.epsilon_after(sigma, sample_rate, steps) > epsilon:
         return exhausted(sigma)
     weights, result, history = train_private(
-        model, loader, noise_multiplier=sigma, max_grad_norm=max_grad_norm, epochs=epochs,
-        lr=plan.train.lr, weight_decay=plan.train.weight_decay, accountant=accountant,
-        history=ledger.history, grad_sample_mode=plan.privacy.grad_sample_mode,
-        optimizer_name=plan.train.optimizer, momentum=plan.train.momentum,
-        ema_decay=plan.train.ema_decay, trainable=plan.privacy.trainable,
-        max_physical_batch=plan.privacy.max_physical_batch, clipping=plan.privacy.clipping,
+        model,
+        loader,
+        noise_multiplier=sigma,
+        max_grad_norm=max_grad_norm,
+        epochs=epochs,
+        lr=plan.train.lr,
+        weight_decay=plan.train.weight_decay,
+        accountant=accountant,
+        history=ledger.history,
+        grad_sample_mode=plan.privacy.grad_sample_mode,
+        optimizer_name=plan.train.optimizer,
+        momentum=plan.train.momentum,
+        ema_decay=plan.train.ema_decay,
+        trainable=plan.privacy.trainable,
+        max_physical_batch=plan.privacy.max_physical_batch,
+        clipping=plan.privacy.clipping,
         log_prefix=prefix,
         log_epochs=plan.train.progress == "epoch",
-    )  # fmt: skip
+    )
     keep_local_norm(site, plan, weights)
     ledger.history = history
     spent = ledger.epsilon_spent
     ledger.rounds.append(
         {
-            "run_id": run_id, "round": server_round, "steps": result.steps,
-            "accounted_steps": steps, "noise_multiplier": sigma, "sample_rate": sample_rate,
-            "max_grad_norm": max_grad_norm, "epsilon_spent": spent, "time": time.time(),
+            "run_id": run_id,
+            "round": server_round,
+            "steps": result.steps,
+            "accounted_steps": steps,
+            "noise_multiplier": sigma,
+            "sample_rate": sample_rate,
+            "max_grad_norm": max_grad_norm,
+            "epsilon_spent": spent,
+            "time": time.time(),
         }
-    )  # fmt: skip
+    )
     save_ledger(site.state_dir, ledger)
     return RoundOutcome(weights, result, PrivacyReport(spent, epsilon, delta, sigma, False))
 

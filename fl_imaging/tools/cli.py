@@ -231,8 +231,9 @@ def _privacy_audit(args: argparse.Namespace) -> int:
     sites = [s for s in configured_sites(plan) if not args.site or s.name in args.site]
     unknown = sorted(set(args.site or ()) - {s.name for s in sites})
     if unknown:
-        print(f"error: {unknown} are not sites of {run_dir.name}: {plan.site_names}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: {unknown} are not sites of {run_dir.name}: {plan.site_names}", file=sys.stderr
+        )
         return 2
     spent = read_summary(run_dir).get("epsilon_spent_per_site") or {}
     print(f"membership-inference audit of {checkpoint} (loss threshold; AUC 0.5 = chance)")
@@ -242,14 +243,18 @@ def _privacy_audit(args: argparse.Namespace) -> int:
         result = membership_audit(site, plan, ckpt["state_dict"], resamples=args.resamples)
         rows.append(result.to_dict())
         eps = spent.get(site.name)
-        print(f"{site.name:<18} {result.auc:>6.3f} {result.low:>6.3f}-{result.high:<7.3f} "
-              f"{result.members:>7} / {result.non_members:<6} "
-              f"{'-' if eps is None else f'{eps:.2f}':>8}"
-              f"{'  (too few cases for a meaningful AUC)' * result.few_cases}")  # fmt: skip
+        print(
+            f"{site.name:<18} {result.auc:>6.3f} {result.low:>6.3f}-{result.high:<7.3f} "
+            f"{result.members:>7} / {result.non_members:<6} "
+            f"{'-' if eps is None else f'{eps:.2f}':>8}"
+            f"{'  (too few cases for a meaningful AUC)' * result.few_cases}"
+        )
     write_privacy_audit(run_dir, rows, checkpoint.name)
     write_report(run_dir)
-    print("evidence, not a proof: epsilon bounds every attack; this is one simple attack. "
-          f"Added to {run_dir / 'report.md'}")  # fmt: skip
+    print(
+        "evidence, not a proof: epsilon bounds every attack; this is one simple attack. "
+        f"Added to {run_dir / 'report.md'}"
+    )
     return 0
 
 
@@ -349,8 +354,10 @@ def _site_audit(args: argparse.Namespace) -> int:
     if args.state_dir is None:
         sites = {name: state for name, state, _ in _privacy_sites(args)}
         if args.site not in sites:
-            print(f"error: give --state-dir, or --site with one of {', '.join(sites)}",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"error: give --state-dir, or --site with one of {', '.join(sites)}",
+                file=sys.stderr,
+            )
             return 2
         state_dir = sites[args.site]
     else:
@@ -391,8 +398,12 @@ def _predict(args: argparse.Namespace) -> int:
             line += " | Dice " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
             regions = regions_of(predictor.plan.data.label_scheme)
             if regions:  # on the scan's own grid, in mm
-                found = region_metrics(torch.as_tensor(pred), torch.as_tensor(label), regions,
-                                       label_img.header.get_zooms()[:3])  # fmt: skip
+                found = region_metrics(
+                    torch.as_tensor(pred),
+                    torch.as_tensor(label),
+                    regions,
+                    label_img.header.get_zooms()[:3],
+                )
                 line += " | regions " + ", ".join(
                     f"{r} Dice {d:.3f} HD95 {h:.1f} mm" for r, (d, h) in found.items()
                 )
@@ -410,9 +421,12 @@ def _report(args: argparse.Namespace) -> int:
     status = summary.get("status")
     if status == "running":
         age = time.time() - (run_dir / "summary.json").stat().st_mtime
-        print(f"warning: summary.json says the run is still running, but it was last written "
-              f"{age / 60:.0f} min ago: if no process runs it any more, it crashed (resume it "
-              f"with resume={run_dir})", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: summary.json says the run is still running, but it was last written "
+            f"{age / 60:.0f} min ago: if no process runs it any more, it crashed (resume it "
+            f"with resume={run_dir})",
+            file=sys.stderr,
+        )
     elif status not in ("finished", None):
         why = summary.get("failed_sites") or summary.get("error", "")
         print(f"warning: the run's status is {status!r}: {why}", file=sys.stderr)
@@ -568,15 +582,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment NIfTI scans with a run's checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True, help="e.g. RUN/checkpoints/best.pt")
-    p.add_argument("--input", type=Path, nargs="+", required=True,
-                   help="a NIfTI scan (3D, or 4D channels last), a folder of them, or one 3D "
-                   "file per modality of one case, in the training order")  # fmt: skip
-    p.add_argument("--output", type=Path, required=True,
-                   help="output file (single scan) or folder (same file names)")  # fmt: skip
-    p.add_argument("--label", type=Path, default=None,
-                   help="ground truth (file, or folder of same names): report Dice")  # fmt: skip
-    p.add_argument("--allow-untrained", action="store_true",
-                   help="accept a round-0 checkpoint or a failed run's (else refused)")  # fmt: skip
+    p.add_argument(
+        "--input",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="a NIfTI scan (3D, or 4D channels last), a folder of them, or one 3D "
+        "file per modality of one case, in the training order",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="output file (single scan) or folder (same file names)",
+    )
+    p.add_argument(
+        "--label",
+        type=Path,
+        default=None,
+        help="ground truth (file, or folder of same names): report Dice",
+    )
+    p.add_argument(
+        "--allow-untrained",
+        action="store_true",
+        help="accept a round-0 checkpoint or a failed run's (else refused)",
+    )
     p.set_defaults(func=_predict)
 
     p = sub.add_parser(

@@ -33,9 +33,19 @@ logger = logging.getLogger("fl_imaging.tools.gateway")
 
 # hop-by-hop headers (RFC 9110 7.6.1) and those the HTTP client sets itself
 _NOT_FORWARDED = frozenset(
-    {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
-     "trailer", "upgrade", "proxy-authorization", "proxy-authenticate"}
-)  # fmt: skip
+    {
+        "host",
+        "content-length",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
+)
 # and the body's encoding: httpx hands the gateway the decoded body
 _NOT_RETURNED = _NOT_FORWARDED | {"content-encoding"}
 
@@ -96,13 +106,16 @@ def build_app(upstream: Upstream, transport: object | None = None):  # noqa: ANN
         path = request.url.path
         caller = request.client.host if request.client else "unknown"
         if not is_allowed(request.method, path):
-            logger.warning("refused %s %s from %s (only the Fleet API passes)", request.method,
-                           path, caller)  # fmt: skip
+            logger.warning(
+                "refused %s %s from %s (only the Fleet API passes)", request.method, path, caller
+            )
             return JSONResponse(
-                {"error": f"{request.method} {path} is not served here: this address "
-                          "exposes only the Fleet API to SuperNodes"},
+                {
+                    "error": f"{request.method} {path} is not served here: this address "
+                    "exposes only the Fleet API to SuperNodes"
+                },
                 status_code=403,
-            )  # fmt: skip
+            )
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
         try:
             answer = await client.request(
@@ -138,9 +151,11 @@ def serve(
     if (ssl_certfile is None) != (ssl_keyfile is None):
         raise ValueError("give both --ssl-certfile and --ssl-keyfile, or neither (--insecure)")
     logger.info(
-        "gateway on %s -> SuperLink %s: only %d Fleet API routes pass", listen,
-        upstream.address, len(fleet_routes()),
-    )  # fmt: skip
+        "gateway on %s -> SuperLink %s: only %d Fleet API routes pass",
+        listen,
+        upstream.address,
+        len(fleet_routes()),
+    )
     uvicorn.run(
         build_app(upstream),
         host=host,

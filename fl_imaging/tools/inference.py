@@ -177,9 +177,12 @@ def predict_file(predictor: Predictor, image: Path | Sequence[Path], output: Pat
     pre = Compose(preprocessing(plan.data, keys=("image",), track_meta=True))
     data = pre({"image": [str(f) for f in files] if len(files) > 1 else str(files[0])})
     logits = sliding_window_inference(
-        data["image"][None], roi_size=tuple(plan.data.patch_size), sw_batch_size=4,
-        predictor=predictor.model, overlap=0.25,
-    )  # fmt: skip
+        data["image"][None],
+        roi_size=tuple(plan.data.patch_size),
+        sw_batch_size=4,
+        predictor=predictor.model,
+        overlap=0.25,
+    )
     data["pred"] = logits[0]
     post = Compose(
         [

@@ -79,8 +79,10 @@ def outputs_problems(plan: RunPlan) -> list[str]:
         with tempfile.NamedTemporaryFile(dir=outputs, prefix=".write-check-"):
             pass
     except OSError as exc:
-        return [f"paths.outputs={outputs} is not writable ({exc.strerror or exc}); choose "
-                f"another folder or fix its permissions"]  # fmt: skip
+        return [
+            f"paths.outputs={outputs} is not writable ({exc.strerror or exc}); choose "
+            f"another folder or fix its permissions"
+        ]
     return []
 
 
@@ -273,6 +275,7 @@ def run_simulation(
         kept = Path(shutil.move(console_log, run_dir / CONSOLE_LOG))
         _report_here(run_dir)
     if console.hidden:
-        logger.info("%d lines of Flower's stream not shown (--verbose shows them): %s",
-                    console.hidden, kept)  # fmt: skip
+        logger.info(
+            "%d lines of Flower's stream not shown (--verbose shows them): %s", console.hidden, kept
+        )
     return RunOutcome(run_id, status, run_dir, time.monotonic() - start)

@@ -32,9 +32,17 @@ JOB_RESULT = "job_result.json"
 SUMMARY_CSV = "sweep_summary.csv"
 SUMMARY_PNG = "sweep_summary.png"
 CSV_FIELDS = (
-    "job", "overrides", "status", "site", "final_dice", "epsilon_spent", "rounds",
-    "minutes", "run_dir", "error",
-)  # fmt: skip
+    "job",
+    "overrides",
+    "status",
+    "site",
+    "final_dice",
+    "epsilon_spent",
+    "rounds",
+    "minutes",
+    "run_dir",
+    "error",
+)
 
 
 def run_job(cfg: DictConfig, project_root: Path) -> float:
@@ -83,8 +91,10 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
 def summary_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job and site from the jobs' results and run summaries."""
     rows: list[dict[str, Any]] = []
-    results = sorted(sweep_dir.glob(f"*/{JOB_RESULT}"), key=lambda p: int(p.parent.name)
-                     if p.parent.name.isdigit() else p.parent.name)  # fmt: skip
+    results = sorted(
+        sweep_dir.glob(f"*/{JOB_RESULT}"),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else p.parent.name,
+    )
     for path in results:
         job = json.loads(path.read_text())
         summary = read_summary(Path(job["run_dir"])) if job.get("run_dir") else {}
@@ -92,20 +102,35 @@ def summary_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         if summary and summary.get("status") != "finished" and status.endswith("completed"):
             status = f"run {summary.get('status')}"
         base = {
-            "job": job["job"], "overrides": job["overrides"], "status": status,
-            "minutes": round(float(job.get("minutes", 0.0)), 2), "run_dir": job.get("run_dir", ""),
+            "job": job["job"],
+            "overrides": job["overrides"],
+            "status": status,
+            "minutes": round(float(job.get("minutes", 0.0)), 2),
+            "run_dir": job.get("run_dir", ""),
             "error": job.get("error") or summary.get("error", ""),
-        }  # fmt: skip
+        }
         if not summary or not summary.get("final_dice_per_site"):
-            rows.append({**base, "site": "", "final_dice": "", "epsilon_spent": "",
-                         "rounds": summary.get("rounds_completed", 0)})  # fmt: skip
+            rows.append(
+                {
+                    **base,
+                    "site": "",
+                    "final_dice": "",
+                    "epsilon_spent": "",
+                    "rounds": summary.get("rounds_completed", 0),
+                }
+            )
             continue
         spent = summary.get("epsilon_spent_per_site") or {}
         for site, dice in summary["final_dice_per_site"].items():
-            rows.append({
-                **base, "site": site, "final_dice": dice, "epsilon_spent": spent.get(site, ""),
-                "rounds": summary.get("rounds_completed", 0),
-            })  # fmt: skip
+            rows.append(
+                {
+                    **base,
+                    "site": site,
+                    "final_dice": dice,
+                    "epsilon_spent": spent.get(site, ""),
+                    "rounds": summary.get("rounds_completed", 0),
+                }
+            )
     return rows
 
 
@@ -151,12 +176,17 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
             next((r["final_dice"] for r in rows if r["job"] == job and r["site"] == site), 0.0)
             for job, _ in jobs
         ]
-        ax.bar([j + i * width for j in range(len(jobs))], [v or 0.0 for v in values],
-               width=width, label=site)  # fmt: skip
+        ax.bar(
+            [j + i * width for j in range(len(jobs))],
+            [v or 0.0 for v in values],
+            width=width,
+            label=site,
+        )
     ax.set_xticks([j + width * (len(sites) - 1) / 2 for j in range(len(jobs))])
     short = varying_overrides([ov for _, ov in jobs])
-    ax.set_xticklabels([f"{job}: {short[ov]}"[:48] for job, ov in jobs], rotation=20,
-                       ha="right", fontsize=7)  # fmt: skip
+    ax.set_xticklabels(
+        [f"{job}: {short[ov]}"[:48] for job, ov in jobs], rotation=20, ha="right", fontsize=7
+    )
     ax.set_ylabel("final validation Dice")
     ax.set_ylim(0, 1)
     if sites:

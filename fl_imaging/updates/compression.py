@@ -307,8 +307,13 @@ def _decode_tensor(parts: Mapping[Part, np.ndarray], codec: Codec, size: int) ->
 
 
 # dtype of each packed part (DELTA: the model's float type, see _delta_dtype)
-_PART_DTYPES = {Part.FP16: np.float16, Part.INT8: np.int8, Part.SCALE: np.float32,
-                Part.INDEX: np.int32, Part.VALUE: np.float32}  # fmt: skip
+_PART_DTYPES = {
+    Part.FP16: np.float16,
+    Part.INT8: np.int8,
+    Part.SCALE: np.float32,
+    Part.INDEX: np.int32,
+    Part.VALUE: np.float32,
+}
 
 
 # ---------------------------------------------------------------- whole updates
@@ -386,10 +391,9 @@ def encode_update(
             sent = _decode_tensor(parts, codec, delta.size).reshape(delta.shape)
             new_residual[name] = (delta - sent).astype(np.float32)
     arrays: dict[str, np.ndarray] = {
-        part.value: np.concatenate(chunks) if chunks
-        else np.zeros(0, _PART_DTYPES.get(part, dtype))
+        part.value: np.concatenate(chunks) if chunks else np.zeros(0, _PART_DTYPES.get(part, dtype))
         for part, chunks in packed.items()
-    }  # fmt: skip
+    }
     for name, ref in reference.items():
         if not is_compressible(np.asarray(ref)):
             arrays[raw_key(name)] = np.array(local[name], dtype=np.asarray(ref).dtype)

@@ -182,10 +182,15 @@ def start_gateway(folder: Path, state: dict, env: dict[str, str]) -> int:
     """``fl-imaging gateway``: only the Fleet API on the public port, forwarded to the SuperLink."""
     certs = state["certs"]
     cmd = [
-        sys.executable, "-m", "fl_imaging.tools.cli", "gateway",
-        "--listen", f"127.0.0.1:{state['port']}",
-        "--superlink", f"127.0.0.1:{control_port(state)}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "fl_imaging.tools.cli",
+        "gateway",
+        "--listen",
+        f"127.0.0.1:{state['port']}",
+        "--superlink",
+        f"127.0.0.1:{control_port(state)}",
+    ]
     if state["insecure"]:
         cmd.append("--insecure")
     else:
@@ -240,13 +245,18 @@ def start_node(
     isolation = "process" if state["isolation"] == "warm" else "subprocess"
     cmd = [
         "flower-supernode",
-        "--superlink", f"127.0.0.1:{state['port']}",
-        "--port", str(port),
-        "--isolation", isolation,
-        "--node-config", node_config(site, state, folder, claim),
+        "--superlink",
+        f"127.0.0.1:{state['port']}",
+        "--port",
+        str(port),
+        "--isolation",
+        isolation,
+        "--node-config",
+        node_config(site, state, folder, claim),
         # give up (and exit) if the SuperLink stays unreachable, rather than retry forever
-        "--max-wait-time", "60",
-    ]  # fmt: skip
+        "--max-wait-time",
+        "60",
+    ]
     if state["insecure"]:
         cmd.append("--insecure")
     else:
@@ -267,10 +277,13 @@ def start_executor(
     executor = [
         sys.executable,
         str(HERE / "warm_executor.py"),
-        "--runtime-api-address", f"127.0.0.1:{port}",
-        "--parent-pid", str(pid),
-        "--object-poll", str(state.get("object_poll", 0.05)),
-    ]  # fmt: skip
+        "--runtime-api-address",
+        f"127.0.0.1:{port}",
+        "--parent-pid",
+        str(pid),
+        "--object-poll",
+        str(state.get("object_poll", 0.05)),
+    ]
     approved = Path(state["approved_dir"]) / f"{site}.txt" if state.get("approved_dir") else None
     if approved is not None and approved.is_file():  # the hospital pins its app bundles
         executor += ["--approved-bundles", str(approved)]
@@ -311,10 +324,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     }
     if not args.insecure:
         subprocess.run(
-            [sys.executable, str(HERE / "make_certs.py"), "--out", str(certs),
-             "--sites", *args.sites, *[a for h in args.host for a in ("--host", h)]],
+            [
+                sys.executable,
+                str(HERE / "make_certs.py"),
+                "--out",
+                str(certs),
+                "--sites",
+                *args.sites,
+                *[a for h in args.host for a in ("--host", h)],
+            ],
             check=True,
-        )  # fmt: skip
+        )
     env = deploy_env(folder)
     write_connection(folder, state)
     state["superlink"] = start_superlink(folder, state, env)
@@ -369,10 +389,17 @@ def cmd_node(args: argparse.Namespace) -> int:
         sys.exit(f"{args.site} is running (pids {old['pids']}); `kill` it first")
     if args.unregistered or args.claim:  # a key of its own (make_certs keeps existing ones)
         subprocess.run(
-            [sys.executable, str(HERE / "make_certs.py"), "--out", state["certs"],
-             "--sites", args.site],
-            check=True, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(HERE / "make_certs.py"),
+                "--out",
+                state["certs"],
+                "--sites",
+                args.site,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     if args.unregistered:
         # a hospital whose key the coordinator never registered: the SuperLink must refuse it,
         # and its SuperNode exits (so nothing waits for it to listen)

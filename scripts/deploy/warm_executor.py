@@ -138,15 +138,17 @@ def serve(
     """
     if approved is not None:
         hashes = read_approved(approved)  # a malformed list stops the executor here
-        logging.info("only app bundles listed in %s run here (%d approved)", approved,
-                     len(hashes))  # fmt: skip
+        logging.info("only app bundles listed in %s run here (%d approved)", approved, len(hashes))
     started = time.monotonic()
     forgotten = warm_up(module)
     logging.info(
         "warm executor: imported %s's dependencies in %.1f s (%d modules; %d of its own "
         "re-imported per task from the app bundle)",
-        module, time.monotonic() - started, len(sys.modules), len(forgotten),
-    )  # fmt: skip
+        module,
+        time.monotonic() - started,
+        len(sys.modules),
+        len(forgotten),
+    )
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
@@ -225,9 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     serve(
-        args.runtime_api_address, args.parent_pid, args.warm_module, args.object_poll,
+        args.runtime_api_address,
+        args.parent_pid,
+        args.warm_module,
+        args.object_poll,
         args.approved_bundles,
-    )  # fmt: skip
+    )
     return 0
 
 
