@@ -88,7 +88,7 @@ def test_region_metrics_travel_from_site_to_the_run_folder_rows() -> None:
 
     from fl_imaging.apps.client_app import _eval_metrics
     from fl_imaging.ml.training import EvalResult
-    from fl_imaging.server.rounds import site_rows
+    from fl_imaging.server.replies import site_rows
     from tests.local_grid import make_message
 
     result = EvalResult(

@@ -25,10 +25,13 @@ import pickle
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fl_imaging.outputs.records import Row
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -111,9 +114,9 @@ class RunFolder:
         lines = [line for line in path.read_text().splitlines() if line.strip()]
 
         def keep(row: Mapping[str, Any]) -> bool:
-            if drop_val_of_last and row["round"] == last_round and row["split"] == "val":
+            if drop_val_of_last and row[Row.ROUND] == last_round and row[Row.SPLIT] == "val":
                 return False
-            return int(row["round"]) <= last_round
+            return int(row[Row.ROUND]) <= last_round
 
         kept = [line for line in lines if keep(json.loads(line))]
         _atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
@@ -136,8 +139,8 @@ class RunFolder:
 
             self._writer = SummaryWriter(log_dir=str(self.path / TENSORBOARD_DIR))
         for row in rows:
-            step, site, split = int(row["round"]), row["site"], row["split"]
-            for key in ("dice_mean", "loss", "epsilon_spent"):
+            step, site, split = int(row[Row.ROUND]), row[Row.SITE], row[Row.SPLIT]
+            for key in (Row.DICE_MEAN, Row.LOSS, Row.EPSILON_SPENT):
                 value = row.get(key)
                 if isinstance(value, int | float) and math.isfinite(value):
                     self._writer.add_scalar(f"{key}/{split}/{site}", value, step)
@@ -296,8 +299,8 @@ def dice_table(rows: Iterable[Mapping[str, Any]]) -> tuple[list[int], dict[str, 
     """Validation mean Dice as ``(rounds, {site: {round: dice}})``."""
     table: dict[str, dict[int, float]] = defaultdict(dict)
     for row in rows:
-        if row.get("split") == "val" and row.get("dice_mean") is not None:
-            table[row["site"]][int(row["round"])] = float(row["dice_mean"])
+        if row.get(Row.SPLIT) == "val" and row.get(Row.DICE_MEAN) is not None:
+            table[row[Row.SITE]][int(row[Row.ROUND])] = float(row[Row.DICE_MEAN])
     rounds = sorted({r for per_site in table.values() for r in per_site})
     return rounds, dict(table)
 
@@ -308,18 +311,18 @@ def region_table(rows: Iterable[Mapping[str, Any]]) -> tuple[int | None, dict[st
     Columns are ``Dice WT``, ..., ``HD95 WT``, ... for the regions a run's
     ``data.label_scheme`` evaluates (rows with ``hd95_<region>``); empty without regions.
     """
-    val = [r for r in rows if r.get("split") == "val" and any(k.startswith("hd95_") for k in r)]
+    val = [r for r in rows if r.get(Row.SPLIT) == "val" and any(k.startswith("hd95_") for k in r)]
     if not val:
         return None, {}
-    last = max(int(r["round"]) for r in val)
+    last = max(int(r[Row.ROUND]) for r in val)
     table: dict[str, dict[str, Any]] = {}
     for row in val:
-        if int(row["round"]) != last:
+        if int(row[Row.ROUND]) != last:
             continue
         regions = [k.removeprefix("hd95_") for k in row if k.startswith("hd95_")]
-        table[row["site"]] = {
-            **{f"Dice {g}": row.get(f"dice_{g}") for g in regions},
-            **{f"HD95 {g} (mm)": row.get(f"hd95_{g}") for g in regions},
+        table[row[Row.SITE]] = {
+            **{f"Dice {g}": row.get(Row.dice_of(g)) for g in regions},
+            **{f"HD95 {g} (mm)": row.get(Row.hd95_of(g)) for g in regions},
         }
     return last, table
 
@@ -330,9 +333,9 @@ def epsilon_table(
     """Cumulative DP epsilon of private sites as ``(rounds, {site: {round: epsilon}})``."""
     table: dict[str, dict[int, float]] = defaultdict(dict)
     for row in rows:
-        eps = row.get("epsilon_spent")
-        if row.get("split") == "train" and isinstance(eps, int | float) and math.isfinite(eps):
-            table[row["site"]][int(row["round"])] = float(eps)
+        eps = row.get(Row.EPSILON_SPENT)
+        if row.get(Row.SPLIT) == "train" and isinstance(eps, int | float) and math.isfinite(eps):
+            table[row[Row.SITE]][int(row[Row.ROUND])] = float(eps)
     rounds = sorted({r for per_site in table.values() for r in per_site})
     return rounds, dict(table)
 
@@ -386,9 +389,9 @@ def loss_table(rows: Iterable[Mapping[str, Any]], split: str) -> dict[str, dict[
     """Loss per site and round for ``split`` (``train`` or ``val``)."""
     table: dict[str, dict[int, float]] = defaultdict(dict)
     for row in rows:
-        loss = row.get("loss")
-        if row.get("split") == split and isinstance(loss, int | float) and math.isfinite(loss):
-            table[f"{row['site']} ({split})"][int(row["round"])] = float(loss)
+        loss = row.get(Row.LOSS)
+        if row.get(Row.SPLIT) == split and isinstance(loss, int | float) and math.isfinite(loss):
+            table[f"{row[Row.SITE]} ({split})"][int(row[Row.ROUND])] = float(loss)
     return dict(table)
 
 
@@ -433,6 +436,28 @@ def write_cross_site(run_dir: Path, matrix: Mapping[str, Any]) -> Path:
     return path
 
 
+@dataclass
+class _Report:
+    """What a run's report shows, read once from its folder (Markdown and HTML share it)."""
+
+    name: str
+    rows: list[dict[str, Any]]  # metrics.jsonl
+    summary: Mapping[str, Any]
+    rounds: list[int]
+    dice: dict[str, dict[int, float]]
+    region_round: int | None
+    regions: dict[str, dict[str, Any]]
+    eps_rounds: list[int]
+    eps: dict[str, dict[int, float]]
+    budgets: Mapping[str, float]
+    audit: list[dict[str, Any]]
+    images: list[tuple[str, str]]  # (title, PNG file inside report/)
+    overlays: Mapping[str, Path]
+    overlay_note: str
+    legend: Sequence[tuple[str, str]]
+    config_text: str
+
+
 def write_report(
     run_dir: Path,
     overlays: Mapping[str, Path] | None = None,
@@ -451,17 +476,66 @@ def write_report(
     Returns:
         The path of ``report/index.html``.
     """
-    rows = read_metrics(run_dir)
-    rounds, table = dice_table(rows)
-    summary = read_summary(run_dir)
     out = run_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
-    _line_plot(table, out / "dice.png", "validation mean foreground Dice", run_dir.name)
+    report = _read_report(run_dir, overlays or {}, overlay_note, legend)
+    _draw_plots(report, run_dir, out)
+    _atomic_write_bytes(run_dir / "report.md", "\n".join(_markdown(report)).encode())
+    index = out / "index.html"
+    _atomic_write_bytes(index, _html_page(report).encode())
+    return index
+
+
+def _read_report(
+    run_dir: Path,
+    overlays: Mapping[str, Path],
+    overlay_note: str,
+    legend: Sequence[tuple[str, str]],
+) -> _Report:
+    rows = read_metrics(run_dir)
+    summary = read_summary(run_dir)
+    rounds, dice = dice_table(rows)
+    region_round, regions = region_table(rows)
+    eps_rounds, eps = epsilon_table(rows)
+    config_path = run_dir / CONFIG_FILE
+    return _Report(
+        name=run_dir.name,
+        rows=rows,
+        summary=summary,
+        rounds=rounds,
+        dice=dice,
+        region_round=region_round,
+        regions=regions,
+        eps_rounds=eps_rounds,
+        eps=eps,
+        budgets=(summary.get("epsilon_budget_per_site") or {}) if eps else {},
+        audit=read_privacy_audit(run_dir),
+        images=[("Validation Dice per round", "dice.png"), ("Loss per round", "loss.png")],
+        overlays=overlays,
+        overlay_note=overlay_note,
+        legend=legend,
+        config_text=config_path.read_text() if config_path.is_file() else "",
+    )
+
+
+def _draw_plots(report: _Report, run_dir: Path, out: Path) -> None:
+    """The report's PNGs (Dice, loss, epsilon); each one shown is listed in ``images``."""
+    rows = report.rows
+    _line_plot(report.dice, out / "dice.png", "validation mean foreground Dice", report.name)
     losses = {**loss_table(rows, "train"), **loss_table(rows, "val")}
     _line_plot(losses, out / "loss.png", "DiceCE loss", "loss per site (train, val)")
-    images = [("Validation Dice per round", "dice.png"), ("Loss per round", "loss.png")]
+    if (run_dir / CROSS_SITE_FILE).is_file() and (out / "cross_site.png").is_file():
+        report.images.append(("Cross-site Dice: models x sites' validation data", "cross_site.png"))
+    if report.eps:
+        title = "cumulative DP epsilon (dashed: budget)"
+        _line_plot(report.eps, out / "epsilon.png", title, "privacy spent per site", report.budgets)
+        report.images.append(("DP epsilon spent per site (DP-SGD at the site)", "epsilon.png"))
 
-    lines = [f"# Run {run_dir.name}", ""]
+
+def _markdown(report: _Report) -> list[str]:
+    """The lines of ``report.md``."""
+    summary = report.summary
+    lines = [f"# Run {report.name}", ""]
     if summary:
         lines += [
             f"- rounds completed: {summary.get('rounds_completed')}",
@@ -478,90 +552,54 @@ def write_report(
             lines += [f"- **{site}**: {reason}" for site, reason in problems.items()]
             lines += [""]
     lines += ["## Validation mean Dice per round", ""]
-    lines += _table_lines(rounds, table, mean=True)
+    lines += _table_lines(report.rounds, report.dice, mean=True)
     lines += ["", f"![Dice per round]({REPORT_DIR}/dice.png)", ""]
-    region_round, regions = region_table(rows)
-    if regions:
-        columns = list(next(iter(regions.values())))
-        lines += [f"## Tumour regions, round {region_round} model (validation)", ""]
+    return lines + _markdown_results(report)
+
+
+def _markdown_results(report: _Report) -> list[str]:
+    """``report.md`` after the Dice table: regions, cross-site, epsilon, audit, overlays."""
+    lines: list[str] = []
+    if report.regions:
+        columns = list(next(iter(report.regions.values())))
+        lines += [f"## Tumour regions, round {report.region_round} model (validation)", ""]
         lines += ["| site | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
         lines += [
             f"| {site} | " + " | ".join(_fmt(v.get(c)) for c in columns) + " |"
-            for site, v in sorted(regions.items())
+            for site, v in sorted(report.regions.items())
         ]
         lines += [""]
-    cross_path = run_dir / CROSS_SITE_FILE
-    if cross_path.is_file() and (out / "cross_site.png").is_file():
-        images.append(("Cross-site Dice: models x sites' validation data", "cross_site.png"))
-        lines += [
-            "## Cross-site Dice (model x site)",
-            "",
-            f"![cross-site]({REPORT_DIR}/cross_site.png)",
-            "",
-        ]
-    eps_rounds, eps = epsilon_table(rows)
-    eps_lines: list[str] = []
-    if eps:
-        budgets = summary.get("epsilon_budget_per_site") or {}
-        _line_plot(
-            eps,
-            out / "epsilon.png",
-            "cumulative DP epsilon (dashed: budget)",
-            "privacy spent per site",
-            budgets,
-        )
-        images.append(("DP epsilon spent per site (DP-SGD at the site)", "epsilon.png"))
-        eps_lines = _table_lines(eps_rounds, eps, mean=False)
+    if any(f == "cross_site.png" for _, f in report.images):
+        lines += ["## Cross-site Dice (model x site)", ""]
+        lines += [f"![cross-site]({REPORT_DIR}/cross_site.png)", ""]
+    if report.eps:
         lines += ["## DP epsilon spent per site (cumulative, DP-SGD at the site)", ""]
-        lines += eps_lines
-        if budgets:
-            lines += ["", "Budgets: " + ", ".join(f"{k} {v:g}" for k, v in sorted(budgets.items()))]
+        lines += _table_lines(report.eps_rounds, report.eps, mean=False)
+        if report.budgets:
+            budgets = sorted(report.budgets.items())
+            lines += ["", "Budgets: " + ", ".join(f"{k} {v:g}" for k, v in budgets)]
         lines += ["", f"![epsilon per round]({REPORT_DIR}/epsilon.png)", ""]
-    audit = read_privacy_audit(run_dir)
-    spent = summary.get("epsilon_spent_per_site") or {}
-    if audit:
+    if report.audit:
+        spent = report.summary.get("epsilon_spent_per_site") or {}
+        lines += [f"## {AUDIT_TITLE}", "", AUDIT_NOTE, ""]
         lines += [
-            f"## {AUDIT_TITLE}",
-            "",
-            AUDIT_NOTE,
-            "",
             "| site | attack AUC | 95 % interval | training / validation cases | epsilon spent |",
             "|---|---|---|---|---|",
         ]
         lines += [
             f"| {r['site']} | {r['auc']:.3f}{_few(r)} | {r['low']:.3f}-{r['high']:.3f} | "
             f"{r['members']} / {r['non_members']} | {_fmt(spent.get(r['site']))} |"
-            for r in audit
+            for r in report.audit
         ]
         lines += [""]
-    if overlays:
+    if report.overlays:
         lines += ["## Overlays (ground truth left, prediction right)", ""]
-        lines += [f"![{site}]({REPORT_DIR}/{p.name})" for site, p in sorted(overlays.items())]
-    if overlay_note:
-        lines += ["", overlay_note, ""]
-    _atomic_write_bytes(run_dir / "report.md", "\n".join(lines).encode())
-
-    config_path = run_dir / CONFIG_FILE
-    config_text = config_path.read_text() if config_path.is_file() else ""
-    page = _html_page(
-        run_dir.name,
-        summary,
-        rounds,
-        table,
-        eps_rounds,
-        eps,
-        images,
-        overlays or {},
-        overlay_note,
-        legend,
-        config_text,
-        region_round,
-        regions,
-        audit,
-    )
-    index = out / "index.html"
-    _atomic_write_bytes(index, page.encode())
-    return index
+        lines += [
+            f"![{site}]({REPORT_DIR}/{p.name})" for site, p in sorted(report.overlays.items())
+        ]
+    if report.overlay_note:
+        lines += ["", report.overlay_note, ""]
+    return lines
 
 
 _CSS = """
@@ -590,79 +628,81 @@ def _html_table(rounds: list[int], table: Mapping[str, Mapping[int, float]], mea
     return f"<table><tr><th>round</th>{head}</tr>{''.join(body)}</table>"
 
 
-def _html_page(
-    name: str,
-    summary: Mapping[str, Any],
-    rounds: list[int],
-    table: Mapping[str, Mapping[int, float]],
-    eps_rounds: list[int],
-    eps: Mapping[str, Mapping[int, float]],
-    images: list[tuple[str, str]],
-    overlays: Mapping[str, Path],
-    overlay_note: str,
-    legend: Sequence[tuple[str, str]],
-    config_text: str,
-    region_round: int | None = None,
-    region_rows: Mapping[str, Mapping[str, Any]] | None = None,
-    audit: Sequence[Mapping[str, Any]] = (),
-) -> str:
-    esc = html.escape
+def _html_page(report: _Report) -> str:
+    esc, name = html.escape, report.name
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(name)}</title>",
         f"<style>{_CSS}</style></head><body><h1>Run {esc(name)}</h1>",
     ]
-    if summary:
-        final = summary.get("final_dice_per_site") or {}
-        spent = summary.get("epsilon_spent_per_site") or {}
-        parts.append(
-            f"<p>{summary.get('rounds_completed')} rounds, {_fmt(summary.get('minutes'))} min, "
-            f"status {esc(str(summary.get('status')))}; final mean Dice "
-            f"<b>{_fmt(summary.get('final_dice_mean'))}</b> (mean over sites); best round "
-            f"{summary.get('best_round')}.</p>"
-        )
-        if traffic := traffic_line(summary):
-            parts.append(f"<p>{esc(traffic)}</p>")
-        for title, problems in _site_problems(summary):
-            items = "".join(
-                f"<li><b>{esc(site)}</b>: {esc(reason)}</li>" for site, reason in problems.items()
-            )
-            parts.append(f"<h2 class='problem'>{esc(title)}</h2><ul>{items}</ul>")
-        rows = "".join(
-            f"<tr><td style='text-align:left'>{esc(site)}</td><td>{_fmt(dice)}</td>"
-            f"<td>{_fmt(spent.get(site))}</td></tr>"
-            for site, dice in sorted(final.items())
-        )
-        parts.append(
-            "<table><tr><th>site</th><th>final Dice</th><th>DP epsilon spent</th></tr>"
-            f"{rows}</table>"
-        )
+    if report.summary:
+        parts += _html_summary(report.summary)
     parts.append("<h2>Plots</h2><div class='figs'>")
-    parts += [f"<img src='{esc(f)}' alt='{esc(t)}' title='{esc(t)}'>" for t, f in images]
+    parts += [f"<img src='{esc(f)}' alt='{esc(t)}' title='{esc(t)}'>" for t, f in report.images]
     parts.append("</div><h2>Validation mean Dice per round</h2>")
-    parts.append(_html_table(rounds, table, mean=True))
-    if region_rows:
-        columns = list(next(iter(region_rows.values())))
+    parts.append(_html_table(report.rounds, report.dice, mean=True))
+    parts += _html_results(report)
+    parts += _html_overlays(report)
+    parts.append(
+        f"<h2>Resolved configuration</h2><pre>{esc(report.config_text)}</pre></body></html>"
+    )
+    return "\n".join(parts)
+
+
+def _html_summary(summary: Mapping[str, Any]) -> list[str]:
+    """The page's head: rounds, status, Dice, traffic, sites with problems, per-site table."""
+    esc = html.escape
+    final = summary.get("final_dice_per_site") or {}
+    spent = summary.get("epsilon_spent_per_site") or {}
+    parts = [
+        f"<p>{summary.get('rounds_completed')} rounds, {_fmt(summary.get('minutes'))} min, "
+        f"status {esc(str(summary.get('status')))}; final mean Dice "
+        f"<b>{_fmt(summary.get('final_dice_mean'))}</b> (mean over sites); best round "
+        f"{summary.get('best_round')}.</p>"
+    ]
+    if traffic := traffic_line(summary):
+        parts.append(f"<p>{esc(traffic)}</p>")
+    for title, problems in _site_problems(summary):
+        items = "".join(
+            f"<li><b>{esc(site)}</b>: {esc(reason)}</li>" for site, reason in problems.items()
+        )
+        parts.append(f"<h2 class='problem'>{esc(title)}</h2><ul>{items}</ul>")
+    rows = "".join(
+        f"<tr><td style='text-align:left'>{esc(site)}</td><td>{_fmt(dice)}</td>"
+        f"<td>{_fmt(spent.get(site))}</td></tr>"
+        for site, dice in sorted(final.items())
+    )
+    parts.append(
+        f"<table><tr><th>site</th><th>final Dice</th><th>DP epsilon spent</th></tr>{rows}</table>"
+    )
+    return parts
+
+
+def _html_results(report: _Report) -> list[str]:
+    """Tumour regions, epsilon per round and the membership audit (each when present)."""
+    esc, parts = html.escape, []
+    if report.regions:
+        columns = list(next(iter(report.regions.values())))
         head = "".join(f"<th>{esc(c)}</th>" for c in columns)
         body = "".join(
             f"<tr><td style='text-align:left'>{esc(site)}</td>"
             + "".join(f"<td>{_fmt(v.get(c))}</td>" for c in columns)
             + "</tr>"
-            for site, v in sorted(region_rows.items())
+            for site, v in sorted(report.regions.items())
         )
         parts.append(
-            f"<h2>Tumour regions, round {region_round} model (validation)</h2>"
+            f"<h2>Tumour regions, round {report.region_round} model (validation)</h2>"
             f"<table><tr><th>site</th>{head}</tr>{body}</table>"
         )
-    if eps:
+    if report.eps:
         parts.append("<h2>DP epsilon spent per site (cumulative)</h2>")
-        parts.append(_html_table(eps_rounds, eps, mean=False))
-    if audit:
-        spent = summary.get("epsilon_spent_per_site") or {}
+        parts.append(_html_table(report.eps_rounds, report.eps, mean=False))
+    if report.audit:
+        spent = report.summary.get("epsilon_spent_per_site") or {}
         body = "".join(
             f"<tr><td style='text-align:left'>{esc(r['site'])}</td><td>{r['auc']:.3f}{_few(r)}</td>"
             f"<td>{r['low']:.3f}-{r['high']:.3f}</td><td>{r['members']} / {r['non_members']}"
             f"</td><td>{_fmt(spent.get(r['site']))}</td></tr>"
-            for r in audit
+            for r in report.audit
         )
         parts.append(
             f"<h2>{esc(AUDIT_TITLE)}</h2><p class='note'>{esc(AUDIT_NOTE)}</p><table>"
@@ -670,25 +710,29 @@ def _html_page(
             "<th>training / validation cases</th><th>epsilon spent</th></tr>"
             f"{body}</table>"
         )
-    parts.append("<h2>Prediction vs ground truth (validation cases)</h2>")
-    if legend:
-        parts.append(
-            "<p>"
-            + "".join(
-                f"<span class='swatch' style='background:{esc(c)}'></span>{esc(n)}"
-                for n, c in legend
-            )
-            + " &mdash; in each pair: ground truth left, prediction right.</p>"
+    return parts
+
+
+def _html_overlays(report: _Report) -> list[str]:
+    """Prediction vs ground truth: the legend, each site's overlay image, or why none."""
+    esc = html.escape
+    parts = ["<h2>Prediction vs ground truth (validation cases)</h2>"]
+    if report.legend:
+        swatches = "".join(
+            f"<span class='swatch' style='background:{esc(c)}'></span>{esc(n)}"
+            for n, c in report.legend
         )
-    for site, png in sorted(overlays.items()):
+        parts.append(
+            f"<p>{swatches} &mdash; in each pair: ground truth left, prediction right.</p>"
+        )
+    for site, png in sorted(report.overlays.items()):
         parts.append(
             f"<h3>{esc(site)}</h3><div class='overlay'><img src='{esc(png.name)}' "
             f"alt='overlays {esc(site)}'></div>"
         )
-    if overlay_note:
-        parts.append(f"<p class='note'>{esc(overlay_note)}</p>")
-    parts.append(f"<h2>Resolved configuration</h2><pre>{esc(config_text)}</pre></body></html>")
-    return "\n".join(parts)
+    if report.overlay_note:
+        parts.append(f"<p class='note'>{esc(report.overlay_note)}</p>")
+    return parts
 
 
 def _site_problems(summary: Mapping[str, Any]) -> list[tuple[str, dict[str, str]]]:

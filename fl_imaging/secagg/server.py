@@ -63,6 +63,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from fl_imaging.config import RunPlan
+from fl_imaging.outputs.records import MetricRow, Row, failure_row
 from fl_imaging.protocol import MetricKey, RecordKey, SiteKey
 from fl_imaging.secagg import SecureAggregationError
 from fl_imaging.secagg.settings import MODULUS_RANGE, protocol_sizes
@@ -73,9 +74,10 @@ from fl_imaging.updates.wire import to_numpy, update_records
 
 logger = logging.getLogger(__name__)
 
-Row = dict[str, Any]
 # the ServerApp's exchange: send, collect, record rows -> (replies, rows, failures)
-Exchange = Callable[[int, str, Iterable[Message]], tuple[list[Message], list[Row], list[Row]]]
+Exchange = Callable[
+    [int, str, Iterable[Message]], tuple[list[Message], list[MetricRow], list[MetricRow]]
+]
 
 
 # the "site" of the one reply a secure round yields: the sum of every site's update
@@ -101,7 +103,7 @@ class SecureAggregation:
         grid: Grid,
         run_id: int,
         exchange: Exchange,
-        record: Callable[[list[Row]], None],
+        record: Callable[[list[MetricRow]], None],
         node_sites: dict[int, str] | None = None,
     ) -> None:
         self.plan = plan
@@ -113,7 +115,7 @@ class SecureAggregation:
 
     def train_round(
         self, server_round: int, arrays: ArrayRecord, messages: Iterable[Message]
-    ) -> tuple[list[Message], list[Row], list[Row]]:
+    ) -> tuple[list[Message], list[MetricRow], list[MetricRow]]:
         """Run SecAgg+ for one training round.
 
         Args:
@@ -136,25 +138,7 @@ class SecureAggregation:
         messages = list(messages)
         cfg = self.plan.secure_aggregation
         shares, threshold = protocol_sizes(cfg, len(messages))
-        proxies: dict[int, ClientProxy] = {
-            m.metadata.dst_node_id: GridClientProxy(m.metadata.dst_node_id, self.grid, self.run_id)
-            for m in messages
-        }
-        manager = SimpleClientManager()
-        for proxy in proxies.values():
-            manager.register(proxy)
-        adapter = _RoundStrategy(messages, proxies)
-        state = RecordDict(
-            {
-                MAIN_PARAMS_RECORD: arrays,
-                MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
-            }
-        )
-        context = LegacyContext(
-            Context(run_id=self.run_id, node_id=0, node_config={}, state=state, run_config={}),
-            strategy=adapter,
-            client_manager=manager,
-        )
+        adapter, context = self._legacy_context(server_round, arrays, messages)
         stages = _StageGrid(self, server_round, min_contributors=max(threshold, 2))
         workflow = SecAggPlusWorkflow(
             num_shares=shares,
@@ -180,22 +164,55 @@ class SecureAggregation:
                 f"{stages.last_stage} stage: {stages.active} of {len(messages)} sites still "
                 f"taking part, each site needs {threshold} "
                 f"(secure_aggregation.reconstruction_threshold); failures: "
-                f"{ {f['site']: f['error'] for f in failures} }"
+                f"{ {f[Row.SITE]: f[Row.ERROR] for f in failures} }"
             )
-        total = sum(r["num_examples"] for r in rows)
+        total = sum(r[Row.NUM_EXAMPLES] for r in rows)
         if total == 0:
             return [], rows, failures  # no site trained (privacy budgets exhausted)
-        weights = {
-            name: (ref.astype(np.float64) + mean).astype(ref.dtype)
-            for (name, ref), mean in zip(to_numpy(arrays).items(), adapter.mean_update, strict=True)
-        }
         logger.info(
             "round %d: securely aggregated the updates of %d sites (%d examples)",
             server_round,
             len(rows),
             total,
         )
-        # encoded like any site's update (codec none), so the ServerApp decodes it as usual
+        return [self._aggregate_reply(arrays, adapter.mean_update, total)], rows, failures
+
+    def _legacy_context(
+        self, server_round: int, arrays: ArrayRecord, messages: list[Message]
+    ) -> tuple[_RoundStrategy, LegacyContext]:
+        """The legacy strategy adapter and context the workflow runs with (one proxy a site)."""
+        proxies: dict[int, ClientProxy] = {
+            m.metadata.dst_node_id: GridClientProxy(m.metadata.dst_node_id, self.grid, self.run_id)
+            for m in messages
+        }
+        manager = SimpleClientManager()
+        for proxy in proxies.values():
+            manager.register(proxy)
+        adapter = _RoundStrategy(messages, proxies)
+        state = RecordDict(
+            {
+                MAIN_PARAMS_RECORD: arrays,
+                MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
+            }
+        )
+        context = LegacyContext(
+            Context(run_id=self.run_id, node_id=0, node_config={}, state=state, run_config={}),
+            strategy=adapter,
+            client_manager=manager,
+        )
+        return adapter, context
+
+    def _aggregate_reply(
+        self, arrays: ArrayRecord, mean_update: list[np.ndarray], total: int
+    ) -> Message:
+        """The sites' weighted mean as one reply, encoded like a site's update (codec none).
+
+        So the ServerApp decodes and aggregates it as usual.
+        """
+        weights = {
+            name: (ref.astype(np.float64) + mean).astype(ref.dtype)
+            for (name, ref), mean in zip(to_numpy(arrays).items(), mean_update, strict=True)
+        }
         encoded, _ = encode_update(weights, to_numpy(arrays), codec_of(self.plan.compression))
         content = RecordDict(
             {
@@ -204,7 +221,7 @@ class SecureAggregation:
                 RecordKey.SITE: ConfigRecord({SiteKey.NAME: AGGREGATE}),
             }
         )
-        return [Message(content, dst_node_id=0, message_type=MessageType.TRAIN)], rows, failures
+        return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
 
 
 class _RoundStrategy(LegacyStrategy):
@@ -278,8 +295,8 @@ class _StageGrid(DelegatingGrid):
         self.secure = secure
         self.server_round = server_round
         self.min_contributors = min_contributors
-        self.rows: list[Row] = []
-        self.failures: list[Row] = []
+        self.rows: list[MetricRow] = []
+        self.failures: list[MetricRow] = []
         self.last_stage = ""
         self.active = 0
         self.seconds: dict[str, float] = {}  # wall-clock seconds of each stage's exchange
@@ -307,7 +324,7 @@ class _StageGrid(DelegatingGrid):
         self.seconds[stage] = time.monotonic() - started
         return replies
 
-    def _require_contributors(self, rows: list[Row]) -> None:
+    def _require_contributors(self, rows: list[MetricRow]) -> None:
         """Stop before unmasking unless enough sites contributed a real update.
 
         A site out of budget (or refused by its policy) sends a zero update of weight 0:
@@ -315,11 +332,13 @@ class _StageGrid(DelegatingGrid):
         The rule is enforced here, in the coordinator's code, before the unmask stage
         is sent: no share that could unmask anything leaves a site.
         """
-        contributors = sorted(r["site"] for r in rows if r.get("num_examples", 0) > 0)
+        contributors = sorted(r[Row.SITE] for r in rows if r.get(Row.NUM_EXAMPLES, 0) > 0)
         if len(contributors) >= self.min_contributors:
             return
         others = {
-            r["site"]: r.get("status", "no update") for r in rows if r["site"] not in contributors
+            r[Row.SITE]: r.get(Row.STATUS, "no update")
+            for r in rows
+            if r[Row.SITE] not in contributors
         }
         raise SecureAggregationError(
             f"round {self.server_round}: only {len(contributors)} sites contributed an update "
@@ -350,14 +369,8 @@ class _StageGrid(DelegatingGrid):
                 stage,
                 reason,
             )
-            rows.append(
-                {
-                    "round": self.server_round,
-                    "site": site,
-                    "split": "train",
-                    "error": f"secure aggregation ({stage}): {reason}",
-                }
-            )
+            error = f"secure aggregation ({stage}): {reason}"
+            rows.append(failure_row(self.server_round, site, "train", error))
         if rows:
             self.secure.record(rows)
             self.failures += rows

@@ -1,0 +1,60 @@
+"""Continuing a stopped run: its last completed round, model, strategy state and summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from fl_imaging.config import ConfigError, RunPlan, plan_to_dict, to_plan
+from fl_imaging.outputs.reporting import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    CheckpointReadError,
+    RunFolder,
+    load_checkpoint,
+    read_summary,
+)
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """Where a stopped run left off (from its ``checkpoints/last.pt`` and ``summary.json``)."""
+
+    last_round: int
+    state_dict: dict[str, Any]
+    strategy_state: dict[str, Any]
+    summary: dict[str, Any]
+
+
+def load_resume_state(run: RunFolder, plan: RunPlan) -> ResumeState:
+    """Read a run folder's last completed round; refuse one trained under another setup.
+
+    Raises:
+        ConfigError: the folder's model, data or sites differ from ``plan``, or it has
+            no completed round to continue from.
+    """
+    stored = to_plan(OmegaConf.load(run.path / CONFIG_FILE), check=False)
+    old, new = plan_to_dict(stored), plan_to_dict(plan)
+    for key in ("model", "data"):
+        if old[key] != new[key]:
+            raise ConfigError(
+                f"cannot resume {run.path}: its {key} config differs ({old[key]} vs {new[key]})"
+            )
+    if stored.site_names != plan.site_names:
+        raise ConfigError(
+            f"cannot resume {run.path}: it was run with sites {stored.site_names}, "
+            f"not {plan.site_names}"
+        )
+    last = run.path / CHECKPOINT_DIR / "last.pt"
+    if not last.is_file():
+        raise ConfigError(f"cannot resume {run.path}: no completed round (no {last.name})")
+    try:
+        ckpt = load_checkpoint(last)
+    except CheckpointReadError as exc:
+        raise ConfigError(f"cannot resume {run.path}: {exc}") from exc
+    summary = read_summary(run.path)
+    return ResumeState(
+        int(ckpt["round"]), ckpt["state_dict"], ckpt.get("strategy_state", {}), summary
+    )
