@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fl_imaging.config import split_experiment, with_root
 from fl_imaging.logs import setup_logging
@@ -439,7 +440,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fl-imaging", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_data_commands(sub)
+    _add_run_commands(sub)
+    _add_privacy_commands(sub)
+    _add_site_commands(sub)
+    _add_model_commands(sub)
+    return parser
 
+
+def _add_data_commands(sub: Any) -> None:
+    """Synth, check-data, partition: a hospital's data."""
     p = sub.add_parser("synth", help="write synthetic hospitals (NIfTI + one manifest each)")
     p.add_argument("--out", type=Path, default=Path("data/synthetic"))
     p.add_argument("--sites", type=int, default=3)
@@ -493,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_partition)
 
+
+def _add_run_commands(sub: Any) -> None:
+    """Run, check-config, sweep, stop-superlink: running a federation."""
     p = sub.add_parser("run", help="run a federation on a local simulation (flwr run)")
     p.add_argument(
         "overrides",
@@ -525,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app", type=Path, default=PROJECT_ROOT, help="the app folder")
     p.set_defaults(func=_stop_superlink)
 
+
+def _add_privacy_commands(sub: Any) -> None:
+    """Privacy status | plan | audit | reset."""
     privacy = sub.add_parser("privacy", help="per-site privacy ledgers: status, reset")
     psub = privacy.add_subparsers(dest="privacy_command", required=True)
     p = psub.add_parser("status", help="epsilon spent and left per site")
@@ -548,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="experiment=NAME and Hydra overrides")
     p.set_defaults(func=_privacy_reset)
 
+
+def _add_site_commands(sub: Any) -> None:
+    """Site audit | approve | fingerprint, and the coordinator's gateway."""
     site = sub.add_parser("site", help="a hospital's own view: what its site sent")
     ssub = site.add_subparsers(dest="site_command", required=True)
     p = ssub.add_parser("audit", help="every reply the site sent (its outbound audit log)")
@@ -580,6 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="plain HTTP on both sides")
     p.set_defaults(func=_gateway)
 
+
+def _add_model_commands(sub: Any) -> None:
+    """Predict and report: using a run's model and results."""
     p = sub.add_parser("predict", help="segment NIfTI scans with a run's checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True, help="e.g. RUN/checkpoints/best.pt")
     p.add_argument(
@@ -615,7 +637,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--no-overlays", action="store_true", help="skip reading scans for overlays")
     p.set_defaults(func=_report)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -188,35 +188,11 @@ def run_simulation(
     project_root = project_root.resolve()
     items = with_root(split_overrides(overrides), project_root)
     if plan is None:
-        plan = compose(experiment, items)  # fail fast, before any process starts
-    problems = check_sites(plan) + strategy_problems(plan) + outputs_problems(plan)
-    if plan.model.init_checkpoint:
-        try:
-            initial_weights(plan)  # fits the model? (else the server would fail later)
-        except ConfigError as exc:
-            problems.append(str(exc))
-    if problems:
-        raise ConfigError("the configured sites are not usable:\n  - " + "\n  - ".join(problems))
-    plans = privacy_plans(plan)
-    if plans:  # what each private site will run (fl-imaging privacy plan)
-        logger.info("DP-SGD plan of the private sites (at their first round):")
-        for line in plan_lines(plans):
-            (logger.warning if line.startswith("warning:") else logger.info)("%s", line)
-    sim = plan.federation.simulation
-    federation_config = (
-        f"num-supernodes={sim.num_supernodes or len(plan.federation.sites)} "
-        f"client-resources-num-cpus={sim.num_cpus_per_site:g} "
-        f"client-resources-num-gpus={sim.num_gpus_per_site:g}"
-    )
+        plan = compose(experiment, items)
+    preflight(plan)  # fail fast, before any process starts
     env = flwr_env(project_root)
     flwr_home = Path(env["FLWR_HOME"])
-    foreign = [p for p in any_local_superlink() if p not in local_superlink_pids(flwr_home)]
-    if foreign:
-        logger.warning(
-            "a local SuperLink from another FLWR_HOME is running (pids %s) and will be used; "
-            "it keeps the environment it was started with",
-            foreign,
-        )
+    _warn_foreign_superlink(flwr_home)
     already_running = set(local_superlink_pids(flwr_home))
     run_config = f"experiment={json.dumps(experiment)} overrides={json.dumps(shlex.join(items))}"
     staging = Path(tempfile.mkdtemp(prefix="fl-imaging-app-"))
@@ -236,38 +212,18 @@ def run_simulation(
             "--run-config",
             run_config,
             "--federation-config",
-            federation_config,
+            _federation_config(plan),
             *extra_flwr_args,
         ]
         logger.info("$ %s", shlex.join(cmd))
-        with console_log.open("w", encoding="utf-8") as raw:
-
-            def on_line(line: str) -> None:
-                raw.write(line)
-                shown = console.show(line)
-                if shown is not None:
-                    sys.stdout.write(shown)
-                    sys.stdout.flush()
-
-            run_id, code = stream_flwr_run(cmd, env, project_root, on_line)
+        run_id, code = _stream(cmd, env, project_root, console_log, console)
         if not run_id:
             raise LaunchError(f"`flwr run` exited with code {code} before starting a run")
         status = final_status(run_id, env, project_root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        started = [p for p in local_superlink_pids(flwr_home) if p not in already_running]
-        if stop_superlink and started:
-            # whatever `flwr run` / `flwr list` started for this FLWR_HOME during this call,
-            # unless another run (e.g. a concurrent `fl-imaging run`) still uses it
-            others = _unfinished_runs(env, project_root, exclude=run_id)
-            if others:
-                logger.warning(
-                    "leaving the local SuperLink (pids %s) running: runs %s still use it",
-                    started,
-                    others,
-                )
-            else:
-                stop_processes(started)
+        if stop_superlink:
+            _stop_started_superlink(flwr_home, already_running, env, project_root, run_id)
     # the run's own folder (outputs/latest moves only to a run that completed)
     run_dir = find_run(plan.resolve_path(plan.paths.outputs), run_id)
     kept = console_log
@@ -279,3 +235,81 @@ def run_simulation(
             "%d lines of Flower's stream not shown (--verbose shows them): %s", console.hidden, kept
         )
     return RunOutcome(run_id, status, run_dir, time.monotonic() - start)
+
+
+def preflight(plan: RunPlan) -> RunPlan:
+    """Check what a launch can check before any process starts; print the private sites' plan.
+
+    Raises:
+        ConfigError: a site's data, the strategy, the outputs folder or the initial
+            checkpoint is not usable (every problem is listed).
+    """
+    problems = check_sites(plan) + strategy_problems(plan) + outputs_problems(plan)
+    if plan.model.init_checkpoint:
+        try:
+            initial_weights(plan)  # fits the model? (else the server would fail later)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("the configured sites are not usable:\n  - " + "\n  - ".join(problems))
+    plans = privacy_plans(plan)
+    if plans:  # what each private site will run (fl-imaging privacy plan)
+        logger.info("DP-SGD plan of the private sites (at their first round):")
+        for line in plan_lines(plans):
+            (logger.warning if line.startswith("warning:") else logger.info)("%s", line)
+    return plan
+
+
+def _federation_config(plan: RunPlan) -> str:
+    """``--federation-config`` of the local simulation: how many sites, their resources."""
+    sim = plan.federation.simulation
+    return (
+        f"num-supernodes={sim.num_supernodes or len(plan.federation.sites)} "
+        f"client-resources-num-cpus={sim.num_cpus_per_site:g} "
+        f"client-resources-num-gpus={sim.num_gpus_per_site:g}"
+    )
+
+
+def _warn_foreign_superlink(flwr_home: Path) -> None:
+    foreign = [p for p in any_local_superlink() if p not in local_superlink_pids(flwr_home)]
+    if foreign:
+        logger.warning(
+            "a local SuperLink from another FLWR_HOME is running (pids %s) and will be used; "
+            "it keeps the environment it was started with",
+            foreign,
+        )
+
+
+def _stream(
+    cmd: list[str], env: dict[str, str], cwd: Path, console_log: Path, console: ConsoleFilter
+) -> tuple[str, int]:
+    """Run ``flwr run --stream``: every line into ``console_log``, the wanted ones shown."""
+    with console_log.open("w", encoding="utf-8") as raw:
+
+        def on_line(line: str) -> None:
+            raw.write(line)
+            shown = console.show(line)
+            if shown is not None:
+                sys.stdout.write(shown)
+                sys.stdout.flush()
+
+        return stream_flwr_run(cmd, env, cwd, on_line)
+
+
+def _stop_started_superlink(
+    flwr_home: Path, already_running: set[int], env: dict[str, str], cwd: Path, run_id: str
+) -> None:
+    """Stop what `flwr run` / `flwr list` started for ``flwr_home`` during this launch.
+
+    Unless another run (e.g. a concurrent `fl-imaging run`) still uses it.
+    """
+    started = [p for p in local_superlink_pids(flwr_home) if p not in already_running]
+    if not started:
+        return
+    others = _unfinished_runs(env, cwd, exclude=run_id)
+    if others:
+        logger.warning(
+            "leaving the local SuperLink (pids %s) running: runs %s still use it", started, others
+        )
+    else:
+        stop_processes(started)
