@@ -210,22 +210,9 @@ def train_local(
                 if on_empty_batch is not None:
                     on_empty_batch()
                 continue
-            cases = image.shape[0]
-            if image.dim() == 6:  # [B, K, C, *spatial]: K augmented views of each case
-                image, label = image.flatten(0, 1), label.flatten(0, 1)
-            image, label = image.to(device), label.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(image), label)
-            if anchor:
-                drift = sum(
-                    (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
-                )
-                loss = loss + 0.5 * proximal_mu * drift
-            loss.backward()
-            if before_step is not None:
-                before_step(cases)
-            optimizer.step()
-            epoch_loss += float(loss.detach())
+            epoch_loss += _train_step(
+                model, optimizer, loss_fn, image, label, device, before_step, anchor, proximal_mu
+            )
             epoch_batches += 1
             if getattr(optimizer, "_is_last_step_skipped", False):
                 continue  # a piece of a larger DP-SGD batch: its step comes with the last piece
@@ -254,6 +241,39 @@ def train_local(
         seconds=time.perf_counter() - start,
         started_at=started_at,
     )
+
+
+def _train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    image: torch.Tensor,
+    label: torch.Tensor,
+    device: torch.device,
+    before_step: Callable[[int], None] | None,
+    anchor: Sequence[torch.Tensor],
+    proximal_mu: float,
+) -> float:
+    """One optimiser step on a non-empty batch; returns its loss.
+
+    ``image`` is ``[B, C, *spatial]`` or ``[B, K, C, *spatial]`` (K augmented views of
+    each case, trained as ``B * K`` volumes; ``before_step`` gets B). ``anchor``: the
+    received weights of FedProx's proximal term (empty: none).
+    """
+    cases = image.shape[0]
+    if image.dim() == 6:  # [B, K, C, *spatial]: K augmented views of each case
+        image, label = image.flatten(0, 1), label.flatten(0, 1)
+    image, label = image.to(device), label.to(device)
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model(image), label)
+    if anchor:
+        drift = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+        loss = loss + 0.5 * proximal_mu * drift
+    loss.backward()
+    if before_step is not None:
+        before_step(cases)
+    optimizer.step()
+    return float(loss.detach())
 
 
 @torch.no_grad()

@@ -26,7 +26,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from opacus import PrivacyEngine
@@ -172,12 +173,6 @@ def train_private(
     optimizer = new_optimizer(
         model.parameters(), optimizer_name, lr=lr, weight_decay=weight_decay, momentum=momentum
     )
-    norms: float | list[float] = max_grad_norm
-    if clipping == "per_layer":  # equal shares whose L2 total is max_grad_norm
-        tensors = sum(len(group["params"]) for group in optimizer.param_groups)
-        norms = [max_grad_norm / math.sqrt(tensors)] * tensors
-    elif clipping != "flat":
-        raise ValueError(f"privacy.clipping {clipping!r} is unknown; choose flat or per_layer")
     engine = PrivacyEngine(accountant=accountant)
     engine.accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
     device = next(model.parameters()).device
@@ -186,7 +181,7 @@ def train_private(
         optimizer=optimizer,
         data_loader=with_secret_sampling(loader),
         noise_multiplier=noise_multiplier,
-        max_grad_norm=norms,
+        max_grad_norm=clipping_norms(optimizer, max_grad_norm, clipping),
         clipping=clipping,
         poisson_sampling=True,
         grad_sample_mode=grad_sample_mode,
@@ -203,18 +198,12 @@ def train_private(
         engine.accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
 
     trained = [p for p in dp_model.parameters() if p.requires_grad]
-    with contextlib.ExitStack() as stack:
-        if max_physical_batch and loader.batch_size > max_physical_batch:
-            dp_loader = stack.enter_context(
-                BatchMemoryManager(
-                    data_loader=dp_loader,
-                    max_physical_batch_size=max_physical_batch,
-                    optimizer=dp_optimizer,
-                )
-            )
+    with _physical_batches(
+        dp_loader, dp_optimizer, loader.batch_size, max_physical_batch
+    ) as batches:
         result = train_local(
             dp_model,
-            dp_loader,
+            batches,
             epochs=epochs,
             optimizer=dp_optimizer,
             ema_decay=ema_decay,
@@ -227,6 +216,42 @@ def train_private(
         param.requires_grad_(True)
     weights = {k: v.detach().cpu() for k, v in dp_model._module.state_dict().items()}
     return weights, result, list(engine.accountant.history)
+
+
+def clipping_norms(
+    optimizer: torch.optim.Optimizer, max_grad_norm: float, clipping: str
+) -> float | list[float]:
+    """Opacus' ``max_grad_norm`` for ``privacy.clipping``: one norm, or one per weight tensor.
+
+    ``per_layer`` gives every tensor an equal share whose L2 total is ``max_grad_norm``,
+    so the sensitivity (and the noise and accounting) is that of flat clipping.
+
+    Raises:
+        ValueError: an unknown ``clipping``.
+    """
+    if clipping == "flat":
+        return max_grad_norm
+    if clipping == "per_layer":
+        tensors = sum(len(group["params"]) for group in optimizer.param_groups)
+        return [max_grad_norm / math.sqrt(tensors)] * tensors
+    raise ValueError(f"privacy.clipping {clipping!r} is unknown; choose flat or per_layer")
+
+
+@contextlib.contextmanager
+def _physical_batches(
+    dp_loader: DataLoader, dp_optimizer: Any, batch_size: int | None, max_physical_batch: int
+) -> Iterator[DataLoader]:
+    """The private loader, split into pieces of ``max_physical_batch`` when batches are larger.
+
+    Opacus' BatchMemoryManager: one noisy step per logical (Poisson) batch, the same privacy.
+    """
+    if not max_physical_batch or (batch_size or 0) <= max_physical_batch:
+        yield dp_loader
+        return
+    with BatchMemoryManager(
+        data_loader=dp_loader, max_physical_batch_size=max_physical_batch, optimizer=dp_optimizer
+    ) as batches:
+        yield batches
 
 
 def with_secret_sampling(loader: DataLoader) -> DataLoader:

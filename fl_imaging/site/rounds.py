@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from fl_imaging.ml.training import EvalResult, TrainResult, evaluate, select_dev
 from fl_imaging.privacy.accounting import EXHAUSTED_FRACTION, noise_for_budget
 from fl_imaging.privacy.dp_sgd import train_private
 from fl_imaging.privacy.ledger import (
+    Ledger,
     NoisePlan,
     ledger_lock,
     open_ledger,
@@ -178,6 +180,21 @@ def train_round(
                 request=request,
                 policy=policy,
             )
+    return _train_plain(site, plan, model, cases, batch_size, seed, epochs, proximal_mu, prefix)
+
+
+def _train_plain(
+    site: Site,
+    plan: RunPlan,
+    model: torch.nn.Module,
+    cases: list[Case],
+    batch_size: int,
+    seed: int,
+    epochs: int,
+    proximal_mu: float,
+    prefix: str,
+) -> RoundOutcome:
+    """A round of plain (non-private) local training."""
     loader = train_loader(
         cases, plan.data, batch_size=batch_size, seed=seed, cache_dir=cache_dir(site, plan, TRAIN)
     )
@@ -220,8 +237,6 @@ def _train_private(
     """
     epsilon = float(request.epsilon)  # type: ignore[arg-type]
     delta = float(request.delta)  # type: ignore[arg-type]
-    max_grad_norm = float(request.max_grad_norm)  # type: ignore[arg-type]
-    accountant = request.accountant
     num_train = len(loader.dataset)
     if delta >= 1 / num_train:
         raise ConfigError(
@@ -229,7 +244,7 @@ def _train_private(
             f"training cases), or a single patient's record could leak"
         )
     ledger = open_ledger(
-        site.state_dir, site=site.name, epsilon=epsilon, delta=delta, accountant=accountant
+        site.state_dir, site=site.name, epsilon=epsilon, delta=delta, accountant=request.accountant
     )
     sample_rate = 1.0 / len(loader)  # what Opacus' Poisson sampler will use
     steps = epochs * len(loader)
@@ -243,45 +258,17 @@ def _train_private(
 
     if epsilon - ledger.epsilon_spent < EXHAUSTED_FRACTION * epsilon:
         return exhausted(float("nan"))
-    plan_stale = (
-        ledger.plan is None
-        or ledger.plan.run_id != run_id
-        or ledger.plan.sample_rate != sample_rate
-        or ledger.plan.steps_per_round != steps
-    )
-    if plan_stale:
-        rounds_left = max(plan.rounds - server_round + 1, 1)
-        try:
-            sigma = noise_for_budget(
-                history=ledger.history,
-                epsilon=epsilon,
-                delta=delta,
-                sample_rate=sample_rate,
-                steps=steps * rounds_left,
-                accountant=accountant,
-            )
-        except ValueError:
-            return exhausted(float("nan"))
-        ledger.plan = NoisePlan(run_id, sigma, sample_rate, steps, server_round, rounds_left)
-        save_ledger(site.state_dir, ledger)
-        logger.info(
-            "%splanned DP-SGD: noise %.3f, q %.4f, %d steps/round over %d rounds for "
-            "epsilon %g (delta %g), %.3f already spent",
-            prefix,
-            sigma,
-            sample_rate,
-            steps,
-            rounds_left,
-            epsilon,
-            delta,
-            ledger.epsilon_spent,
-        )
+    # this round's sampling; the noise is the run's plan (or planned now)
+    this_round = NoisePlan(run_id, math.nan, sample_rate, steps, server_round, 0)
+    if not _plan_noise(site, plan, ledger, request, this_round, prefix):
+        return exhausted(float("nan"))
     sigma = ledger.plan.noise_multiplier  # type: ignore[union-attr]
     too_little_noise = noise_refusal(policy, sigma)
     if too_little_noise:
         return _refused(prefix, too_little_noise)
     if ledger.epsilon_after(sigma, sample_rate, steps) > epsilon:
         return exhausted(sigma)
+    max_grad_norm = float(request.max_grad_norm)  # type: ignore[arg-type]
     weights, result, history = train_private(
         model,
         loader,
@@ -290,7 +277,7 @@ def _train_private(
         epochs=epochs,
         lr=plan.train.lr,
         weight_decay=plan.train.weight_decay,
-        accountant=accountant,
+        accountant=request.accountant,
         history=ledger.history,
         grad_sample_mode=plan.privacy.grad_sample_mode,
         optimizer_name=plan.train.optimizer,
@@ -304,22 +291,90 @@ def _train_private(
     )
     keep_local_norm(site, plan, weights)
     ledger.history = history
-    spent = ledger.epsilon_spent
+    _record_round(site, ledger, this_round, sigma, max_grad_norm, result.steps)
+    report = PrivacyReport(ledger.epsilon_spent, epsilon, delta, sigma, False)
+    return RoundOutcome(weights, result, report)
+
+
+def _plan_noise(
+    site: Site,
+    plan: RunPlan,
+    ledger: Ledger,
+    request: PrivacyRequest,
+    wanted: NoisePlan,
+    prefix: str,
+) -> bool:
+    """Keep the ledger's noise plan, or plan anew for the rest of the run; False: no budget.
+
+    A plan holds for one run and one sampling setup (``wanted``'s run id, sample rate and
+    steps per round): the noise that spends what is left of the budget over the rounds
+    left. A new plan is saved in the ledger before any step uses it.
+    """
+    current = ledger.plan
+    if (
+        current is not None
+        and current.run_id == wanted.run_id
+        and current.sample_rate == wanted.sample_rate
+        and current.steps_per_round == wanted.steps_per_round
+    ):
+        return True
+    rounds_left = max(plan.rounds - wanted.first_round + 1, 1)
+    epsilon, delta = float(request.epsilon), float(request.delta)  # type: ignore[arg-type]
+    try:
+        sigma = noise_for_budget(
+            history=ledger.history,
+            epsilon=epsilon,
+            delta=delta,
+            sample_rate=wanted.sample_rate,
+            steps=wanted.steps_per_round * rounds_left,
+            accountant=request.accountant,
+        )
+    except ValueError:
+        return False
+    ledger.plan = dataclasses.replace(wanted, noise_multiplier=sigma, planned_rounds=rounds_left)
+    save_ledger(site.state_dir, ledger)
+    logger.info(
+        "%splanned DP-SGD: noise %.3f, q %.4f, %d steps/round over %d rounds for "
+        "epsilon %g (delta %g), %.3f already spent",
+        prefix,
+        sigma,
+        wanted.sample_rate,
+        wanted.steps_per_round,
+        rounds_left,
+        epsilon,
+        delta,
+        ledger.epsilon_spent,
+    )
+    return True
+
+
+def _record_round(
+    site: Site,
+    ledger: Ledger,
+    this_round: NoisePlan,
+    sigma: float,
+    max_grad_norm: float,
+    steps_run: int,
+) -> None:
+    """Append the round just trained to the site's ledger and save it (atomically).
+
+    ``this_round``: the run, round (``first_round``) and sampling the round was accounted
+    with; ``steps_run``: the optimiser steps it actually took.
+    """
     ledger.rounds.append(
         {
-            "run_id": run_id,
-            "round": server_round,
-            "steps": result.steps,
-            "accounted_steps": steps,
+            "run_id": this_round.run_id,
+            "round": this_round.first_round,
+            "steps": steps_run,
+            "accounted_steps": this_round.steps_per_round,
             "noise_multiplier": sigma,
-            "sample_rate": sample_rate,
+            "sample_rate": this_round.sample_rate,
             "max_grad_norm": max_grad_norm,
-            "epsilon_spent": spent,
+            "epsilon_spent": ledger.epsilon_spent,
             "time": time.time(),
         }
     )
     save_ledger(site.state_dir, ledger)
-    return RoundOutcome(weights, result, PrivacyReport(spent, epsilon, delta, sigma, False))
 
 
 def evaluate_round(
