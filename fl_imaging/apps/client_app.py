@@ -53,6 +53,7 @@ from fl_imaging.updates.wire import message_bytes, to_numpy, to_record, update_r
 if TYPE_CHECKING:
     from fl_imaging.ml.training import EvalResult
     from fl_imaging.site.resolve import Site
+    from fl_imaging.site.rounds import RoundOutcome
 
 app = ClientApp()
 logger = logging.getLogger("fl_imaging.client")
@@ -252,23 +253,7 @@ def train_step(msg: Message, context: Context) -> Message:
         MetricKey.EPSILON_BUDGET: privacy.epsilon_budget if privacy else math.inf,
     }
     if outcome.result is None or outcome.weights is None:
-        # budget exhausted, or refused by the site's own privacy policy: the site says so
-        # and sends no update (metric keys match a normal reply)
-        metrics.update(
-            {
-                MetricKey.NUM_EXAMPLES: 0,
-                MetricKey.LOSS: math.nan,
-                MetricKey.STEPS: 0,
-                MetricKey.TRAIN_SECONDS: 0.0,
-                MetricKey.TRAINED: 0,
-                MetricKey.REFUSED: int(outcome.refusal is not None),
-            }
-        )
-        if outcome.refusal is not None:
-            extra[RecordKey.REFUSAL] = ConfigRecord(
-                {RefusalKey.STATUS: REFUSED_BY_POLICY, RefusalKey.REASON: outcome.refusal}
-            )
-        return _reply(msg, site, metrics, extra)
+        return _no_update_reply(msg, site, outcome, metrics, extra)
     result = outcome.result
     logger.info(
         "[%s r%d] trained %d cases, %d steps, loss %.4f, %.1f s%s",
@@ -293,6 +278,34 @@ def train_step(msg: Message, context: Context) -> Message:
     # a fine-tune (cross-site evaluation) is not aggregated: it leaves the residual alone
     update = _encode(plan, context, received, outcome.weights, feedback=not finetune)
     return _reply(msg, site, metrics, {**update, **extra})
+
+
+def _no_update_reply(
+    msg: Message,
+    site: Site,
+    outcome: RoundOutcome,
+    metrics: dict[str, float | int],
+    extra: dict[str, ArrayRecord | ConfigRecord],
+) -> Message:
+    """Budget exhausted, or refused by the site's own privacy policy: the site says so.
+
+    It sends no update; the metric keys match a normal reply.
+    """
+    metrics.update(
+        {
+            MetricKey.NUM_EXAMPLES: 0,
+            MetricKey.LOSS: math.nan,
+            MetricKey.STEPS: 0,
+            MetricKey.TRAIN_SECONDS: 0.0,
+            MetricKey.TRAINED: 0,
+            MetricKey.REFUSED: int(outcome.refusal is not None),
+        }
+    )
+    if outcome.refusal is not None:
+        extra[RecordKey.REFUSAL] = ConfigRecord(
+            {RefusalKey.STATUS: REFUSED_BY_POLICY, RefusalKey.REASON: outcome.refusal}
+        )
+    return _reply(msg, site, metrics, extra)
 
 
 @app.query()

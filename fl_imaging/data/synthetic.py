@@ -397,17 +397,7 @@ def _write_site(
             rng, coords, fov_mm, profile, contrasts, SCHEME_LABELS[label_scheme][1]
         )
         file_name = f"{case}.nii.gz"
-        image: str | list[str]
-        if layout == "files":
-            image = []
-            for modality, channel in zip(modalities, channels, strict=True):
-                rel = f"{IMAGES_DIR}/{modality}/{file_name}"
-                _save_nifti(folder / rel, channel, affine)
-                image.append(rel)
-        else:
-            image = f"{IMAGES_DIR}/{file_name}"
-            data = channels[0] if len(channels) == 1 else np.stack(channels, axis=-1)
-            _save_nifti(folder / image, data, affine)
+        image = _save_channels(folder, file_name, channels, modalities, affine, layout)
         label_rel = f"{LABELS_DIR}/{file_name}"
         _save_nifti(folder / label_rel, label, affine)
         entries.append(
@@ -419,6 +409,7 @@ def _write_site(
                 "meta": {"site": site, **profile.as_meta()},
             }
         )
+    generator = {"seed": seed, "fov_mm": fov_mm, "shape": list(shape), "label_scheme": label_scheme}
     path = write_manifest(
         folder / MANIFEST_NAME,
         name=site,
@@ -426,14 +417,7 @@ def _write_site(
         labels=SCHEME_LABELS[label_scheme][0],
         entries=entries,
         description=f"synthetic BraTS-like hospital {site} (fl_imaging.data.synthetic)",
-        extra={
-            "generator": {
-                "seed": seed,
-                "fov_mm": fov_mm,
-                "shape": list(shape),
-                "label_scheme": label_scheme,
-            }
-        },
+        extra={"generator": generator},
     )
     logger.info(
         "%s: wrote %d cases (%d train, %d val), shape %s, spacing %s mm, %s, modalities %s",
@@ -447,6 +431,31 @@ def _write_site(
         modalities,
     )
     return path
+
+
+def _save_channels(
+    folder: Path,
+    file_name: str,
+    channels: list[np.ndarray],
+    modalities: list[str],
+    affine: np.ndarray,
+    layout: str,
+) -> str | list[str]:
+    """Save a case's image: one 3D/4D file (``4d``) or one file per modality (``files``).
+
+    Returns the manifest's ``image`` entry (paths relative to ``folder``).
+    """
+    if layout == "files":
+        paths = []
+        for modality, channel in zip(modalities, channels, strict=True):
+            rel = f"{IMAGES_DIR}/{modality}/{file_name}"
+            _save_nifti(folder / rel, channel, affine)
+            paths.append(rel)
+        return paths
+    rel = f"{IMAGES_DIR}/{file_name}"
+    data = channels[0] if len(channels) == 1 else np.stack(channels, axis=-1)
+    _save_nifti(folder / rel, data, affine)
+    return rel
 
 
 def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:

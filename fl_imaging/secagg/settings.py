@@ -41,8 +41,16 @@ def secure_aggregation_problems(plan: RunPlan) -> list[str]:
         return []
     if cfg.name != "secaggplus":
         return [f"secure_aggregation.name {cfg.name!r} is unknown; choose none or secaggplus"]
-    key = "secure_aggregation"
-    problems = []
+    return _protocol_problems(plan) + [
+        f"{name} with secure_aggregation=secaggplus: {reason}"
+        for name, reason in _incompatible_settings(plan).items()
+    ]
+
+
+def _protocol_problems(plan: RunPlan) -> list[str]:
+    """Sites per round, shares, threshold, quantisation: what SecAgg+ itself needs."""
+    cfg = plan.secure_aggregation
+    key, problems = "secure_aggregation", []
     sampled = sites_per_round(plan)
     shares, threshold = protocol_sizes(cfg, sampled)
     if sampled < 3:
@@ -80,6 +88,11 @@ def secure_aggregation_problems(plan: RunPlan) -> list[str]:
             f"{sampled} sites x 2**bits below the modulus 2**32 (at most "
             f"{((MODULUS_RANGE - 1) // max(sampled, 1)).bit_length() - 1} bits here)"
         )
+    return problems
+
+
+def _incompatible_settings(plan: RunPlan) -> dict[str, str]:
+    """Settings that need what secure aggregation hides (single updates): name -> why."""
     why_not = {
         "strategy.name": (
             plan.strategy.name in NEEDS_SINGLE_UPDATES,
@@ -113,7 +126,4 @@ def secure_aggregation_problems(plan: RunPlan) -> list[str]:
             "single site's compressed update: use compression=none",
         ),
     }
-    for name, (bad, reason) in why_not.items():
-        if bad:
-            problems.append(f"{name} with {key}=secaggplus: {reason}")
-    return problems
+    return {name: reason for name, (bad, reason) in why_not.items() if bad}
