@@ -18,6 +18,9 @@ Commands (all print what they do)::
     python scripts/deploy/federation.py run --experiment demo --overrides "rounds=3"
     python scripts/deploy/federation.py kill hospital_c      # crash one hospital (SIGKILL)
     python scripts/deploy/federation.py node hospital_c      # (re)start its SuperNode
+    python scripts/deploy/federation.py kill coordinator     # crash SuperLink + ServerApp
+    python scripts/deploy/federation.py coordinator          # restart it on its database
+    python scripts/deploy/federation.py run --overrides "rounds=3 resume=latest"
     python scripts/deploy/federation.py node intruder --unregistered  # a key never registered
     python scripts/deploy/federation.py down                 # stop everything, by PID
 
@@ -61,6 +64,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 CONNECTION = "fl-imaging-deployment"
 STATE_FILE = "deployment.json"
+COORDINATOR = "coordinator"  # `kill coordinator`: the SuperLink side, not a site
 
 
 def log(msg: str) -> None:
@@ -253,9 +257,10 @@ def start_node(
         isolation,
         "--node-config",
         node_config(site, state, folder, claim),
-        # give up (and exit) if the SuperLink stays unreachable, rather than retry forever
+        # ride out a coordinator restart, but give up (and exit) if the SuperLink stays
+        # unreachable, rather than retry forever
         "--max-wait-time",
-        "60",
+        f"{state.get('reconnect_for', 60):g}",
     ]
     if state["insecure"]:
         cmd.append("--insecure")
@@ -296,6 +301,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         alive(p) for p in _all_pids(json.loads((folder / STATE_FILE).read_text()))
     ):
         sys.exit(f"a deployment in {folder} is still running: `federation.py down --dir {folder}`")
+    if COORDINATOR in args.sites:
+        sys.exit(f"{COORDINATOR!r} names the coordinator in `kill`; call the site otherwise")
     folder.mkdir(parents=True, exist_ok=True)
     certs = (args.certs or folder / "certs").resolve()
     gateway = not args.no_gateway
@@ -312,6 +319,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "certs": str(certs),
         "isolation": args.isolation,
         "object_poll": args.object_poll,
+        "reconnect_for": args.reconnect_for,
         "data_dir": str(args.data_dir.resolve()) if args.data_dir else None,
         "policy_dir": str(args.policy_dir.resolve()) if args.policy_dir else None,
         "approved_dir": str(args.approved_dir.resolve()) if args.approved_dir else None,
@@ -415,10 +423,27 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _coordinator_pids(state: dict) -> list[int]:
+    return [state[k] for k in ("superlink", "gateway") if state.get(k)]
+
+
 def cmd_kill(args: argparse.Namespace) -> int:
-    """SIGKILL a hospital's SuperNode and its ClientApp processes: a crash, not a shutdown."""
+    """SIGKILL a hospital's SuperNode and its ClientApp processes: a crash, not a shutdown.
+
+    ``coordinator``: the SuperLink with its ServerApp processes, and the gateway.
+    """
     folder: Path = args.dir.resolve()
     state = load_state(folder)
+    if args.site == COORDINATOR:
+        pids = _coordinator_pids(state)
+        kill_group(pids, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while any_left(pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if any_left(pids):
+            sys.exit(f"the coordinator's processes {pids} did not stop")
+        log(f"killed the coordinator (pids {pids}, with their process groups)")
+        return 0
     node = state["nodes"].get(args.site)
     if not node:
         sys.exit(f"no SuperNode {args.site} in {folder}")
@@ -427,9 +452,31 @@ def cmd_kill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    """(Re)start the coordinator after a crash: the SuperLink on its database, the gateway.
+
+    The SuperLink keeps its registered hospital keys and runs in ``superlink.db``; the
+    hospitals' SuperNodes reconnect by themselves. A stopped run continues with
+    ``run --overrides resume=latest``.
+    """
+    folder: Path = args.dir.resolve()
+    state = load_state(folder)
+    running = [p for p in _coordinator_pids(state) if alive(p)]
+    if running:
+        sys.exit(f"the coordinator is running (pids {running}); `kill coordinator` first")
+    env = deploy_env(folder)
+    state["superlink"] = start_superlink(folder, state, env)
+    save_state(folder, state)
+    if state.get("control_port"):
+        state["gateway"] = start_gateway(folder, state, env)
+        save_state(folder, state)
+    log(f"coordinator restarted on {folder / 'superlink.db'}")
+    return 0
+
+
 def _all_pids(state: dict) -> list[int]:
     pids = [p for n in state.get("nodes", {}).values() for p in n["pids"]]
-    return pids + [state[k] for k in ("superlink", "gateway") if state.get(k)]
+    return pids + _coordinator_pids(state)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -519,6 +566,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0.05,
         help="warm executor: first retry (s) for message objects; 0: Flower's default (1 s)",
     )
+    up.add_argument(
+        "--reconnect-for",
+        type=float,
+        default=600,
+        help="seconds a SuperNode keeps reconnecting to an unreachable SuperLink (e.g. while "
+        "the coordinator restarts) before it exits",
+    )
     up.add_argument("--insecure", action="store_true", help="no TLS, no authentication")
     up.add_argument("--no-auth", action="store_true", help="TLS without SuperNode auth")
     node = sub.add_parser("node", help="start (or restart) one site's SuperNode")
@@ -527,8 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument(
         "--claim", metavar="SITE", help="a node with its own registered key that says it is SITE"
     )
-    kill = sub.add_parser("kill", help="SIGKILL one site's SuperNode (a crash)")
-    kill.add_argument("site")
+    kill = sub.add_parser("kill", help="SIGKILL one site's SuperNode, or the coordinator")
+    kill.add_argument("site", help=f"a site, or {COORDINATOR!r} (SuperLink, ServerApp, gateway)")
+    sub.add_parser("coordinator", help="restart the coordinator after `kill coordinator`")
     sub.add_parser("down", help="stop everything this deployment started")
     run = sub.add_parser("run", help="flwr run . on this deployment; wait; check the status")
     run.add_argument("--experiment", default="demo")
@@ -540,7 +595,14 @@ def main(argv: list[str] | None = None) -> int:
         help="do not bind sites to their registered keys (a site is what its node declares)",
     )
     args = parser.parse_args(argv)
-    handlers = {"up": cmd_up, "node": cmd_node, "kill": cmd_kill, "down": cmd_down, "run": cmd_run}
+    handlers = {
+        "up": cmd_up,
+        "node": cmd_node,
+        "kill": cmd_kill,
+        "coordinator": cmd_coordinator,
+        "down": cmd_down,
+        "run": cmd_run,
+    }
     return handlers[args.command](args)
 
 
