@@ -18,6 +18,8 @@ Commands (all print what they do)::
     python scripts/deploy/federation.py run --experiment demo --overrides "rounds=3"
     python scripts/deploy/federation.py kill hospital_c      # crash one hospital (SIGKILL)
     python scripts/deploy/federation.py node hospital_c      # (re)start its SuperNode
+    python scripts/deploy/federation.py pause hospital_b     # freeze it (SIGSTOP): cut off
+    python scripts/deploy/federation.py unpause hospital_b   # thaw it: it rejoins
     python scripts/deploy/federation.py kill coordinator     # crash SuperLink + ServerApp
     python scripts/deploy/federation.py coordinator          # restart it on its database
     python scripts/deploy/federation.py run --overrides "rounds=3 resume=latest"
@@ -423,6 +425,21 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pause(args: argparse.Namespace) -> int:
+    """SIGSTOP (``pause``) or SIGCONT (``unpause``) a hospital: a network cut, ``docker pause``.
+
+    Its SuperNode, executor and ClientApp processes freeze: no heartbeat, no reply, no work.
+    """
+    folder: Path = args.dir.resolve()
+    node = load_state(folder)["nodes"].get(args.site)
+    if not node:
+        sys.exit(f"no SuperNode {args.site} in {folder}")
+    stop = args.command == "pause"
+    kill_group(node["pids"], signal.SIGSTOP if stop else signal.SIGCONT)
+    log(f"{'paused' if stop else 'unpaused'} {args.site} (pids {node['pids']})")
+    return 0
+
+
 def _coordinator_pids(state: dict) -> list[int]:
     return [state[k] for k in ("superlink", "gateway") if state.get(k)]
 
@@ -584,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     kill = sub.add_parser("kill", help="SIGKILL one site's SuperNode, or the coordinator")
     kill.add_argument("site", help=f"a site, or {COORDINATOR!r} (SuperLink, ServerApp, gateway)")
     sub.add_parser("coordinator", help="restart the coordinator after `kill coordinator`")
+    for name, what in (("pause", "freeze (SIGSTOP)"), ("unpause", "thaw (SIGCONT)")):
+        sub.add_parser(name, help=f"{what} one site's processes").add_argument("site")
     sub.add_parser("down", help="stop everything this deployment started")
     run = sub.add_parser("run", help="flwr run . on this deployment; wait; check the status")
     run.add_argument("--experiment", default="demo")
@@ -600,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         "node": cmd_node,
         "kill": cmd_kill,
         "coordinator": cmd_coordinator,
+        "pause": cmd_pause,
+        "unpause": cmd_pause,
         "down": cmd_down,
         "run": cmd_run,
     }
