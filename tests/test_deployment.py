@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +26,7 @@ import pytest
 from fl_imaging.outputs.reporting import read_metrics
 from fl_imaging.site.audit import read_audit
 from fl_imaging.tools.bundle import bundle_hash, fab_bytes, stage_app
+from fl_imaging.tools.processes import free_port_range
 from tests.conftest import REPO_ROOT, tiny_overrides
 
 pytestmark = pytest.mark.e2e
@@ -65,17 +64,7 @@ class Deployment:
 
 
 def _free_base_port(count: int) -> int:
-    # shuffled: two test sessions at once (shared machine) rarely probe the same ports
-    for base in random.sample(range(29400, 29900, 20), k=25):
-        ports_free = True
-        for port in range(base, base + count):
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    ports_free = False
-                    break
-        if ports_free:
-            return base
-    raise RuntimeError("no free loopback ports in 29400-29900")
+    return free_port_range(count, 29400, 29900)
 
 
 def _federation(folder: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -25,9 +25,10 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from fl_imaging.config import ConfigError, RunPlan, compose, split_overrides, with_root
 from fl_imaging.ml.models import initial_weights
@@ -38,7 +39,7 @@ from fl_imaging.server.strategies import strategy_problems
 from fl_imaging.site.resolve import check_sites
 from fl_imaging.tools.bundle import stage_app
 from fl_imaging.tools.console import ConsoleFilter
-from fl_imaging.tools.processes import final_status, list_runs, stop_processes, stream_flwr_run
+from fl_imaging.tools.processes import flwr_run, list_runs, stop_processes
 
 logger = logging.getLogger(__name__)
 # every line `flwr run --stream` printed, shown on the console or not (in the run folder)
@@ -46,10 +47,6 @@ CONSOLE_LOG = "console.log"
 
 _SUPERLINK = "flower-superlink"
 _SUPEREXEC = "flower-superexec"
-
-
-class LaunchError(RuntimeError):
-    """``flwr run`` failed, or the run ended in a failed state."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +180,8 @@ def run_simulation(
 
     Raises:
         ConfigError: the composed configuration is invalid (checked before launching).
-        LaunchError: ``flwr run`` could not start the run.
+        LaunchError: ``flwr run`` could not start the run
+            (:func:`fl_imaging.tools.processes.flwr_run`).
     """
     project_root = project_root.resolve()
     items = with_root(split_overrides(overrides), project_root)
@@ -204,22 +202,12 @@ def run_simulation(
     start = time.monotonic()
     run_id = ""
     try:
-        cmd = [
-            "flwr",
-            "run",
-            str(stage_app(project_root, staging)),
-            "--stream",
-            "--run-config",
-            run_config,
-            "--federation-config",
-            _federation_config(plan),
-            *extra_flwr_args,
-        ]
-        logger.info("$ %s", shlex.join(cmd))
-        run_id, code = _stream(cmd, env, project_root, console_log, console)
-        if not run_id:
-            raise LaunchError(f"`flwr run` exited with code {code} before starting a run")
-        status = final_status(run_id, env, project_root)
+        app = stage_app(project_root, staging)
+        federation = ["--federation-config", _federation_config(plan), *extra_flwr_args]
+        with console_log.open("w", encoding="utf-8") as raw:
+            run_id, status = flwr_run(
+                app, run_config, env, project_root, _show(raw, console), extra_args=federation
+            )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if stop_superlink:
@@ -280,20 +268,17 @@ def _warn_foreign_superlink(flwr_home: Path) -> None:
         )
 
 
-def _stream(
-    cmd: list[str], env: dict[str, str], cwd: Path, console_log: Path, console: ConsoleFilter
-) -> tuple[str, int]:
-    """Run ``flwr run --stream``: every line into ``console_log``, the wanted ones shown."""
-    with console_log.open("w", encoding="utf-8") as raw:
+def _show(raw: TextIO, console: ConsoleFilter) -> Callable[[str], None]:
+    """Each line of the stream: into the console log, and to the terminal unless filtered."""
 
-        def on_line(line: str) -> None:
-            raw.write(line)
-            shown = console.show(line)
-            if shown is not None:
-                sys.stdout.write(shown)
-                sys.stdout.flush()
+    def on_line(line: str) -> None:
+        raw.write(line)
+        shown = console.show(line)
+        if shown is not None:
+            sys.stdout.write(shown)
+            sys.stdout.flush()
 
-        return stream_flwr_run(cmd, env, cwd, on_line)
+    return on_line
 
 
 def _stop_started_superlink(

@@ -11,8 +11,11 @@ import contextlib
 import json
 import logging
 import os
+import random
 import re
+import shlex
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +25,24 @@ logger = logging.getLogger(__name__)
 
 # what `flwr run` prints once the SuperLink accepted the run
 RUN_ID = re.compile(r"Successfully started run (\d+)")
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when nothing listens on ``host:port``."""
+    with socket.socket() as sock:
+        return sock.connect_ex((host, port)) != 0
+
+
+def free_port_range(count: int, low: int = 29400, high: int = 29900) -> int:
+    """A base port with ``count`` free ports after it, between ``low`` and ``high``.
+
+    The bases are tried in random order, so two sessions on one machine rarely probe the
+    same ports. Raises RuntimeError when there is none.
+    """
+    for base in random.sample(range(low, high - count, 20), k=min(25, (high - count - low) // 20)):
+        if all(port_free(port) for port in range(base, base + count)):
+            return base
+    raise RuntimeError(f"no {count} free loopback ports in {low}-{high}")
 
 
 def alive(pid: int) -> bool:
@@ -90,6 +111,47 @@ def stream_flwr_run(
                 run_id = match.group(1)
         code = proc.wait()
     return run_id, code
+
+
+class LaunchError(RuntimeError):
+    """``flwr run`` did not start a run."""
+
+
+def flwr_run(
+    app: Path,
+    run_config: str,
+    env: dict[str, str],
+    cwd: Path,
+    on_line: Callable[[str], None],
+    *,
+    connection: str | None = None,
+    extra_args: Sequence[str] = (),
+) -> tuple[str, str]:
+    """``flwr run APP [CONNECTION] --stream --run-config RUN_CONFIG``: its run id and final status.
+
+    Every line of the stream goes to ``on_line``. The status is Flower's once it says the
+    run finished (``finished:completed``, ``finished:failed``, ...); ``flwr run --stream``
+    can exit 0 for a failed run, so callers check the status, not the exit code. Used by
+    ``fl-imaging run`` and its sweeps (local simulation) and by the deployment script.
+
+    Raises:
+        LaunchError: Flower never started a run (the exit code is in the message).
+    """
+    cmd = [
+        "flwr",
+        "run",
+        str(app),
+        *([connection] if connection else []),
+        "--stream",
+        "--run-config",
+        run_config,
+        *extra_args,
+    ]
+    logger.info("$ %s", shlex.join(cmd))
+    run_id, code = stream_flwr_run(cmd, env, cwd, on_line)
+    if not run_id:
+        raise LaunchError(f"`flwr run` exited with code {code} before starting a run")
+    return run_id, final_status(run_id, env, cwd, connection)
 
 
 def list_runs(env: dict[str, str], cwd: Path, connection: str | None = None) -> list[dict]:

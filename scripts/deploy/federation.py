@@ -43,7 +43,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,12 +52,13 @@ from pathlib import Path
 
 from fl_imaging.tools.bundle import stage_app
 from fl_imaging.tools.processes import (
+    LaunchError,
     alive,
     any_left,
-    final_status,
+    flwr_run,
     kill_group,
+    port_free,
     stop_processes,
-    stream_flwr_run,
 )
 
 # Only fl_imaging's light modules are imported (torch takes seconds): `kill` must be quick.
@@ -95,17 +95,12 @@ def save_state(folder: Path, state: dict) -> None:
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
 def _wait_port(port: int, pid: int, what: str, log_file: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not alive(pid):
             sys.exit(f"{what} exited; see {log_file}:\n{log_file.read_text()[-2000:]}")
-        if not _free(port):
+        if not port_free(port):
             return
         time.sleep(0.2)
     sys.exit(f"{what} did not listen on port {port} within {timeout:.0f} s; see {log_file}")
@@ -311,7 +306,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     ports = [args.port + i for i in range(len(args.sites) + 1)]
     if gateway:
         ports.append(args.control_port or args.port + len(args.sites) + 1)
-    busy = [p for p in ports if not _free(p)]
+    busy = [p for p in ports if not port_free(p)]
     if busy:
         sys.exit(f"ports {busy} are in use; pick another --port")
     state = {
@@ -382,7 +377,7 @@ def _spawn_node(
             state["next_port"] += 1
         port = state["next_port"]
         state["next_port"] += 1
-    if not _free(port):
+    if not port_free(port):
         sys.exit(f"port {port} for {site} is in use")
     pid = start_node(site, folder, state, env, port, claim)
     state["nodes"][site] = {"port": port, "pids": [pid]}
@@ -525,13 +520,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     # a staged copy of the app: flwr run would walk every file of the checkout (.venv too)
     with tempfile.TemporaryDirectory(prefix="fl-imaging-app-") as staging:
         app = stage_app(args.app.resolve(), Path(staging))
-        cmd = ["flwr", "run", str(app), CONNECTION, "--stream", "--run-config", run_config]
-        log(f"$ FLWR_HOME={env['FLWR_HOME']} {shlex.join(cmd)}  # {app}: staged {args.app}")
-        run_id, code = stream_flwr_run(cmd, env, PROJECT_ROOT, sys.stderr.write)
-    if not run_id:
-        log(f"`flwr run` exited with code {code} before starting a run")
-        return 1
-    status = final_status(run_id, env, PROJECT_ROOT, CONNECTION)
+        log(f"flwr run {app} {CONNECTION} (FLWR_HOME={env['FLWR_HOME']}; staged {args.app})")
+        log(f"run config: {run_config}")
+        try:
+            run_id, status = flwr_run(
+                app, run_config, env, PROJECT_ROOT, sys.stderr.write, connection=CONNECTION
+            )
+        except LaunchError as exc:
+            log(str(exc))
+            return 1
     result = {"run_id": run_id, "status": status, "seconds": round(time.monotonic() - start, 1)}
     print(json.dumps(result))
     return 0 if status == "finished:completed" else 1
