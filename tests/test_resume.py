@@ -100,6 +100,20 @@ def test_resuming_with_another_model_is_refused(
         server.load_resume_state(run, other)
 
 
+def test_resuming_a_run_with_no_round_left_is_refused_and_changes_nothing(
+    tiny_sites: list[Path], tmp_path: Path, task_identity: None
+) -> None:
+    overrides = [*tiny_overrides(tiny_sites, tmp_path), "rounds=1"]
+    plan = compose("demo", overrides)
+    run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
+    server.run_federation(LocalGrid(overrides), plan, run, run_id=1)
+    metrics = (run.path / "metrics.jsonl").read_bytes()
+    again = compose("demo", [*overrides, "resume=latest"])
+    with pytest.raises(ConfigError, match="completed 1 rounds, and rounds=1 leaves nothing"):
+        server.load_resume_state(run, again)
+    assert (run.path / "metrics.jsonl").read_bytes() == metrics
+
+
 class _Payload:
     """Unpickling this runs code (a crafted checkpoint)."""
 

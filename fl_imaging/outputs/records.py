@@ -148,6 +148,7 @@ class RunSummary:
             "bytes_up_total",
             "bytes_down_total",
             "site_failures",
+            "minutes",
             "final_dice_mean",
             "final_dice_per_site",
             "rejected_updates",

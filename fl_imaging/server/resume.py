@@ -32,8 +32,8 @@ def load_resume_state(run: RunFolder, plan: RunPlan) -> ResumeState:
     """Read a run folder's last completed round; refuse one trained under another setup.
 
     Raises:
-        ConfigError: the folder's model, data or sites differ from ``plan``, or it has
-            no completed round to continue from.
+        ConfigError: the folder's model, data or sites differ from ``plan``, it has no
+            completed round to continue from, or ``plan.rounds`` leaves none to run.
     """
     stored = to_plan(OmegaConf.load(run.path / CONFIG_FILE), check=False)
     old, new = plan_to_dict(stored), plan_to_dict(plan)
@@ -54,7 +54,13 @@ def load_resume_state(run: RunFolder, plan: RunPlan) -> ResumeState:
         ckpt = load_checkpoint(last)
     except CheckpointReadError as exc:
         raise ConfigError(f"cannot resume {run.path}: {exc}") from exc
+    last_round = int(ckpt["round"])
+    if last_round >= plan.rounds:
+        # else the final evaluation rows of its last round would be dropped and never redone
+        raise ConfigError(
+            f"cannot resume {run.path}: it has completed {last_round} rounds, and "
+            f"rounds={plan.rounds} leaves nothing to run; set rounds above {last_round} to "
+            f"train on (the run folder was not changed)"
+        )
     summary = read_summary(run.path)
-    return ResumeState(
-        int(ckpt["round"]), ckpt["state_dict"], ckpt.get("strategy_state", {}), summary
-    )
+    return ResumeState(last_round, ckpt["state_dict"], ckpt.get("strategy_state", {}), summary)
