@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader as TorchDataLoader
@@ -110,6 +110,15 @@ class RoundOutcome:
     privacy: PrivacyReport | None
     # why the site refused the run (its own privacy policy); None: it did not refuse
     refusal: str | None = None
+
+
+class RoundSampling(NamedTuple):
+    """How one private round samples: what its noise plan must have been made for."""
+
+    run_id: str
+    server_round: int
+    sample_rate: float  # Poisson sampling rate q
+    steps_per_round: int
 
 
 def _refused(prefix: str, reason: str) -> RoundOutcome:
@@ -259,7 +268,7 @@ def _train_private(
     if epsilon - ledger.epsilon_spent < EXHAUSTED_FRACTION * epsilon:
         return exhausted(float("nan"))
     # this round's sampling; the noise is the run's plan (or planned now)
-    this_round = NoisePlan(run_id, math.nan, sample_rate, steps, server_round, 0)
+    this_round = RoundSampling(run_id, server_round, sample_rate, steps)
     if not _plan_noise(site, plan, ledger, request, this_round, prefix):
         return exhausted(float("nan"))
     sigma = ledger.plan.noise_multiplier  # type: ignore[union-attr]
@@ -301,7 +310,7 @@ def _plan_noise(
     plan: RunPlan,
     ledger: Ledger,
     request: PrivacyRequest,
-    wanted: NoisePlan,
+    wanted: RoundSampling,
     prefix: str,
 ) -> bool:
     """Keep the ledger's noise plan, or plan anew for the rest of the run; False: no budget.
@@ -318,7 +327,7 @@ def _plan_noise(
         and current.steps_per_round == wanted.steps_per_round
     ):
         return True
-    rounds_left = max(plan.rounds - wanted.first_round + 1, 1)
+    rounds_left = max(plan.rounds - wanted.server_round + 1, 1)
     epsilon, delta = float(request.epsilon), float(request.delta)  # type: ignore[arg-type]
     try:
         sigma = noise_for_budget(
@@ -331,7 +340,14 @@ def _plan_noise(
         )
     except ValueError:
         return False
-    ledger.plan = dataclasses.replace(wanted, noise_multiplier=sigma, planned_rounds=rounds_left)
+    ledger.plan = NoisePlan(
+        wanted.run_id,
+        sigma,
+        wanted.sample_rate,
+        wanted.steps_per_round,
+        wanted.server_round,
+        rounds_left,
+    )
     save_ledger(site.state_dir, ledger)
     logger.info(
         "%splanned DP-SGD: noise %.3f, q %.4f, %d steps/round over %d rounds for "
@@ -351,20 +367,20 @@ def _plan_noise(
 def _record_round(
     site: Site,
     ledger: Ledger,
-    this_round: NoisePlan,
+    this_round: RoundSampling,
     sigma: float,
     max_grad_norm: float,
     steps_run: int,
 ) -> None:
     """Append the round just trained to the site's ledger and save it (atomically).
 
-    ``this_round``: the run, round (``first_round``) and sampling the round was accounted
+    ``this_round``: the run, round and sampling the round was accounted
     with; ``steps_run``: the optimiser steps it actually took.
     """
     ledger.rounds.append(
         {
             "run_id": this_round.run_id,
-            "round": this_round.first_round,
+            "round": this_round.server_round,
             "steps": steps_run,
             "accounted_steps": this_round.steps_per_round,
             "noise_multiplier": sigma,
