@@ -69,6 +69,7 @@ from fl_imaging.secagg import SecureAggregationError
 from fl_imaging.secagg.settings import MODULUS_RANGE, protocol_sizes
 from fl_imaging.server.grid import DelegatingGrid, destinations, replied_node
 from fl_imaging.server.identity import site_name
+from fl_imaging.server.replies import no_reply_error
 from fl_imaging.updates.compression import codec_of, encode_update
 from fl_imaging.updates.wire import to_numpy, update_records
 
@@ -356,9 +357,7 @@ class _StageGrid(DelegatingGrid):
         timeout = self.secure.plan.strategy.round_timeout
         for msg in messages:
             if msg.metadata.dst_node_id not in replied:
-                errors[msg.metadata.dst_node_id] = (
-                    f"no reply within strategy.round_timeout={timeout:g} s"
-                )
+                errors[msg.metadata.dst_node_id] = no_reply_error(timeout)
         rows = []
         for node, reason in sorted(errors.items()):
             site = site_name(self.secure.node_sites, node)

@@ -126,6 +126,11 @@ def _status_columns(content: RecordDict, row: MetricRow) -> MetricRow:
     return {}
 
 
+def no_reply_error(timeout: float) -> str:
+    """The failure of a node that did not reply to a message within the round's timeout."""
+    return f"no reply within strategy.round_timeout={timeout:g} s"
+
+
 def silent_rows(
     messages: Sequence[Message],
     replies: Sequence[Message],
@@ -141,7 +146,7 @@ def silent_rows(
     silent = {m.metadata.dst_node_id for m in messages} - {
         replied_node(r, sent_to) for r in replies
     }
-    error = f"no reply within strategy.round_timeout={timeout:g} s"
+    error = no_reply_error(timeout)
     return [
         failure_row(
             server_round, site_name(node_sites, n), split, error, **{Row.BYTES_DOWN: bytes_down[n]}
