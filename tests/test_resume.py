@@ -88,13 +88,19 @@ def test_a_killed_run_resumes_without_losing_or_repeating_rounds(
     assert sorted(summary["dice_mean_per_round"]) == ["0", "1", "2", "3"]
 
 
-def test_resuming_with_another_model_is_refused(
-    tiny_sites: list[Path], tmp_path: Path, task_identity: None
-) -> None:
+def _one_round_run(tiny_sites: list[Path], tmp_path: Path) -> tuple[list[str], RunFolder]:
+    """A finished one-round run and the overrides it was run with."""
     overrides = [*tiny_overrides(tiny_sites, tmp_path), "rounds=1"]
     plan = compose("demo", overrides)
     run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
     server.run_federation(LocalGrid(overrides), plan, run, run_id=1)
+    return overrides, run
+
+
+def test_resuming_with_another_model_is_refused(
+    tiny_sites: list[Path], tmp_path: Path, task_identity: None
+) -> None:
+    overrides, run = _one_round_run(tiny_sites, tmp_path)
     other = compose("demo", [*overrides, "model=unet_small", "resume=latest"])
     with pytest.raises(ConfigError, match="model config differs"):
         server.load_resume_state(run, other)
@@ -103,10 +109,7 @@ def test_resuming_with_another_model_is_refused(
 def test_resuming_a_run_with_no_round_left_is_refused_and_changes_nothing(
     tiny_sites: list[Path], tmp_path: Path, task_identity: None
 ) -> None:
-    overrides = [*tiny_overrides(tiny_sites, tmp_path), "rounds=1"]
-    plan = compose("demo", overrides)
-    run = RunFolder.create(tmp_path / "outputs", plan.name, plan_to_yaml(plan))
-    server.run_federation(LocalGrid(overrides), plan, run, run_id=1)
+    overrides, run = _one_round_run(tiny_sites, tmp_path)
     metrics = (run.path / "metrics.jsonl").read_bytes()
     again = compose("demo", [*overrides, "resume=latest"])
     with pytest.raises(ConfigError, match="completed 1 rounds, and rounds=1 leaves nothing"):
