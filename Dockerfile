@@ -7,9 +7,12 @@
 #       -e FL_IMAGING_SITE=hospital_a -e FL_IMAGING_SUPERLINK=superlink.example.org:9092 \
 #       fl-imaging-site
 #
-# The app's code is not in the image: it arrives with each run (`flwr run .` sends the app
-# bundle). /data holds the site's manifest (dataset.json) and scans, read-only; /state gets
-# the privacy ledger and other site state. The same image runs the SuperLink (and with it
+# The code a run executes arrives with the run (`flwr run .` sends the app bundle). The
+# image holds the hospital's own copy of fl_imaging only for the warm ClientApp executor
+# (scripts/deploy/warm_executor.py: it imports torch and MONAI once and forks one process
+# per message, which loads the app from the run's bundle) and its bundle-approval check.
+# /data holds the site's manifest (dataset.json) and scans, read-only; /state gets the
+# privacy ledger and other site state. The same image runs the SuperLink (and with it
 # the ServerApp): `docker run ... fl-imaging-site flower-superlink ...`; compose.yaml shows
 # both. Offline builds (scripts/docker/test_docker.sh) pass a locally made BASE_IMAGE,
 # an empty TORCH_INDEX_URL and the torch wheel in scripts/docker/wheels/.
@@ -48,6 +51,14 @@ RUN groupadd --gid "${SITE_UID}" site; \
     mkdir -p /data /state /certs; \
     chown site:site /state
 
+# The hospital's copy of the package (no dependencies: they are pinned above), then the
+# executor and the entrypoint; these layers change with the code, the ones above do not.
+RUN --mount=type=bind,source=.,target=/tmp/src,rw \
+    --mount=type=secret,id=pip-ca \
+    if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi; \
+    pip install --no-cache-dir --no-deps /tmp/src; \
+    python -c "import fl_imaging.tools.bundle"
+COPY scripts/deploy/warm_executor.py /usr/local/lib/fl-imaging/warm_executor.py
 COPY scripts/docker/entrypoint.sh /usr/local/bin/fl-imaging-site
 
 USER ${SITE_UID}:${SITE_UID}
