@@ -3,7 +3,9 @@
 #
 # It needs root and the docker.io package (dockerd, containerd, runc and the `docker`
 # client with BuildKit). It uses its own data root, exec root and socket, so it touches no
-# other daemon, and runs without iptables or a bridge: containers use --network host.
+# other daemon, and runs without iptables (it changes no firewall rule of the machine). Its
+# default bridge stays: compose networks need it (containers reach each other by service
+# name; published ports go through docker-proxy).
 #
 #   source scripts/docker/dockerd.sh
 #   dockerd_start DIR      # daemon state under DIR; sets DOCKER_HOST and DOCKER
@@ -32,7 +34,7 @@ dockerd_start() {
     mkdir -p "$dir/data" "$dir/exec"
     # A short exec root: containerd's socket paths must stay under 108 characters. Its own
     # session: a Ctrl-C of the caller must not kill it before the containers are removed.
-    setsid "$DOCKERD" --storage-driver=overlay2 --iptables=false --ip6tables=false --bridge=none \
+    setsid "$DOCKERD" --storage-driver=overlay2 --iptables=false --ip6tables=false \
         --data-root "$dir/data" --exec-root "$dir/exec" --pidfile "$dir/dockerd.pid" \
         -H "unix://$dir/docker.sock" >"$dir/dockerd.log" 2>&1 &
     echo $! >"$dir/dockerd.launcher.pid"
