@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(BIN)/ruff check fl_imaging tests scripts
 	$(BIN)/pytest
 
-## test-docker: build ./Dockerfile, bring up compose.yaml (SuperLink + 3 hospitals), 2 rounds, coordinator restart + resume, down (root; ~5 min)
+## test-docker: build ./Dockerfile, bring up compose.yaml (SuperLink + 3 hospitals), 2 rounds, coordinator restart + resume, down (root; docs/DEPLOYMENT.md)
 test-docker: $(STAMP)
 	scripts/docker/test_docker.sh
 

@@ -2,9 +2,10 @@
 
 Runs (1) the shipped compose.yaml in containers (scripts/docker/test_docker.sh: image
 build, compose up, the run, then its restart checks) and (2) the process deployment
-(scripts/deploy/federation.py: SuperLink + one SuperNode per hospital on loopback, TLS,
-node authentication, warm executors), one after the other, with the overrides the
-container test reports (3 synthetic hospitals, tiny UNet, hospital_a with DP-SGD).
+(bench_deployment.py's ``warm`` mode: scripts/deploy/federation.py, SuperLink + one
+SuperNode per hospital on loopback, TLS, node authentication, warm executors), one after
+the other, with the overrides the container test reports (3 synthetic hospitals, tiny
+UNet, hospital_a with DP-SGD).
 A round's wall time is its train phase plus aggregation, from each run's own
 ``summary.json`` (``round_seconds``); round 1 (warm-up) and the final evaluation are left
 out. Prints JSON: per-round seconds of each, their medians and the difference.
@@ -22,17 +23,16 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
+from bench_deployment import run_mode  # the process deployment: up, run, down
+
 ROOT = Path(__file__).resolve().parent.parent
-FEDERATION = ROOT / "scripts" / "deploy" / "federation.py"
 TEST_DOCKER = ROOT / "scripts" / "docker" / "test_docker.sh"
-SITES = ["hospital_a", "hospital_b", "hospital_c"]
 
 
-def _round_walls(summary: dict, rounds: int) -> list[float]:
-    phases = summary["round_seconds"]
+def _round_walls(phases: dict, rounds: int) -> list[float]:
+    """Train phase + aggregation of rounds 2..rounds, from ``summary.json`` round_seconds."""
     return [
         round(phases[str(n)]["train"] + phases[str(n)]["aggregate"], 2)
         for n in range(2, rounds + 1)
@@ -40,26 +40,9 @@ def _round_walls(summary: dict, rounds: int) -> list[float]:
 
 
 def process_deployment(rounds: int, port: int, overrides: str) -> list[float]:
-    """Round walls (rounds 2..rounds) of the process deployment."""
-    with tempfile.TemporaryDirectory(prefix="bench-containers-") as tmp:
-        folder = Path(tmp)
-        base = [sys.executable, str(FEDERATION), "--dir", str(folder)]
-        data = ROOT / "data" / "synthetic"
-        subprocess.run(
-            [*base, "up", "--port", str(port), "--data-dir", str(data), "--sites", *SITES],
-            check=True,
-            capture_output=True,
-        )
-        try:
-            outputs = folder / "outputs"
-            items = f"{overrides} rounds={rounds} paths.outputs={outputs}"
-            subprocess.run([*base, "run", "--overrides", items], check=True, capture_output=True)
-            summary = json.loads(next(outputs.glob("*/summary.json")).read_text())
-        finally:
-            subprocess.run([*base, "down"], check=False, capture_output=True)
-    if summary["status"] != "finished":
-        raise RuntimeError(f"process deployment ended {summary['status']}")
-    return _round_walls(summary, rounds)
+    """Round walls (rounds 2..rounds) of the process deployment (bench_deployment's warm mode)."""
+    stats = run_mode("warm", rounds, port, ROOT / "data" / "synthetic", overrides.split(), None)
+    return _round_walls(stats["server_phase_seconds"], rounds)
 
 
 def containers(rounds: int, port: int) -> tuple[list[float], dict]:

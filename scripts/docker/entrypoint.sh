@@ -16,7 +16,8 @@
 #   FL_IMAGING_ISOLATION  warm (default): the SuperNode runs with --isolation process and the
 #                         warm executor next to it forks each message's ClientApp from a
 #                         process that has torch and MONAI imported already; subprocess:
-#                         Flower's own executor (a fresh process per message, ~30 s slower)
+#                         Flower's own executor (a fresh process per message, which imports
+#                         torch and MONAI each time)
 #   FL_IMAGING_APPROVED_BUNDLES  the hospital's approved app-bundle hashes (a mounted file,
 #                         `fl-imaging site approve`); warm only: any other bundle is refused
 #                         before anything of it is installed

@@ -262,7 +262,8 @@ if sorted(trained) != wanted:
 ledger = read_ledger(state)
 charged = [] if ledger is None else [int(e["round"]) for e in ledger.rounds]
 mine = {r["round"]: r for r in rows if r.get("split") == "train" and r["site"] == "hospital_a"}
-ran = sorted(n for n, r in mine.items() if r.get("steps"))
+# a round it executed: no status (budget exhausted, refused) and no error; 0 steps still count
+ran = sorted(n for n, r in mine.items() if not r.get("status") and not r.get("error"))
 if charged != ran or ran != list(range(1, first + 1)):
     problems.append(f"hospital_a trained rounds {ran}, its ledger charged {charged}; expected 1..{first}")
 if mine.get(rounds, {}).get("status") != "budget_exhausted":
