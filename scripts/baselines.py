@@ -29,7 +29,7 @@ from fl_imaging.data.loading import eval_loader, train_loader
 from fl_imaging.data.manifest import TRAIN, VAL
 from fl_imaging.logs import setup_logging
 from fl_imaging.ml.models import new_model
-from fl_imaging.ml.training import evaluate, train_local
+from fl_imaging.ml.training import LocalRecipe, evaluate, train_local
 from fl_imaging.site.resolve import configured_sites, load_site_manifest
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -63,14 +63,13 @@ def main() -> int:
         start = time.perf_counter()
         model = new_model(plan)
         loader = train_loader(cases, plan.data, batch_size=plan.train.batch_size, seed=plan.seed)
-        train_local(
-            model,
-            loader,
+        recipe = LocalRecipe(
             epochs=epochs,
             lr=plan.train.lr,
             weight_decay=plan.train.weight_decay,
             log_prefix=f"[{label}] ",
         )
+        train_local(model, loader, recipe)
         minutes[label] = (time.perf_counter() - start) / 60
         results[label] = {
             site: evaluate(

@@ -54,7 +54,7 @@ def _child(args: argparse.Namespace) -> dict[str, float]:
     from fl_imaging.data.manifest import Case
     from fl_imaging.data.regions import regions_as_classes, regions_of
     from fl_imaging.ml.models import new_model
-    from fl_imaging.ml.training import evaluate, train_local
+    from fl_imaging.ml.training import LocalRecipe, evaluate, train_local
 
     torch.set_num_threads(2)
     folder = Path(args.case_dir)
@@ -70,7 +70,7 @@ def _child(args: argparse.Namespace) -> dict[str, float]:
     if args.child == "train":
         loader = train_loader([case] * args.steps, plan.data, batch_size=1, seed=0)
         start = time.perf_counter()
-        result = train_local(model, loader, epochs=1, lr=plan.train.lr)
+        result = train_local(model, loader, LocalRecipe(epochs=1, lr=plan.train.lr))
         seconds = (time.perf_counter() - start) / result.steps
         return {
             "seconds_per_step": round(seconds, 2),

@@ -36,7 +36,7 @@ from fl_imaging.config import compose
 from fl_imaging.data.loading import train_loader
 from fl_imaging.data.manifest import TRAIN
 from fl_imaging.ml.models import new_model
-from fl_imaging.ml.training import train_local
+from fl_imaging.ml.training import LocalRecipe, train_local
 from fl_imaging.outputs.reporting import read_summary
 from fl_imaging.site.resolve import configured_sites, load_site_manifest
 from fl_imaging.tools.launch import run_simulation
@@ -59,7 +59,7 @@ def centralised(experiment: str, overrides: list[str], epochs: int) -> dict[str,
     seconds = []
     for _ in range(epochs):
         t = time.perf_counter()
-        train_local(model, loader, epochs=1, optimizer=optimizer)
+        train_local(model, loader, LocalRecipe(epochs=1), optimizer=optimizer)
         seconds.append(time.perf_counter() - t)
     steady = statistics.median(seconds[1:]) if epochs > 1 else seconds[0]
     return {

@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fl_imaging.config import ConfigError, RunPlan, compose, compose_dictconfig, to_plan, validate
 from fl_imaging.ml.models import initial_weights, new_model
-from fl_imaging.ml.training import WeightAverage, new_optimizer
-from fl_imaging.privacy.dp_sgd import fold_views, freeze_except, train_private
+from fl_imaging.ml.training import LocalRecipe, WeightAverage, new_optimizer
+from fl_imaging.privacy.dp_sgd import DpSgdSettings, fold_views, freeze_except, train_private
 from fl_imaging.site.resolve import resolve_site
 from fl_imaging.site.rounds import train_round
 from tests.conftest import tiny_overrides
@@ -60,14 +60,9 @@ def test_each_patient_is_one_clipped_contribution_with_several_views(
     train_private(
         _tiny_model(),
         _views_loader(cases, views, batch=cases),
-        noise_multiplier=1.0,
-        max_grad_norm=max_norm,
-        epochs=3,
-        lr=0.1,
-        weight_decay=0.0,
-        accountant="rdp",
+        LocalRecipe(epochs=3, lr=0.1, weight_decay=0.0, optimizer="sgd"),
+        DpSgdSettings(noise_multiplier=1.0, max_grad_norm=max_norm, accountant="rdp"),
         history=[],
-        optimizer_name="sgd",
     )
     # q = 1 (one batch of all cases): every step clips exactly one row per patient, not
     # one per view (18 network inputs each step)
@@ -91,15 +86,11 @@ def test_per_layer_clipping_keeps_the_total_sensitivity(monkeypatch: pytest.Monk
     train_private(
         model,
         _views_loader(cases=4, views=1, batch=4),
-        noise_multiplier=1.0,
-        max_grad_norm=0.5,
-        epochs=1,
-        lr=0.1,
-        weight_decay=0.0,
-        accountant="rdp",
+        LocalRecipe(epochs=1, lr=0.1, weight_decay=0.0, optimizer="sgd"),
+        DpSgdSettings(
+            noise_multiplier=1.0, max_grad_norm=0.5, accountant="rdp", clipping="per_layer"
+        ),
         history=[],
-        optimizer_name="sgd",
-        clipping="per_layer",
     )
     norms, total = seen[0]
     assert len(norms) == len(list(model.parameters()))
@@ -109,14 +100,11 @@ def test_per_layer_clipping_keeps_the_total_sensitivity(monkeypatch: pytest.Monk
         train_private(
             _tiny_model(),
             _views_loader(cases=4, views=1, batch=4),
-            noise_multiplier=1.0,
-            max_grad_norm=0.5,
-            epochs=1,
-            lr=0.1,
-            weight_decay=0.0,
-            accountant="rdp",
+            LocalRecipe(epochs=1, lr=0.1, weight_decay=0.0),
+            DpSgdSettings(
+                noise_multiplier=1.0, max_grad_norm=0.5, accountant="rdp", clipping="auto"
+            ),
             history=[],
-            clipping="auto",
         )
 
 
@@ -147,15 +135,11 @@ def test_physical_batches_make_one_noisy_step_per_poisson_batch(
     _, result, history = train_private(
         _tiny_model(),
         loader,
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        epochs=4,
-        lr=0.1,
-        weight_decay=0.0,
-        accountant="rdp",
+        LocalRecipe(epochs=4, lr=0.1, weight_decay=0.0, optimizer="sgd"),
+        DpSgdSettings(
+            noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp", max_physical_batch=5
+        ),
         history=[],
-        optimizer_name="sgd",
-        max_physical_batch=5,
     )
     assert sum(n for _, _, n in history) == 4  # q = 1: one step per epoch, accounted
     assert len(steps) == result.steps <= 4  # one noise draw per logical batch only
@@ -168,15 +152,11 @@ def test_frozen_weights_come_back_unchanged_and_a_typo_is_refused() -> None:
     weights, _, _ = train_private(
         model,
         _views_loader(cases=8, views=1, batch=8),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        epochs=2,
-        lr=0.5,
-        weight_decay=0.0,
-        accountant="rdp",
+        LocalRecipe(epochs=2, lr=0.5, weight_decay=0.0, optimizer="sgd"),
+        DpSgdSettings(
+            noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp", trainable=[out_stage]
+        ),
         history=[],
-        optimizer_name="sgd",
-        trainable=[out_stage],
     )
     changed = {k for k in weights if not torch.equal(weights[k], before[k])}
     assert changed and all(k.startswith(out_stage) for k in changed), changed

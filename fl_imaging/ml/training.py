@@ -23,6 +23,7 @@ from monai.transforms import AsDiscrete
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from fl_imaging.config import TrainConfig
 from fl_imaging.data.regions import region_metrics
 
 logger = logging.getLogger(__name__)
@@ -142,24 +143,79 @@ class WeightAverage:
             param.copy_(average)
 
 
+@dataclass(frozen=True)
+class LocalRecipe:
+    """How a site trains in one round: epochs, optimiser and what it logs.
+
+    The ``train`` config group's leaves (:meth:`from_config`), plus the round's own
+    epochs and FedProx weight; DP-SGD takes the same recipe with its own settings.
+    """
+
+    epochs: int = 1  # passes over the loader
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"  # adam or sgd (with momentum), see new_optimizer
+    momentum: float = 0.9  # SGD momentum
+    # end the round with the exponential moving average of the weights over its steps
+    # (WeightAverage); None: the last weights
+    ema_decay: float | None = None
+    # FedProx: adds mu/2 * ||w - w_start||^2 to the loss, w_start the received weights
+    proximal_mu: float = 0.0
+    log_prefix: str = ""  # prefix of the per-epoch log lines (site and round)
+    log_epochs: bool = False  # log each epoch at INFO (else DEBUG)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.proximal_mu < 0:
+            raise ValueError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
+
+    @classmethod
+    def from_config(
+        cls, train: TrainConfig, *, epochs: int, proximal_mu: float = 0.0, log_prefix: str = ""
+    ) -> LocalRecipe:
+        """The recipe of the ``train`` config group for a round of ``epochs`` epochs."""
+        return cls(
+            epochs=epochs,
+            lr=train.lr,
+            weight_decay=train.weight_decay,
+            optimizer=train.optimizer,
+            momentum=train.momentum,
+            ema_decay=train.ema_decay,
+            proximal_mu=proximal_mu,
+            log_prefix=log_prefix,
+            log_epochs=train.progress == "epoch",
+        )
+
+    def new_optimizer(self, parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        """This recipe's optimiser over the trainable ``parameters``."""
+        return new_optimizer(
+            parameters,
+            self.optimizer,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            momentum=self.momentum,
+        )
+
+
+@dataclass
+class _StepHooks:
+    """What DP-SGD plugs into the loop of :func:`train_local`."""
+
+    on_empty_batch: Callable[[], None] | None = None
+    before_step: Callable[[int], None] | None = None
+
+
 def train_local(
     model: nn.Module,
     loader: DataLoader,
+    recipe: LocalRecipe,
     *,
-    epochs: int,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    proximal_mu: float = 0.0,
     optimizer: torch.optim.Optimizer | None = None,
-    optimizer_name: str = "adam",
-    momentum: float = 0.9,
-    ema_decay: float | None = None,
     on_empty_batch: Callable[[], None] | None = None,
     before_step: Callable[[int], None] | None = None,
-    log_prefix: str = "",
-    log_epochs: bool = False,
 ) -> TrainResult:
-    """Train ``model`` in place on ``loader`` for ``epochs`` epochs.
+    """Train ``model`` in place on ``loader`` for ``recipe.epochs`` epochs.
 
     Args:
         model: the network (or Opacus' wrapper of it).
@@ -167,67 +223,35 @@ def train_local(
             ``(image, label)`` tuples (Opacus' Poisson loader); B may be 0. Tuples may
             hold K augmented views of each case, ``[B, K, C, X, Y, Z]``: the network sees
             ``B * K`` volumes (augmentation multiplicity, see ``before_step``).
-        epochs: passes over ``loader``.
-        lr: learning rate when no ``optimizer`` is given.
-        optimizer_name: ``adam`` or ``sgd`` when no ``optimizer`` is given.
-        momentum: SGD momentum when no ``optimizer`` is given.
-        weight_decay: weight decay when no ``optimizer`` is given.
-        proximal_mu: FedProx: adds ``mu/2 * ||w - w_start||^2`` to the loss, ``w_start``
-            being the received weights.
-        optimizer: a ready optimizer (e.g. Opacus' DP optimizer); default: a new
-            :func:`new_optimizer` of ``optimizer_name`` (``adam`` or ``sgd``, with
-            ``momentum``).
-        ema_decay: keep an exponential moving average of the weights over the steps
-            and end the round with it (:class:`WeightAverage`); None: the last weights.
+        recipe: epochs, optimiser settings, EMA, FedProx and logging.
+        optimizer: a ready optimizer (e.g. Opacus' DP optimizer); default: the recipe's.
         on_empty_batch: called instead of a step for an empty batch (DP-SGD accounts
             for it); empty batches are skipped when None.
         before_step: called with the batch's number of cases after the backward pass
             and before the optimiser step (DP-SGD folds the views' per-sample
             gradients into one per case there).
-        log_prefix: prefix of the per-epoch log lines (site and round).
-        log_epochs: log each epoch at INFO (else DEBUG).
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if proximal_mu < 0:
-        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
     if optimizer is None:
-        optimizer = new_optimizer(
-            model.parameters(), optimizer_name, lr=lr, weight_decay=weight_decay, momentum=momentum
-        )
-    average = WeightAverage(model, ema_decay) if ema_decay else None
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
-    loss_fn = segmentation_loss()
-    device = _device_of(model)  # batches follow the model (CPU, or a GPU share of the site)
+        optimizer = recipe.new_optimizer(model.parameters())
+    hooks = _StepHooks(on_empty_batch, before_step)
+    average = WeightAverage(model, recipe.ema_decay) if recipe.ema_decay else None
+    anchor = [p.detach().clone() for p in model.parameters()] if recipe.proximal_mu > 0 else []
     model.train()
     started_at, start = time.time(), time.perf_counter()
     total, steps, batches = 0.0, 0, 0
-    for epoch in range(1, epochs + 1):
-        epoch_loss, epoch_steps, epoch_batches = 0.0, 0, 0
-        for batch in loader:
-            image, label = _pair(batch)
-            if image.shape[0] == 0:
-                if on_empty_batch is not None:
-                    on_empty_batch()
-                continue
-            epoch_loss += _train_step(
-                model, optimizer, loss_fn, image, label, device, before_step, anchor, proximal_mu
-            )
-            epoch_batches += 1
-            if getattr(optimizer, "_is_last_step_skipped", False):
-                continue  # a piece of a larger DP-SGD batch: its step comes with the last piece
-            if average is not None:
-                average.update()
-            epoch_steps += 1
+    for epoch in range(1, recipe.epochs + 1):
+        epoch_loss, epoch_steps, epoch_batches = _train_epoch(
+            model, loader, optimizer, recipe, hooks, average, anchor
+        )
         total += epoch_loss
         steps += epoch_steps
         batches += epoch_batches
         logger.log(
-            logging.INFO if log_epochs else logging.DEBUG,
+            logging.INFO if recipe.log_epochs else logging.DEBUG,
             "%sepoch %d/%d loss %.4f (%d steps, %.1f s)",
-            log_prefix,
+            recipe.log_prefix,
             epoch,
-            epochs,
+            recipe.epochs,
             epoch_loss / max(epoch_batches, 1),
             epoch_steps,
             time.perf_counter() - start,
@@ -243,13 +267,50 @@ def train_local(
     )
 
 
+def _train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    recipe: LocalRecipe,
+    hooks: _StepHooks,
+    average: WeightAverage | None,
+    anchor: Sequence[torch.Tensor],
+) -> tuple[float, int, int]:
+    """One pass over ``loader``; returns (summed batch loss, optimiser steps, batches)."""
+    loss_fn = segmentation_loss()
+    device = _device_of(model)  # batches follow the model (CPU, or a GPU share of the site)
+    epoch_loss, epoch_steps, epoch_batches = 0.0, 0, 0
+    for batch in loader:
+        image, label = _pair(batch)
+        if image.shape[0] == 0:
+            if hooks.on_empty_batch is not None:
+                hooks.on_empty_batch()
+            continue
+        epoch_loss += _train_step(
+            model,
+            optimizer,
+            loss_fn,
+            image.to(device),
+            label.to(device),
+            hooks.before_step,
+            anchor,
+            recipe.proximal_mu,
+        )
+        epoch_batches += 1
+        if getattr(optimizer, "_is_last_step_skipped", False):
+            continue  # a piece of a larger DP-SGD batch: its step comes with the last piece
+        if average is not None:
+            average.update()
+        epoch_steps += 1
+    return epoch_loss, epoch_steps, epoch_batches
+
+
 def _train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loss_fn: nn.Module,
     image: torch.Tensor,
     label: torch.Tensor,
-    device: torch.device,
     before_step: Callable[[int], None] | None,
     anchor: Sequence[torch.Tensor],
     proximal_mu: float,
@@ -263,7 +324,6 @@ def _train_step(
     cases = image.shape[0]
     if image.dim() == 6:  # [B, K, C, *spatial]: K augmented views of each case
         image, label = image.flatten(0, 1), label.flatten(0, 1)
-    image, label = image.to(device), label.to(device)
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(model(image), label)
     if anchor:

@@ -27,6 +27,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fl_imaging.ml.training import TrainResult, new_optimizer, train_local
+from fl_imaging.ml.training import LocalRecipe, TrainResult, train_local
 from fl_imaging.privacy import grad_samplers
 from fl_imaging.privacy.accounting import History
 from fl_imaging.privacy.randomness import secret_generator
@@ -112,28 +113,34 @@ def freeze_except(model: nn.Module, trainable: Sequence[str]) -> list[str]:
     return kept
 
 
+@dataclass(frozen=True)
+class DpSgdSettings:
+    """The DP-SGD side of a site's round (the ``privacy`` config group and the noise plan)."""
+
+    noise_multiplier: float  # Gaussian noise std / max_grad_norm
+    max_grad_norm: float  # per-sample (per-patient) gradient clipping norm
+    accountant: str = "rdp"  # Opacus accountant: rdp, prv or gdp
+    # Opacus per-sample-gradient mode; hooks uses fl_imaging.privacy.grad_samplers
+    grad_sample_mode: str = "hooks"
+    # flat (one norm over all weights) or per_layer (each weight tensor clipped to
+    # max_grad_norm / sqrt(tensors): the same sensitivity, noise and accounting)
+    clipping: str = "flat"
+    # split larger Poisson batches into pieces of at most this many cases (Opacus'
+    # BatchMemoryManager: one noisy step per logical batch, the same privacy); 0: no limit
+    max_physical_batch: int = 0
+    # parameter-name prefixes to train (empty: all), see freeze_except
+    trainable: Sequence[str] = ()
+
+
 def train_private(
     model: nn.Module,
     loader: DataLoader,
+    recipe: LocalRecipe,
+    dp: DpSgdSettings,
     *,
-    noise_multiplier: float,
-    max_grad_norm: float,
-    epochs: int,
-    lr: float,
-    weight_decay: float,
-    accountant: str,
     history: Sequence[Sequence[float]],
-    grad_sample_mode: str = "hooks",
-    optimizer_name: str = "adam",
-    momentum: float = 0.9,
-    ema_decay: float | None = None,
-    trainable: Sequence[str] = (),
-    max_physical_batch: int = 0,
-    clipping: str = "flat",
-    log_prefix: str = "",
-    log_epochs: bool = False,
 ) -> tuple[dict[str, torch.Tensor], TrainResult, History]:
-    """Train ``model`` with DP-SGD for ``epochs`` epochs; return weights, result, history.
+    """Train ``model`` with DP-SGD for ``recipe.epochs`` epochs; return weights, result, history.
 
     Args:
         model: the network with the received global weights (not modified in place
@@ -141,50 +148,32 @@ def train_private(
         loader: ``(image, label)`` batches; Opacus replaces its sampler by Poisson
             sampling at rate ``1 / len(loader)``, drawn from a secret generator (the
             loader's own generator is not used).
-        noise_multiplier: Gaussian noise std / ``max_grad_norm``.
-        max_grad_norm: per-sample gradient clipping norm.
-        epochs: local epochs (``len(loader)`` expected steps each).
-        lr: learning rate.
-        weight_decay: weight decay (applied after the noise: post-processing).
-        accountant: Opacus accountant (``rdp``, ``prv``, ``gdp``).
+        recipe: epochs and optimiser (weight decay applies after the noise:
+            post-processing). No FedProx term: its ``proximal_mu`` must be 0.
+        dp: noise, clipping, accountant and trainable weights.
         history: the site's accountant history before this round.
-        grad_sample_mode: Opacus per-sample-gradient mode; ``hooks`` uses the samplers
-            of :mod:`fl_imaging.privacy.grad_samplers` for convolutions and PReLU.
-        optimizer_name: ``adam`` or ``sgd`` (:func:`fl_imaging.ml.training.new_optimizer`).
-        momentum: SGD momentum.
-        ema_decay: end the round with the moving average of the weights (None: off).
-        trainable: parameter-name prefixes to train (empty: all); see :func:`freeze_except`.
-        clipping: ``flat`` (one norm over all weights) or ``per_layer`` (each weight
-            tensor clipped to ``max_grad_norm / sqrt(tensors)``: the same total
-            sensitivity, so the same noise and accounting, but every layer keeps a share
-            of the signal; Opacus' per-layer clipping).
-        max_physical_batch: split larger Poisson batches into pieces of at most this
-            many cases (Opacus' BatchMemoryManager: one noisy step per logical batch,
-            the same privacy); 0: no limit.
-        log_prefix: prefix of the log lines.
-        log_epochs: log each epoch at INFO.
 
     Returns:
         ``(state_dict, result, history)``; ``history`` includes this round's steps,
         empty Poisson batches included (they are accounted although skipped).
     """
+    if recipe.proximal_mu:
+        raise ValueError("DP-SGD does not train with a FedProx term: proximal_mu must be 0")
     check_private_model(model)
-    freeze_except(model, trainable)
-    optimizer = new_optimizer(
-        model.parameters(), optimizer_name, lr=lr, weight_decay=weight_decay, momentum=momentum
-    )
-    engine = PrivacyEngine(accountant=accountant)
+    freeze_except(model, dp.trainable)
+    optimizer = recipe.new_optimizer(model.parameters())
+    engine = PrivacyEngine(accountant=dp.accountant)
     engine.accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
     device = next(model.parameters()).device
     dp_model, dp_optimizer, dp_loader = engine.make_private(
         module=model,
         optimizer=optimizer,
         data_loader=with_secret_sampling(loader),
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=clipping_norms(optimizer, max_grad_norm, clipping),
-        clipping=clipping,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=clipping_norms(optimizer, dp.max_grad_norm, dp.clipping),
+        clipping=dp.clipping,
         poisson_sampling=True,
-        grad_sample_mode=grad_sample_mode,
+        grad_sample_mode=dp.grad_sample_mode,
         noise_generator=secret_generator(device),
     )
     # Opacus' noise that resists floating-point attacks on Gaussian sampling (its
@@ -195,22 +184,19 @@ def train_private(
     def account_empty_batch() -> None:
         # An empty Poisson batch (Opacus' functorch path fails on one) is skipped but
         # still counted, so the accountant never under-reports.
-        engine.accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+        engine.accountant.step(noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate)
 
     trained = [p for p in dp_model.parameters() if p.requires_grad]
     with _physical_batches(
-        dp_loader, dp_optimizer, loader.batch_size, max_physical_batch
+        dp_loader, dp_optimizer, loader.batch_size, dp.max_physical_batch
     ) as batches:
         result = train_local(
             dp_model,
             batches,
-            epochs=epochs,
+            recipe,
             optimizer=dp_optimizer,
-            ema_decay=ema_decay,
             on_empty_batch=account_empty_batch,
             before_step=lambda cases: fold_views(trained, cases),
-            log_prefix=log_prefix,
-            log_epochs=log_epochs,
         )
     for param in model.parameters():
         param.requires_grad_(True)

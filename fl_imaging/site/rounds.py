@@ -31,9 +31,16 @@ from fl_imaging.data.manifest import (
 )
 from fl_imaging.data.regions import class_values, regions_as_classes, regions_of
 from fl_imaging.ml.models import new_model
-from fl_imaging.ml.training import EvalResult, TrainResult, evaluate, select_device, train_local
+from fl_imaging.ml.training import (
+    EvalResult,
+    LocalRecipe,
+    TrainResult,
+    evaluate,
+    select_device,
+    train_local,
+)
 from fl_imaging.privacy.accounting import EXHAUSTED_FRACTION, noise_for_budget
-from fl_imaging.privacy.dp_sgd import train_private
+from fl_imaging.privacy.dp_sgd import DpSgdSettings, train_private
 from fl_imaging.privacy.ledger import (
     Ledger,
     NoisePlan,
@@ -207,19 +214,10 @@ def _train_plain(
     loader = train_loader(
         cases, plan.data, batch_size=batch_size, seed=seed, cache_dir=cache_dir(site, plan, TRAIN)
     )
-    result = train_local(
-        model,
-        loader,
-        epochs=epochs,
-        lr=plan.train.lr,
-        weight_decay=plan.train.weight_decay,
-        optimizer_name=plan.train.optimizer,
-        momentum=plan.train.momentum,
-        ema_decay=plan.train.ema_decay,
-        proximal_mu=proximal_mu,
-        log_prefix=prefix,
-        log_epochs=plan.train.progress == "epoch",
+    recipe = LocalRecipe.from_config(
+        plan.train, epochs=epochs, proximal_mu=proximal_mu, log_prefix=prefix
     )
+    result = train_local(model, loader, recipe)
     new_weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     keep_local_norm(site, plan, new_weights)
     return RoundOutcome(new_weights, result, None)
@@ -277,30 +275,20 @@ def _train_private(
         return _refused(prefix, too_little_noise)
     if ledger.epsilon_after(sigma, sample_rate, steps) > epsilon:
         return exhausted(sigma)
-    max_grad_norm = float(request.max_grad_norm)  # type: ignore[arg-type]
-    weights, result, history = train_private(
-        model,
-        loader,
+    dp = DpSgdSettings(
         noise_multiplier=sigma,
-        max_grad_norm=max_grad_norm,
-        epochs=epochs,
-        lr=plan.train.lr,
-        weight_decay=plan.train.weight_decay,
+        max_grad_norm=float(request.max_grad_norm),  # type: ignore[arg-type]
         accountant=request.accountant,
-        history=ledger.history,
         grad_sample_mode=plan.privacy.grad_sample_mode,
-        optimizer_name=plan.train.optimizer,
-        momentum=plan.train.momentum,
-        ema_decay=plan.train.ema_decay,
-        trainable=plan.privacy.trainable,
-        max_physical_batch=plan.privacy.max_physical_batch,
         clipping=plan.privacy.clipping,
-        log_prefix=prefix,
-        log_epochs=plan.train.progress == "epoch",
+        max_physical_batch=plan.privacy.max_physical_batch,
+        trainable=tuple(plan.privacy.trainable),
     )
+    recipe = LocalRecipe.from_config(plan.train, epochs=epochs, log_prefix=prefix)
+    weights, result, history = train_private(model, loader, recipe, dp, history=ledger.history)
     keep_local_norm(site, plan, weights)
     ledger.history = history
-    _record_round(site, ledger, this_round, sigma, max_grad_norm, result.steps)
+    _record_round(site, ledger, this_round, sigma, dp.max_grad_norm, result.steps)
     report = PrivacyReport(ledger.epsilon_spent, epsilon, delta, sigma, False)
     return RoundOutcome(weights, result, report)
 
