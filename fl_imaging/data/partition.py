@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -336,6 +336,18 @@ def _entry_path(
     return Path(relative).as_posix()
 
 
+def _entry(member: _Member, rel: Callable[[Path], str], held: Container[str]) -> dict[str, Any]:
+    """The manifest entry of one case, its paths written by ``rel``."""
+    images = [rel(p) for p in member.case.images]
+    return {
+        "image": images[0] if len(images) == 1 else images,
+        "label": rel(member.case.label),
+        "case": member.case.case_id,
+        "split": VAL if member.case.case_id in held else TRAIN,
+        "meta": dict(member.meta),
+    }
+
+
 def _write_sites(
     source: Manifest,
     dataset_json: str | Path,
@@ -360,19 +372,7 @@ def _write_sites(
         if not members:
             raise ValueError(f"site {site!r} has no cases")
         held = hold_out((m.case.case_id for m in members), val_fraction, seed)
-        entries = []
-        for m in members:
-            images = [rel(p) for p in m.case.images]
-            entries.append(
-                {
-                    "image": images[0] if len(images) == 1 else images,
-                    "label": rel(m.case.label),
-                    "case": m.case.case_id,
-                    "split": VAL if m.case.case_id in held else TRAIN,
-                    "meta": dict(m.meta),
-                }
-            )
-        documents.append((site, entries, len(held)))
+        documents.append((site, [_entry(m, rel, held) for m in members], len(held)))
 
     paths = []
     for site, entries, num_val in documents:

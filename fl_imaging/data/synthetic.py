@@ -285,19 +285,7 @@ def generate_federation(
         FileExistsError: a site folder is not empty and ``overwrite`` is False.
 
     """
-    _check_count("total_cases", total_cases, 1)
-    if not fov_mm > 0:
-        raise ValueError(f"fov_mm must be > 0, got {fov_mm}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if modality_layout not in MODALITY_LAYOUTS:
-        raise ValueError(
-            f"modality_layout must be one of {MODALITY_LAYOUTS}, got {modality_layout!r}"
-        )
-    if label_scheme not in SCHEME_LABELS:
-        raise ValueError(
-            f"label_scheme must be one of {sorted(SCHEME_LABELS)}, got {label_scheme!r}"
-        )
+    _check_arguments(total_cases, fov_mm, val_fraction, modality_layout, label_scheme)
     contrasts = _contrasts_for(modalities)
     counts = site_case_counts(num_sites, total_cases, skew, seed)
     profiles = default_profiles(num_sites, seed)
@@ -330,6 +318,25 @@ def generate_federation(
             )
         )
     return manifests
+
+
+def _check_arguments(
+    total_cases: int, fov_mm: float, val_fraction: float, modality_layout: str, label_scheme: str
+) -> None:
+    """Raise ValueError naming the first of :func:`generate_federation`'s arguments out of range."""
+    _check_count("total_cases", total_cases, 1)
+    if not fov_mm > 0:
+        raise ValueError(f"fov_mm must be > 0, got {fov_mm}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if modality_layout not in MODALITY_LAYOUTS:
+        raise ValueError(
+            f"modality_layout must be one of {MODALITY_LAYOUTS}, got {modality_layout!r}"
+        )
+    if label_scheme not in SCHEME_LABELS:
+        raise ValueError(
+            f"label_scheme must be one of {sorted(SCHEME_LABELS)}, got {label_scheme!r}"
+        )
 
 
 def _check_count(name: str, value: int, minimum: int) -> None:
@@ -375,6 +382,7 @@ def _write_site(
     layout: str,
     label_scheme: str = "exclusive",
 ) -> Path:
+    """Write one hospital's cases and then its manifest into ``folder``."""
     # The manifest goes first and comes back last, so a crash never leaves a manifest
     # that lists files of another run.
     (folder / MANIFEST_NAME).unlink(missing_ok=True)
@@ -385,10 +393,7 @@ def _write_site(
     coords = [
         (np.arange(n) - (n - 1) / 2.0) * s for n, s in zip(shape, profile.spacing_mm, strict=True)
     ]
-    num_val = min(max(1, round(num_cases * val_fraction)), num_cases - 2)
-    split_rng = np.random.default_rng([seed, _STREAM_SPLIT, site_index])
-    val_cases = set(split_rng.choice(num_cases, size=num_val, replace=False).tolist())
-
+    val_cases = _validation_cases(num_cases, val_fraction, seed, site_index)
     entries = []
     for case_index in range(num_cases):
         case = f"{site}_{case_index:03d}"
@@ -397,18 +402,15 @@ def _write_site(
             rng, coords, fov_mm, profile, contrasts, SCHEME_LABELS[label_scheme][1]
         )
         file_name = f"{case}.nii.gz"
-        image = _save_channels(folder, file_name, channels, modalities, affine, layout)
-        label_rel = f"{LABELS_DIR}/{file_name}"
-        _save_nifti(folder / label_rel, label, affine)
-        entries.append(
-            {
-                "image": image,
-                "label": label_rel,
-                "case": case,
-                "split": VAL if case_index in val_cases else TRAIN,
-                "meta": {"site": site, **profile.as_meta()},
-            }
-        )
+        entry = {
+            "image": _save_channels(folder, file_name, channels, modalities, affine, layout),
+            "label": f"{LABELS_DIR}/{file_name}",
+            "case": case,
+            "split": VAL if case_index in val_cases else TRAIN,
+            "meta": {"site": site, **profile.as_meta()},
+        }
+        _save_nifti(folder / entry["label"], label, affine)
+        entries.append(entry)
     generator = {"seed": seed, "fov_mm": fov_mm, "shape": list(shape), "label_scheme": label_scheme}
     path = write_manifest(
         folder / MANIFEST_NAME,
@@ -421,16 +423,17 @@ def _write_site(
     )
     logger.info(
         "%s: wrote %d cases (%d train, %d val), shape %s, spacing %s mm, %s, modalities %s",
-        site,
-        num_cases,
-        num_cases - num_val,
-        num_val,
-        shape,
-        profile.spacing_mm,
-        profile.dtype,
-        modalities,
+        *(site, num_cases, num_cases - len(val_cases), len(val_cases), shape),
+        *(profile.spacing_mm, profile.dtype, modalities),
     )
     return path
+
+
+def _validation_cases(num_cases: int, val_fraction: float, seed: int, site_index: int) -> set[int]:
+    """The indices of a site's validation cases (at least 1, leaving at least 2 to train)."""
+    num_val = min(max(1, round(num_cases * val_fraction)), num_cases - 2)
+    split_rng = np.random.default_rng([seed, _STREAM_SPLIT, site_index])
+    return set(split_rng.choice(num_cases, size=num_val, replace=False).tolist())
 
 
 def _save_channels(

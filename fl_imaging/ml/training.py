@@ -396,18 +396,29 @@ def evaluate(
         raise ValueError("evaluation loader is empty")
     per_case = metric.aggregate()  # [cases, num_classes - 1], NaN where the truth is empty
     metric.reset()
-    per_class = torch.nanmean(per_case, dim=0).tolist()  # NaN: absent from every case
-    wanted = set(foreground) if foreground is not None else set(range(1, num_classes))
     return EvalResult(
         loss=total_loss / cases,
-        dice_per_class={
-            label: float(d)
-            for label, d in zip(range(1, num_classes), per_class, strict=True)
-            if label in wanted
-        },
+        dice_per_class=_dice_per_class(per_case, num_classes, foreground),
         num_cases=cases,
         regions={
             name: (sum(d for d, _ in v) / len(v), sum(h for _, h in v) / len(v))
             for name, v in per_region.items()
         },
     )
+
+
+def _dice_per_class(
+    per_case: torch.Tensor, num_classes: int, foreground: Sequence[int] | None
+) -> dict[int, float]:
+    """Mean Dice of each wanted foreground label over ``per_case`` ``[cases, classes - 1]``.
+
+    NaN entries (the label is absent from a case's truth) are left out; a label absent
+    from every case gets NaN.
+    """
+    per_class = torch.nanmean(per_case, dim=0).tolist()
+    wanted = set(foreground) if foreground is not None else set(range(1, num_classes))
+    return {
+        label: float(d)
+        for label, d in zip(range(1, num_classes), per_class, strict=True)
+        if label in wanted
+    }

@@ -37,6 +37,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fl_imaging.config import PrivacyConfig
 from fl_imaging.ml.training import LocalRecipe, TrainResult, train_local
 from fl_imaging.privacy import grad_samplers
 from fl_imaging.privacy.accounting import History
@@ -130,6 +131,26 @@ class DpSgdSettings:
     max_physical_batch: int = 0
     # parameter-name prefixes to train (empty: all), see freeze_except
     trainable: Sequence[str] = ()
+
+    @classmethod
+    def from_config(
+        cls,
+        privacy: PrivacyConfig,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        accountant: str,
+    ) -> DpSgdSettings:
+        """The ``privacy`` group's settings with the site's planned noise and its request."""
+        return cls(
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            accountant=accountant,
+            grad_sample_mode=privacy.grad_sample_mode,
+            clipping=privacy.clipping,
+            max_physical_batch=privacy.max_physical_batch,
+            trainable=tuple(privacy.trainable),
+        )
 
 
 def train_private(

@@ -153,31 +153,9 @@ def read_ledger(state_dir: Path) -> Ledger | None:
                 f"Its budget is not restored by deleting the ledger. {how_to_fix}"
             )
         return None
-    try:
-        raw = json.loads(path.read_text())
-        version = raw.get("version")
-        if version not in (1, _VERSION):
-            raise LedgerError(f"{path}: unsupported ledger version {version!r}")
-        plan = raw.get("plan")
-        ledger = Ledger(
-            site=str(raw["site"]),
-            accountant=str(raw["accountant"]),
-            epsilon_budget=float(raw["epsilon_budget"]),
-            delta=float(raw["delta"]),
-            history=[(float(s), float(q), int(n)) for s, q, n in raw["history"]],
-            plan=NoisePlan(**plan) if plan else None,
-            rounds=list(raw.get("rounds", [])),
-            created=float(raw.get("created", 0.0)),
-            digest=str(raw.get("digest", "")),
-        )
-    except LedgerError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LedgerError(
-            f"{path}: privacy ledger is unreadable ({type(exc).__name__}: {exc}); the site "
-            f"cannot tell what it has spent. {how_to_fix}"
-        ) from exc
-    if version == 1:  # written before the hash chain: accepted once, unless a marker exists
+    raw, ledger = _parse_ledger(path, how_to_fix)
+    # version 1 was written before the hash chain: accepted once, unless a marker exists
+    if raw.get("version") == 1:
         if marker is not None:
             raise LedgerError(
                 f"{path}: a ledger without digest where a marker exists. {how_to_fix}"
@@ -199,6 +177,38 @@ def read_ledger(state_dir: Path) -> Ledger | None:
             f"truncated or copied ledger. {how_to_fix}"
         )
     return ledger
+
+
+def _parse_ledger(path: Path, how_to_fix: str) -> tuple[dict[str, Any], Ledger]:
+    """The ledger file's JSON and the :class:`Ledger` it holds (no integrity check yet).
+
+    Raises:
+        LedgerError: unreadable, not JSON, an unsupported version or a missing field.
+    """
+    try:
+        raw = json.loads(path.read_text())
+        version = raw.get("version")
+        if version not in (1, _VERSION):
+            raise LedgerError(f"{path}: unsupported ledger version {version!r}")
+        plan = raw.get("plan")
+        return raw, Ledger(
+            site=str(raw["site"]),
+            accountant=str(raw["accountant"]),
+            epsilon_budget=float(raw["epsilon_budget"]),
+            delta=float(raw["delta"]),
+            history=[(float(s), float(q), int(n)) for s, q, n in raw["history"]],
+            plan=NoisePlan(**plan) if plan else None,
+            rounds=list(raw.get("rounds", [])),
+            created=float(raw.get("created", 0.0)),
+            digest=str(raw.get("digest", "")),
+        )
+    except LedgerError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LedgerError(
+            f"{path}: privacy ledger is unreadable ({type(exc).__name__}: {exc}); the site "
+            f"cannot tell what it has spent. {how_to_fix}"
+        ) from exc
 
 
 def open_ledger(

@@ -244,12 +244,7 @@ def _train_private(
     """
     epsilon = float(request.epsilon)  # type: ignore[arg-type]
     delta = float(request.delta)  # type: ignore[arg-type]
-    num_train = len(loader.dataset)
-    if delta >= 1 / num_train:
-        raise ConfigError(
-            f"site {site.name}: delta={delta:g} must be below 1/{num_train} (1 / the site's "
-            f"training cases), or a single patient's record could leak"
-        )
+    _check_delta(site, delta, len(loader.dataset))
     ledger = open_ledger(
         site.state_dir, site=site.name, epsilon=epsilon, delta=delta, accountant=request.accountant
     )
@@ -275,14 +270,11 @@ def _train_private(
         return _refused(prefix, too_little_noise)
     if ledger.epsilon_after(sigma, sample_rate, steps) > epsilon:
         return exhausted(sigma)
-    dp = DpSgdSettings(
+    dp = DpSgdSettings.from_config(
+        plan.privacy,
         noise_multiplier=sigma,
         max_grad_norm=float(request.max_grad_norm),  # type: ignore[arg-type]
         accountant=request.accountant,
-        grad_sample_mode=plan.privacy.grad_sample_mode,
-        clipping=plan.privacy.clipping,
-        max_physical_batch=plan.privacy.max_physical_batch,
-        trainable=tuple(plan.privacy.trainable),
     )
     recipe = LocalRecipe.from_config(plan.train, epochs=epochs, log_prefix=prefix)
     weights, result, history = train_private(model, loader, recipe, dp, history=ledger.history)
@@ -291,6 +283,15 @@ def _train_private(
     _record_round(site, ledger, this_round, sigma, dp.max_grad_norm, result.steps)
     report = PrivacyReport(ledger.epsilon_spent, epsilon, delta, sigma, False)
     return RoundOutcome(weights, result, report)
+
+
+def _check_delta(site: Site, delta: float, num_train: int) -> None:
+    """Refuse a delta of 1 / the site's training cases or more (one record could leak)."""
+    if delta >= 1 / num_train:
+        raise ConfigError(
+            f"site {site.name}: delta={delta:g} must be below 1/{num_train} (1 / the site's "
+            f"training cases), or a single patient's record could leak"
+        )
 
 
 def _plan_noise(
