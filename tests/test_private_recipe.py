@@ -317,3 +317,20 @@ def test_the_plan_warns_about_adam_and_high_noise_only() -> None:
         num_weights=151_202,
     )
     assert recipe.noise_norm == pytest.approx(recipe.noise_to_signal * math.sqrt(151_202))
+
+
+def test_a_recipe_is_checked_and_dp_sgd_refuses_a_fedprox_term() -> None:
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        LocalRecipe(epochs=0)
+    with pytest.raises(ValueError, match="proximal_mu must be >= 0"):
+        LocalRecipe(proximal_mu=-0.1)
+    # the config refuses strategy=fedprox with private sites; train_private refuses too,
+    # rather than train without the term
+    with pytest.raises(ValueError, match="FedProx term"):
+        train_private(
+            _tiny_model(),
+            _views_loader(cases=4, views=1, batch=4),
+            LocalRecipe(proximal_mu=0.01),
+            DpSgdSettings(noise_multiplier=1.0, max_grad_norm=1.0),
+            history=[],
+        )

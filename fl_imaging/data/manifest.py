@@ -204,26 +204,8 @@ def load_manifest(
     """
     path = Path(path)
     where = str(path)
-    if not path.is_file():
-        raise ManifestError(f"{where}: manifest file not found")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{where}: not valid JSON ({exc})") from exc
-    if not isinstance(raw, Mapping):
-        raise ManifestError(f"{where}: top level must be a JSON object")
-    modalities_table = _parse_table(raw.get("modality"), "modality", where)
-    if sorted(modalities_table) != list(range(len(modalities_table))):
-        raise ManifestError(
-            f"{where}: 'modality' keys must be 0..N-1, got {sorted(modalities_table)}"
-        )
-    modalities = tuple(modalities_table[i] for i in range(len(modalities_table)))
-    labels = _parse_table(raw.get("labels"), "labels", where)
-    if 0 not in labels or len(labels) < 2 or min(labels) < 0:
-        raise ManifestError(
-            f"{where}: 'labels' must declare 0 (background) and at least one foreground class"
-        )
-
+    raw = _read_json_object(path)
+    modalities, labels = _parse_tables(raw, where)
     if data_root is not None:
         base = Path(data_root).expanduser()
     elif raw.get("data_root"):
@@ -253,6 +235,34 @@ def load_manifest(
         ]
     name = str(raw.get("name") or path.stem)
     return Manifest(path, name, modalities, labels, tuple(cases))
+
+
+def _read_json_object(path: Path) -> Mapping[str, Any]:
+    """The manifest file's top-level JSON object (ManifestError: missing, not JSON, not one)."""
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest file not found")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, Mapping):
+        raise ManifestError(f"{path}: top level must be a JSON object")
+    return raw
+
+
+def _parse_tables(raw: Mapping[str, Any], where: str) -> tuple[tuple[str, ...], dict[int, str]]:
+    """The manifest's modalities in channel order and its label table (value -> name)."""
+    modalities_table = _parse_table(raw.get("modality"), "modality", where)
+    if sorted(modalities_table) != list(range(len(modalities_table))):
+        raise ManifestError(
+            f"{where}: 'modality' keys must be 0..N-1, got {sorted(modalities_table)}"
+        )
+    labels = _parse_table(raw.get("labels"), "labels", where)
+    if 0 not in labels or len(labels) < 2 or min(labels) < 0:
+        raise ManifestError(
+            f"{where}: 'labels' must declare 0 (background) and at least one foreground class"
+        )
+    return tuple(modalities_table[i] for i in range(len(modalities_table))), labels
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,33 @@ def partition_by_column(
         )
     matched = _match_rows(source, Path(dataset_json), metadata_csv, header, rows, case_column)
 
+    sites = _column_sites(source, matched, column, case_column, metadata_csv, dataset_json)
+    partition = {"method": "column", "column": column, "val_fraction": val_fraction, "seed": seed}
+    return _write_sites(
+        source,
+        dataset_json,
+        sites,
+        out_dir=Path(out_dir),
+        val_fraction=val_fraction,
+        seed=seed,
+        data_root=data_root,
+        partition=partition,
+    )
+
+
+def _column_sites(
+    source: Manifest,
+    matched: Mapping[str, Mapping[str, Any]],
+    column: str,
+    case_column: str,
+    metadata_csv: Path,
+    dataset_json: str | Path,
+) -> dict[str, list[_Member]]:
+    """Group ``source``'s cases by their CSV row's ``column`` value, sites in sorted order.
+
+    Raises:
+        ValueError: a case's value is empty or not a valid site (file) name.
+    """
     groups: dict[str, list[_Member]] = {}
     blank: list[str] = []
     for case in source.cases:
@@ -132,18 +159,7 @@ def partition_by_column(
             f"{metadata_csv}: {len(blank)} case(s) have an empty {column!r} value, so no "
             f"site: {_some(blank)}; fill it in or drop those cases from {dataset_json}"
         )
-    sites = {site: groups[site] for site in sorted(groups)}
-    partition = {"method": "column", "column": column, "val_fraction": val_fraction, "seed": seed}
-    return _write_sites(
-        source,
-        dataset_json,
-        sites,
-        out_dir=Path(out_dir),
-        val_fraction=val_fraction,
-        seed=seed,
-        data_root=data_root,
-        partition=partition,
-    )
+    return {site: groups[site] for site in sorted(groups)}
 
 
 def partition_random(
@@ -199,6 +215,25 @@ def partition_random(
             f"num_sites={num_sites} needs at least {_MIN_CASES_PER_RANDOM_SITE * num_sites} "
             f"cases ({_MIN_CASES_PER_RANDOM_SITE} per site) but {dataset_json} has {num_cases}"
         )
+    sites = _random_sites(source, num_sites, skew, seed, site_prefix)
+    partition = {"method": "random", "num_sites": num_sites, "skew": skew}
+    return _write_sites(
+        source,
+        dataset_json,
+        sites,
+        out_dir=Path(out_dir),
+        val_fraction=val_fraction,
+        seed=seed,
+        data_root=data_root,
+        partition={**partition, "val_fraction": val_fraction, "seed": seed},
+    )
+
+
+def _random_sites(
+    source: Manifest, num_sites: int, skew: float, seed: int, site_prefix: str
+) -> dict[str, list[_Member]]:
+    """The seeded random assignment of ``source``'s cases to sites (see partition_random)."""
+    num_cases = len(source.cases)
     rng = np.random.default_rng(seed)
     order = rng.permutation(num_cases)
     sizes = _site_sizes(num_cases, num_sites, skew, rng)
@@ -209,23 +244,7 @@ def partition_random(
         picked = sorted(int(j) for j in order[start : start + size])
         sites[f"{site_prefix}_{i}"] = [_Member(source.cases[j], {}) for j in picked]
         start += size
-    partition = {
-        "method": "random",
-        "num_sites": num_sites,
-        "skew": skew,
-        "val_fraction": val_fraction,
-        "seed": seed,
-    }
-    return _write_sites(
-        source,
-        dataset_json,
-        sites,
-        out_dir=Path(out_dir),
-        val_fraction=val_fraction,
-        seed=seed,
-        data_root=data_root,
-        partition=partition,
-    )
+    return sites
 
 
 def _check_val_fraction(val_fraction: float) -> None:

@@ -262,20 +262,17 @@ def generate_federation(
         num_sites: number of hospitals.
         total_cases: cases over all sites, shared by :func:`site_case_counts`.
         skew: size skew in [0, 1) between sites (0: equal sizes).
-        fov_mm: edge of the cubic field of view in mm; a site's shape is
-            ``round(fov_mm / spacing)`` per axis.
+        fov_mm: edge of the cubic field of view in mm (shape: ``round(fov_mm / spacing)``).
         modalities: input channels, from T1, T1c (T1Gd, T1CE), T2, FLAIR (any case).
         val_fraction: fraction of each site's cases marked ``"val"`` (at least 1 val
             and 2 train cases per site).
         seed: non-negative seed of everything random.
         overwrite: replace the generator's outputs in existing site folders instead of
             refusing to write into a non-empty site folder.
-        modality_layout: ``"4d"``: one image file per case, 3D for one modality, 4D
-            with channels last otherwise; ``"files"``: one 3D file per modality in
-            ``imagesTr/<modality>/``, listed in the manifest.
+        modality_layout: ``"4d"`` (one image file per case, channels last) or ``"files"``
+            (one 3D file per modality in ``imagesTr/<modality>/``).
         label_scheme: ``"exclusive"`` (1 oedema, 2 core) or a tumour convention of
-            :data:`SCHEME_LABELS` (``brats2021``: 1 necrosis, 2 oedema, 4 enhancing
-            rim; ``brats2023``; ``msd_task01``). The images are the same either way.
+            :data:`SCHEME_LABELS` (e.g. ``brats2021``); the images are the same either way.
 
     Returns:
         The manifest paths (``out_dir/<site>/dataset.json``), in site order.
@@ -283,7 +280,6 @@ def generate_federation(
     Raises:
         ValueError: an argument is out of range (the message names it).
         FileExistsError: a site folder is not empty and ``overwrite`` is False.
-
     """
     _check_arguments(total_cases, fov_mm, val_fraction, modality_layout, label_scheme)
     contrasts = _contrasts_for(modalities)
@@ -292,12 +288,8 @@ def generate_federation(
 
     out_dir = Path(out_dir)
     sites = [site_name(i) for i in range(num_sites)]
-    for site in sites:
-        folder = out_dir / site
-        if folder.exists() and any(folder.iterdir()) and not overwrite:
-            raise FileExistsError(
-                f"site folder {folder} is not empty; pass overwrite=True or choose another out_dir"
-            )
+    if not overwrite:
+        _check_empty(out_dir, sites)
 
     manifests = []
     for index, (site, profile, count) in enumerate(zip(sites, profiles, counts, strict=True)):
@@ -337,6 +329,16 @@ def _check_arguments(
         raise ValueError(
             f"label_scheme must be one of {sorted(SCHEME_LABELS)}, got {label_scheme!r}"
         )
+
+
+def _check_empty(out_dir: Path, sites: Sequence[str]) -> None:
+    """Refuse to write into a site folder that holds anything (FileExistsError)."""
+    for site in sites:
+        folder = out_dir / site
+        if folder.exists() and any(folder.iterdir()):
+            raise FileExistsError(
+                f"site folder {folder} is not empty; pass overwrite=True or choose another out_dir"
+            )
 
 
 def _check_count(name: str, value: int, minimum: int) -> None:

@@ -374,13 +374,7 @@ def evaluate(
     per_region: dict[str, list[tuple[float, float]]] = {name: [] for name in regions or {}}
     for batch in loader:
         image, label = batch["image"].to(device), batch["label"].to(device)
-        logits = sliding_window_inference(
-            image,
-            roi_size=tuple(roi_size),
-            sw_batch_size=4,
-            predictor=model,
-            overlap=0.25,
-        )
+        logits = whole_volume_logits(model, image, roi_size)
         total_loss += float(loss_fn(logits, label))
         preds = [to_pred(x) for x in decollate_batch(logits)]
         labels = [to_onehot(y) for y in decollate_batch(label)]
@@ -404,6 +398,18 @@ def evaluate(
             name: (sum(d for d, _ in v) / len(v), sum(h for _, h in v) / len(v))
             for name, v in per_region.items()
         },
+    )
+
+
+def whole_volume_logits(
+    model: nn.Module, image: torch.Tensor, roi_size: Sequence[int]
+) -> torch.Tensor:
+    """MONAI sliding-window logits ``[B, classes, X, Y, Z]`` of ``image`` ``[B, C, X, Y, Z]``.
+
+    Windows of ``roi_size`` voxels (the training patch), a quarter overlapping.
+    """
+    return sliding_window_inference(
+        image, roi_size=tuple(roi_size), sw_batch_size=4, predictor=model, overlap=0.25
     )
 
 

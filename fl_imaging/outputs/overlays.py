@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from monai.inferers import sliding_window_inference
 
 from fl_imaging.config import RunPlan
 from fl_imaging.data.loading import eval_loader
 from fl_imaging.data.manifest import VAL
+from fl_imaging.ml.training import whole_volume_logits
 from fl_imaging.site.resolve import Site, load_site_manifest
 
 logger = logging.getLogger(__name__)
@@ -57,13 +57,7 @@ def render_site_overlays(
     panels: list[torch.Tensor] = []
     for batch in eval_loader(cases, plan.data):
         image, label = batch["image"], batch["label"]
-        logits = sliding_window_inference(
-            image,
-            roi_size=tuple(plan.data.patch_size),
-            sw_batch_size=4,
-            predictor=model,
-            overlap=0.25,
-        )
+        logits = whole_volume_logits(model, image, plan.data.patch_size)
         pred = logits.argmax(dim=1)[0]  # [X, Y, Z]
         truth = label[0, 0].round().long()
         z = int((truth > 0).sum(dim=(0, 1)).argmax())  # axial slice with most foreground

@@ -182,24 +182,9 @@ def train_private(
         raise ValueError("DP-SGD does not train with a FedProx term: proximal_mu must be 0")
     check_private_model(model)
     freeze_except(model, dp.trainable)
-    optimizer = recipe.new_optimizer(model.parameters())
     engine = PrivacyEngine(accountant=dp.accountant)
     engine.accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    device = next(model.parameters()).device
-    dp_model, dp_optimizer, dp_loader = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=with_secret_sampling(loader),
-        noise_multiplier=dp.noise_multiplier,
-        max_grad_norm=clipping_norms(optimizer, dp.max_grad_norm, dp.clipping),
-        clipping=dp.clipping,
-        poisson_sampling=True,
-        grad_sample_mode=dp.grad_sample_mode,
-        noise_generator=secret_generator(device),
-    )
-    # Opacus' noise that resists floating-point attacks on Gaussian sampling (its
-    # PrivacyEngine secure_mode would also need torchcsprng, which current torch lacks)
-    dp_optimizer.secure_mode = True
+    dp_model, dp_optimizer, dp_loader = _make_private(engine, model, loader, recipe, dp)
     sample_rate = float(dp_loader.sample_rate)
 
     def account_empty_batch() -> None:
@@ -223,6 +208,32 @@ def train_private(
         param.requires_grad_(True)
     weights = {k: v.detach().cpu() for k, v in dp_model._module.state_dict().items()}
     return weights, result, list(engine.accountant.history)
+
+
+def _make_private(
+    engine: PrivacyEngine,
+    model: nn.Module,
+    loader: DataLoader,
+    recipe: LocalRecipe,
+    dp: DpSgdSettings,
+) -> tuple[nn.Module, Any, DataLoader]:
+    """Opacus' wrapped model, DP optimiser (secret noise) and Poisson loader (secret sampling)."""
+    optimizer = recipe.new_optimizer(model.parameters())
+    dp_model, dp_optimizer, dp_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=with_secret_sampling(loader),
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=clipping_norms(optimizer, dp.max_grad_norm, dp.clipping),
+        clipping=dp.clipping,
+        poisson_sampling=True,
+        grad_sample_mode=dp.grad_sample_mode,
+        noise_generator=secret_generator(next(model.parameters()).device),
+    )
+    # Opacus' noise that resists floating-point attacks on Gaussian sampling (its
+    # PrivacyEngine secure_mode would also need torchcsprng, which current torch lacks)
+    dp_optimizer.secure_mode = True
+    return dp_model, dp_optimizer, dp_loader
 
 
 def clipping_norms(

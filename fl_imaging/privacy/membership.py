@@ -20,11 +20,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from monai.metrics import compute_roc_auc
 from torch import nn
 
-from fl_imaging.ml.training import segmentation_loss
+from fl_imaging.ml.training import segmentation_loss, whole_volume_logits
 
 # fewer cases than this in either group: the AUC's interval spans most of [0, 1]
 MIN_CASES = 10
@@ -62,9 +61,7 @@ def case_losses(
     losses = []
     for batch in loader:
         image, label = batch["image"].to(device), batch["label"].to(device)
-        logits = sliding_window_inference(
-            image, roi_size=tuple(roi_size), sw_batch_size=4, predictor=model, overlap=0.25
-        )
+        logits = whole_volume_logits(model, image, roi_size)
         losses.append(float(loss_fn(logits, label)))
     return losses
 

@@ -17,7 +17,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from monai.transforms import AsDiscreted, Compose, Invertd
@@ -28,6 +27,7 @@ from fl_imaging.data.loading import preprocessing
 from fl_imaging.data.manifest import geometry_mismatch
 from fl_imaging.data.regions import class_values
 from fl_imaging.ml.models import build_model
+from fl_imaging.ml.training import whole_volume_logits
 from fl_imaging.outputs.reporting import CheckpointReadError, load_checkpoint, read_summary
 
 logger = logging.getLogger(__name__)
@@ -176,13 +176,7 @@ def predict_file(predictor: Predictor, image: Path | Sequence[Path], output: Pat
     plan = predictor.plan
     pre = Compose(preprocessing(plan.data, keys=("image",), track_meta=True))
     data = pre({"image": [str(f) for f in files] if len(files) > 1 else str(files[0])})
-    logits = sliding_window_inference(
-        data["image"][None],
-        roi_size=tuple(plan.data.patch_size),
-        sw_batch_size=4,
-        predictor=predictor.model,
-        overlap=0.25,
-    )
+    logits = whole_volume_logits(predictor.model, data["image"][None], plan.data.patch_size)
     data["pred"] = logits[0]
     post = Compose(
         [

@@ -212,7 +212,18 @@ def run_simulation(
         shutil.rmtree(staging, ignore_errors=True)
         if stop_superlink:
             _stop_started_superlink(flwr_home, already_running, env, project_root, run_id)
-    # the run's own folder (outputs/latest moves only to a run that completed)
+    run_dir = _keep_console(plan, run_id, console_log, console)
+    return RunOutcome(run_id, status, run_dir, time.monotonic() - start)
+
+
+def _keep_console(
+    plan: RunPlan, run_id: str, console_log: Path, console: ConsoleFilter
+) -> Path | None:
+    """Move the stream's log into the run's own folder and say where; returns that folder.
+
+    The folder is found by ``run_id`` (``outputs/latest`` moves only to a run that
+    completed); None when the run wrote none, and the log stays where it is.
+    """
     run_dir = find_run(plan.resolve_path(plan.paths.outputs), run_id)
     kept = console_log
     if run_dir is not None:
@@ -222,7 +233,7 @@ def run_simulation(
         logger.info(
             "%d lines of Flower's stream not shown (--verbose shows them): %s", console.hidden, kept
         )
-    return RunOutcome(run_id, status, run_dir, time.monotonic() - start)
+    return run_dir
 
 
 def preflight(plan: RunPlan) -> RunPlan:
