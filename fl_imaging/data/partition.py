@@ -116,16 +116,7 @@ def partition_by_column(
 
     sites = _column_sites(source, matched, column, case_column, metadata_csv, dataset_json)
     partition = {"method": "column", "column": column, "val_fraction": val_fraction, "seed": seed}
-    return _write_sites(
-        source,
-        dataset_json,
-        sites,
-        out_dir=Path(out_dir),
-        val_fraction=val_fraction,
-        seed=seed,
-        data_root=data_root,
-        partition=partition,
-    )
+    return _write_sites(source, dataset_json, sites, Path(out_dir), data_root, partition)
 
 
 def _column_sites(
@@ -217,16 +208,8 @@ def partition_random(
         )
     sites = _random_sites(source, num_sites, skew, seed, site_prefix)
     partition = {"method": "random", "num_sites": num_sites, "skew": skew}
-    return _write_sites(
-        source,
-        dataset_json,
-        sites,
-        out_dir=Path(out_dir),
-        val_fraction=val_fraction,
-        seed=seed,
-        data_root=data_root,
-        partition={**partition, "val_fraction": val_fraction, "seed": seed},
-    )
+    partition |= {"val_fraction": val_fraction, "seed": seed}
+    return _write_sites(source, dataset_json, sites, Path(out_dir), data_root, partition)
 
 
 def _random_sites(
@@ -371,14 +354,16 @@ def _write_sites(
     source: Manifest,
     dataset_json: str | Path,
     sites: Mapping[str, Sequence[_Member]],
-    *,
     out_dir: Path,
-    val_fraction: float,
-    seed: int,
     data_root: str | None,
     partition: Mapping[str, Any],
 ) -> list[Path]:
-    """Write one manifest per site; every entry is built before the first file is written."""
+    """Write one manifest per site; every entry is built before the first file is written.
+
+    ``partition`` is recorded in each manifest; its ``val_fraction`` and ``seed`` choose
+    each site's validation hold-out.
+    """
+    val_fraction, seed = float(partition["val_fraction"]), int(partition["seed"])
     root = None if data_root is None else Path(os.path.abspath(out_dir / data_root))
     raw = json.loads(Path(dataset_json).read_text())
     provenance = {k: raw[k] for k in _PROVENANCE_KEYS if k in raw}
