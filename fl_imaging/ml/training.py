@@ -199,11 +199,40 @@ class LocalRecipe:
 
 
 @dataclass
-class _StepHooks:
-    """What DP-SGD plugs into the loop of :func:`train_local`."""
+class _RoundSteps:
+    """What every step of one :func:`train_local` round shares, built once per round."""
 
-    on_empty_batch: Callable[[], None] | None = None
-    before_step: Callable[[int], None] | None = None
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    device: torch.device  # batches follow the model (CPU, or a GPU share of the site)
+    average: WeightAverage | None  # the EMA of the weights (None: off)
+    anchor: Sequence[torch.Tensor]  # FedProx's received weights (empty: no term)
+    proximal_mu: float
+    on_empty_batch: Callable[[], None] | None  # DP-SGD accounts for a skipped batch
+    before_step: Callable[[int], None] | None  # DP-SGD folds the views per case
+
+    @classmethod
+    def start(
+        cls,
+        model: nn.Module,
+        recipe: LocalRecipe,
+        optimizer: torch.optim.Optimizer | None,
+        on_empty_batch: Callable[[], None] | None,
+        before_step: Callable[[int], None] | None,
+    ) -> _RoundSteps:
+        """The round's shared state, taken from ``model`` as received (FedProx's anchor)."""
+        return cls(
+            model=model,
+            optimizer=recipe.new_optimizer(model.parameters()) if optimizer is None else optimizer,
+            loss_fn=segmentation_loss(),
+            device=_device_of(model),
+            average=WeightAverage(model, recipe.ema_decay) if recipe.ema_decay else None,
+            anchor=[p.detach().clone() for p in model.parameters()] if recipe.proximal_mu else [],
+            proximal_mu=recipe.proximal_mu,
+            on_empty_batch=on_empty_batch,
+            before_step=before_step,
+        )
 
 
 def train_local(
@@ -231,18 +260,12 @@ def train_local(
             and before the optimiser step (DP-SGD folds the views' per-sample
             gradients into one per case there).
     """
-    if optimizer is None:
-        optimizer = recipe.new_optimizer(model.parameters())
-    hooks = _StepHooks(on_empty_batch, before_step)
-    average = WeightAverage(model, recipe.ema_decay) if recipe.ema_decay else None
-    anchor = [p.detach().clone() for p in model.parameters()] if recipe.proximal_mu > 0 else []
+    round_steps = _RoundSteps.start(model, recipe, optimizer, on_empty_batch, before_step)
     model.train()
     started_at, start = time.time(), time.perf_counter()
     total, steps, batches = 0.0, 0, 0
     for epoch in range(1, recipe.epochs + 1):
-        epoch_loss, epoch_steps, epoch_batches = _train_epoch(
-            model, loader, optimizer, recipe, hooks, average, anchor
-        )
+        epoch_loss, epoch_steps, epoch_batches = _train_epoch(round_steps, loader)
         total += epoch_loss
         steps += epoch_steps
         batches += epoch_batches
@@ -256,8 +279,8 @@ def train_local(
             epoch_steps,
             time.perf_counter() - start,
         )
-    if average is not None:
-        average.copy_to()
+    if round_steps.average is not None:
+        round_steps.average.copy_to()
     return TrainResult(
         loss=total / max(batches, 1),
         steps=steps,
@@ -267,71 +290,45 @@ def train_local(
     )
 
 
-def _train_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    recipe: LocalRecipe,
-    hooks: _StepHooks,
-    average: WeightAverage | None,
-    anchor: Sequence[torch.Tensor],
-) -> tuple[float, int, int]:
+def _train_epoch(steps: _RoundSteps, loader: DataLoader) -> tuple[float, int, int]:
     """One pass over ``loader``; returns (summed batch loss, optimiser steps, batches)."""
-    loss_fn = segmentation_loss()
-    device = _device_of(model)  # batches follow the model (CPU, or a GPU share of the site)
     epoch_loss, epoch_steps, epoch_batches = 0.0, 0, 0
     for batch in loader:
         image, label = _pair(batch)
         if image.shape[0] == 0:
-            if hooks.on_empty_batch is not None:
-                hooks.on_empty_batch()
+            if steps.on_empty_batch is not None:
+                steps.on_empty_batch()
             continue
-        epoch_loss += _train_step(
-            model,
-            optimizer,
-            loss_fn,
-            image.to(device),
-            label.to(device),
-            hooks.before_step,
-            anchor,
-            recipe.proximal_mu,
-        )
+        epoch_loss += _train_step(steps, image.to(steps.device), label.to(steps.device))
         epoch_batches += 1
-        if getattr(optimizer, "_is_last_step_skipped", False):
+        if getattr(steps.optimizer, "_is_last_step_skipped", False):
             continue  # a piece of a larger DP-SGD batch: its step comes with the last piece
-        if average is not None:
-            average.update()
+        if steps.average is not None:
+            steps.average.update()
         epoch_steps += 1
     return epoch_loss, epoch_steps, epoch_batches
 
 
-def _train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: nn.Module,
-    image: torch.Tensor,
-    label: torch.Tensor,
-    before_step: Callable[[int], None] | None,
-    anchor: Sequence[torch.Tensor],
-    proximal_mu: float,
-) -> float:
+def _train_step(steps: _RoundSteps, image: torch.Tensor, label: torch.Tensor) -> float:
     """One optimiser step on a non-empty batch; returns its loss.
 
     ``image`` is ``[B, C, *spatial]`` or ``[B, K, C, *spatial]`` (K augmented views of
-    each case, trained as ``B * K`` volumes; ``before_step`` gets B). ``anchor``: the
-    received weights of FedProx's proximal term (empty: none).
+    each case, trained as ``B * K`` volumes; ``before_step`` gets B).
     """
     cases = image.shape[0]
     if image.dim() == 6:  # [B, K, C, *spatial]: K augmented views of each case
         image, label = image.flatten(0, 1), label.flatten(0, 1)
+    model, optimizer = steps.model, steps.optimizer
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(model(image), label)
-    if anchor:
-        drift = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
-        loss = loss + 0.5 * proximal_mu * drift
+    loss = steps.loss_fn(model(image), label)
+    if steps.anchor:
+        drift = sum(
+            (p - a).pow(2).sum() for p, a in zip(model.parameters(), steps.anchor, strict=True)
+        )
+        loss = loss + 0.5 * steps.proximal_mu * drift
     loss.backward()
-    if before_step is not None:
-        before_step(cases)
+    if steps.before_step is not None:
+        steps.before_step(cases)
     optimizer.step()
     return float(loss.detach())
 
