@@ -28,10 +28,10 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.validators import ModuleValidator
 from torch import nn
@@ -216,7 +216,7 @@ def _make_private(
     loader: DataLoader,
     recipe: LocalRecipe,
     dp: DpSgdSettings,
-) -> tuple[nn.Module, Any, DataLoader]:
+) -> tuple[nn.Module, DPOptimizer, DataLoader]:
     """Opacus' wrapped model, DP optimiser (secret noise) and Poisson loader (secret sampling)."""
     optimizer = recipe.new_optimizer(model.parameters())
     dp_model, dp_optimizer, dp_loader = engine.make_private(
@@ -257,7 +257,10 @@ def clipping_norms(
 
 @contextlib.contextmanager
 def _physical_batches(
-    dp_loader: DataLoader, dp_optimizer: Any, batch_size: int | None, max_physical_batch: int
+    dp_loader: DataLoader,
+    dp_optimizer: DPOptimizer,
+    batch_size: int | None,
+    max_physical_batch: int,
 ) -> Iterator[DataLoader]:
     """The private loader, split into pieces of ``max_physical_batch`` when batches are larger.
 
