@@ -63,12 +63,7 @@ def main() -> int:
         start = time.perf_counter()
         model = new_model(plan)
         loader = train_loader(cases, plan.data, batch_size=plan.train.batch_size, seed=plan.seed)
-        recipe = LocalRecipe(
-            epochs=epochs,
-            lr=plan.train.lr,
-            weight_decay=plan.train.weight_decay,
-            log_prefix=f"[{label}] ",
-        )
+        recipe = LocalRecipe.from_config(plan.train, epochs=epochs, log_prefix=f"[{label}] ")
         train_local(model, loader, recipe)
         minutes[label] = (time.perf_counter() - start) / 60
         results[label] = {
