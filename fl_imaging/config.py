@@ -231,6 +231,9 @@ class TrainConfig:
     # end each local round with the exponential moving average of the weights over
     # its steps (e.g. 0.9); null: the last weights
     ema_decay: float | None = None
+    # training loss weight of each class, in data.labels order (background first), in
+    # both the Dice and the cross-entropy term; null: all 1
+    class_weights: list[float] | None = None
     threads: int = 1
     # site progress lines: "epoch" (one per local epoch) or "round" (one per round,
     # quieter with many sites)
@@ -647,6 +650,7 @@ def _train_problems(plan: RunPlan) -> list[str]:
         problems.append(f"train.momentum must be in [0, 1), got {plan.train.momentum}")
     if plan.train.ema_decay is not None and not 0 < plan.train.ema_decay < 1:
         problems.append(f"train.ema_decay must be in (0, 1) or null, got {plan.train.ema_decay}")
+    problems += _class_weight_problems(plan.train.class_weights, plan.data.labels)
     if plan.train.progress not in ("epoch", "round"):
         problems.append(f"train.progress must be 'epoch' or 'round', got {plan.train.progress!r}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", plan.train.device):
@@ -656,6 +660,26 @@ def _train_problems(plan: RunPlan) -> list[str]:
     if plan.train.threads < 0:
         problems.append(f"train.threads must be >= 0, got {plan.train.threads}")
     return problems
+
+
+def _class_weight_problems(weights: Sequence[float] | None, labels: dict[int, str]) -> list[str]:
+    """``train.class_weights``: one non-negative weight per class, some foreground > 0."""
+    if weights is None:
+        return []
+    if len(weights) != len(labels):
+        return [
+            f"train.class_weights has {len(weights)} weights but data.labels has "
+            f"{len(labels)} classes ({', '.join(labels[k] for k in sorted(labels))}); give "
+            f"one weight per class, background first"
+        ]
+    if any(not (math.isfinite(w) and w >= 0) for w in weights) or not any(
+        w > 0 for w in weights[1:]
+    ):
+        return [
+            f"train.class_weights must be finite and >= 0 with a foreground weight > 0, got "
+            f"{list(weights)}"
+        ]
+    return []
 
 
 def _strategy_problems(plan: RunPlan) -> list[str]:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fl_imaging.config import ConfigError, RunPlan, compose, compose_dictconfig, to_plan, validate
 from fl_imaging.ml.models import initial_weights, new_model
-from fl_imaging.ml.training import LocalRecipe, WeightAverage, new_optimizer
+from fl_imaging.ml.training import LocalRecipe, WeightAverage, new_optimizer, segmentation_loss
 from fl_imaging.privacy.dp_sgd import DpSgdSettings, fold_views, freeze_except, train_private
 from fl_imaging.site.resolve import resolve_site
 from fl_imaging.site.rounds import train_round
@@ -334,3 +334,26 @@ def test_a_recipe_is_checked_and_dp_sgd_refuses_a_fedprox_term() -> None:
             DpSgdSettings(noise_multiplier=1.0, max_grad_norm=1.0),
             history=[],
         )
+
+
+def test_class_weights_reach_the_loss_and_a_wrong_count_is_named() -> None:
+    label = torch.zeros(1, 1, 4, 4, 4)
+    label[..., :2, :2, :2] = 1
+    label[..., 2:, 2:, 2:] = 2
+    # right on both foreground classes, "class 1" wherever the truth is background
+    logits = torch.full((1, 3, 4, 4, 4), -20.0)
+    logits[:, 1] = torch.where(label[:, 0] == 2, -20.0, 20.0)
+    logits[:, 2] = torch.where(label[:, 0] == 2, 20.0, -20.0)
+    # unweighted: 48 background voxels wrong by 40 logits dominate the cross-entropy
+    assert float(segmentation_loss()(logits, label)) > 10.0
+    # background weighted 0: no cross-entropy left (every foreground voxel is right);
+    # Dice: background 0 x 1, class 1 1 - 2*8/(56+8) = 0.75, class 2 0, mean over 3
+    assert float(segmentation_loss((0.0, 1.0, 1.0))(logits, label)) == pytest.approx(0.25, abs=1e-3)
+
+    plan = compose("hippocampus_private", ["train.class_weights=[0.1,1,1]"])
+    recipe = LocalRecipe.from_config(plan.train, epochs=1)
+    assert recipe.class_weights == (0.1, 1.0, 1.0)
+    wrong = "\n".join(validate(_unchecked("hippocampus_private", ["train.class_weights=[0.1,1]"])))
+    assert "train.class_weights has 2 weights" in wrong and "anterior" in wrong
+    negative = "\n".join(validate(_unchecked("demo", ["train.class_weights=[1,-1,1]"])))
+    assert "train.class_weights must be finite and >= 0" in negative

@@ -58,9 +58,16 @@ class EvalResult:
         return sum(values) / len(values) if values else float("nan")
 
 
-def segmentation_loss() -> DiceCELoss:
-    """The training loss: Dice + cross-entropy on softmax logits vs integer labels."""
-    return DiceCELoss(to_onehot_y=True, softmax=True)
+def segmentation_loss(
+    class_weights: Sequence[float] | None = None, device: torch.device | None = None
+) -> DiceCELoss:
+    """The training loss: Dice + cross-entropy on softmax logits vs integer labels.
+
+    ``class_weights`` (one per class, background first; None: all 1) rescale each
+    class's voxels in both terms (MONAI's ``weight``); ``device``: where they live.
+    """
+    weight = None if class_weights is None else torch.tensor(class_weights, device=device)
+    return DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
 
 
 def _pair(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,6 +168,8 @@ class LocalRecipe:
     ema_decay: float | None = None
     # FedProx: adds mu/2 * ||w - w_start||^2 to the loss, w_start the received weights
     proximal_mu: float = 0.0
+    # per-class loss weights, background first (segmentation_loss); None: all 1
+    class_weights: tuple[float, ...] | None = None
     log_prefix: str = ""  # prefix of the per-epoch log lines (site and round)
     log_epochs: bool = False  # log each epoch at INFO (else DEBUG)
 
@@ -183,6 +192,7 @@ class LocalRecipe:
             momentum=train.momentum,
             ema_decay=train.ema_decay,
             proximal_mu=proximal_mu,
+            class_weights=None if train.class_weights is None else tuple(train.class_weights),
             log_prefix=log_prefix,
             log_epochs=train.progress == "epoch",
         )
@@ -222,11 +232,12 @@ class _RoundSteps:
         before_step: Callable[[int], None] | None,
     ) -> _RoundSteps:
         """The round's shared state, taken from ``model`` as received (FedProx's anchor)."""
+        device = _device_of(model)
         return cls(
             model=model,
             optimizer=recipe.new_optimizer(model.parameters()) if optimizer is None else optimizer,
-            loss_fn=segmentation_loss(),
-            device=_device_of(model),
+            loss_fn=segmentation_loss(recipe.class_weights, device),
+            device=device,
             average=WeightAverage(model, recipe.ema_decay) if recipe.ema_decay else None,
             anchor=[p.detach().clone() for p in model.parameters()] if recipe.proximal_mu else [],
             proximal_mu=recipe.proximal_mu,
