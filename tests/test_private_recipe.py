@@ -347,7 +347,8 @@ def test_class_weights_reach_the_loss_and_a_wrong_count_is_named() -> None:
     # unweighted: 48 background voxels wrong by 40 logits dominate the cross-entropy
     assert float(segmentation_loss()(logits, label)) > 10.0
     # background weighted 0: no cross-entropy left (every foreground voxel is right);
-    # Dice: background 0 x 1, class 1 1 - 2*8/(56+8) = 0.75, class 2 0, mean over 3
+    # Dice losses: background 1 (weighted 0), class 1 1 - 2*8/(56+8) = 0.75 (predicted on
+    # 56 voxels, 8 of them right), class 2 0; their weighted mean over 3 classes is 0.25
     assert float(segmentation_loss((0.0, 1.0, 1.0))(logits, label)) == pytest.approx(0.25, abs=1e-3)
 
     plan = compose("hippocampus_private", ["train.class_weights=[0.1,1,1]"])
