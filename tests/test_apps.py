@@ -213,8 +213,8 @@ def test_private_run_trains_and_reports_epsilon_per_site(
     dp_sites: list[Path], tmp_path: Path, task_identity: None
 ) -> None:
     overrides = [
-        # the private recipe of hippocampus_private: small UNet, every case in every step,
-        # SGD with momentum, PRV accounting
+        # hippocampus_private's recipe (small UNet, SGD with momentum, PRV accounting),
+        # with every case in every step so that 3 tiny rounds learn
         *tiny_overrides(dp_sites, tmp_path),
         "model=unet_dp",
         "rounds=3",
