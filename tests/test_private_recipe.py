@@ -358,3 +358,46 @@ def test_class_weights_reach_the_loss_and_a_wrong_count_is_named() -> None:
     assert "train.class_weights has 2 weights" in wrong and "anterior" in wrong
     negative = "\n".join(validate(_unchecked("demo", ["train.class_weights=[1,-1,1]"])))
     assert "train.class_weights must be finite and >= 0" in negative
+
+
+def _first_step_gradient_of_case_0(
+    monkeypatch: pytest.MonkeyPatch, labels: torch.Tensor, class_weights: tuple[float, ...] | None
+) -> list[torch.Tensor]:
+    """Case 0's per-sample gradient, as Opacus clips it, in a first step over 2 cases."""
+    seen: list[list[torch.Tensor]] = []
+    original = DPOptimizer.clip_and_accumulate
+
+    def spy(optimizer: DPOptimizer) -> None:
+        seen.append([g[0].clone() for g in optimizer.grad_samples])
+        original(optimizer)
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", spy)
+    torch.manual_seed(0)
+    images = torch.randn(2, 1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    train_private(
+        _tiny_model(),
+        DataLoader(TensorDataset(images, labels), batch_size=2),
+        LocalRecipe(epochs=1, lr=0.1, optimizer="sgd", class_weights=class_weights),
+        DpSgdSettings(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp"),
+        history=[],
+    )
+    monkeypatch.undo()
+    return seen[0]
+
+
+def test_a_patients_gradient_does_not_depend_on_another_patients_labels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With class weights, a cross-entropy averaged over the whole batch divides by the
+    # batch's summed voxel weights: case 0's gradient would then scale with case 1's
+    # labels, and one patient would change another's (unclipped) contribution.
+    labels = torch.zeros(2, 1, 1, 8, 8, 8)
+    labels[0, ..., :4, :4, :4] = 1
+    mostly_background, mostly_foreground = labels.clone(), labels.clone()
+    mostly_foreground[1, ..., :6, :, :] = 2
+    for weights in ((0.1, 1.0, 1.0), (1.0, 1.0, 1.0), None):
+        a = _first_step_gradient_of_case_0(monkeypatch, mostly_background, weights)
+        b = _first_step_gradient_of_case_0(monkeypatch, mostly_foreground, weights)
+        assert len(a) == len(b) > 0
+        for ga, gb in zip(a, b, strict=True):
+            torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)

@@ -58,16 +58,41 @@ class EvalResult:
         return sum(values) / len(values) if values else float("nan")
 
 
+class PerVolumeLoss(nn.Module):
+    """``loss`` of each volume of a batch on its own, averaged over the batch.
+
+    A class-weighted cross-entropy averaged over a whole batch divides by the batch's
+    summed voxel weights, so one patient's labels would scale every other patient's
+    gradient: under DP-SGD a patient could then change other patients' (unclipped)
+    contributions, beyond the clipping norm the accountant assumes. Computed volume by
+    volume, each patient's loss and per-sample gradient depend on that patient alone.
+    """
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean over the batch of ``loss(input[i:i+1], target[i:i+1])``."""
+        per_volume = [self.loss(input[i : i + 1], target[i : i + 1]) for i in range(len(input))]
+        return torch.stack(per_volume).mean()
+
+
 def segmentation_loss(
     class_weights: Sequence[float] | None = None, device: torch.device | None = None
-) -> DiceCELoss:
+) -> nn.Module:
     """The training loss: Dice + cross-entropy on softmax logits vs integer labels.
 
     ``class_weights`` (one per class, background first; None: all 1) rescale each
     class's voxels in both terms (MONAI's ``weight``); ``device``: where they live.
+    With weights the loss is computed per volume (:class:`PerVolumeLoss`); without,
+    MONAI's batch mean already is the mean of per-volume losses (equal-sized patches,
+    per-sample Dice).
     """
-    weight = None if class_weights is None else torch.tensor(class_weights, device=device)
-    return DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
+    if class_weights is None:
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+    weight = torch.tensor(class_weights, device=device)
+    return PerVolumeLoss(DiceCELoss(to_onehot_y=True, softmax=True, weight=weight))
 
 
 def _pair(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
