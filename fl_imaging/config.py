@@ -48,6 +48,8 @@ KNOWN_ACCOUNTANTS = ("rdp", "prv", "gdp")
 KNOWN_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
 KNOWN_NORMS = ("instance", "group", "batch")
 KNOWN_OPTIMIZERS = ("adam", "sgd")
+# learning rate over the rounds (fl_imaging.ml.training.round_lr)
+LR_SCHEDULES = ("constant", "cosine")
 KNOWN_ACTS = ("relu", "prelu", "leakyrelu")
 
 
@@ -224,6 +226,9 @@ class TrainConfig:
     # DP-SGD a Poisson sampling rate of 1, the least noise per step)
     batch_size: int = 2
     lr: float = 1e-3
+    # "constant", or "cosine": lr in round 1, decaying over the run's rounds to about
+    # lr * 2.5 % in the last of 10 (fl_imaging.ml.training.round_lr)
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
     # adam or sgd (with momentum); DP-SGD sites learn with sgd (docs/RESULTS.md)
     optimizer: str = "adam"
@@ -645,6 +650,10 @@ def _train_problems(plan: RunPlan) -> list[str]:
     if plan.train.optimizer not in KNOWN_OPTIMIZERS:
         problems.append(
             f"train.optimizer {plan.train.optimizer!r} is unknown; choose one of {KNOWN_OPTIMIZERS}"
+        )
+    if plan.train.lr_schedule not in LR_SCHEDULES:
+        problems.append(
+            f"train.lr_schedule {plan.train.lr_schedule!r} is unknown; choose one of {LR_SCHEDULES}"
         )
     if not 0 <= plan.train.momentum < 1:
         problems.append(f"train.momentum must be in [0, 1), got {plan.train.momentum}")

@@ -10,9 +10,16 @@ import torch
 from opacus.optimizers.optimizer import DPOptimizer
 from torch.utils.data import DataLoader, TensorDataset
 
+import fl_imaging.site.rounds as rounds_module
 from fl_imaging.config import ConfigError, RunPlan, compose, compose_dictconfig, to_plan, validate
 from fl_imaging.ml.models import initial_weights, new_model
-from fl_imaging.ml.training import LocalRecipe, WeightAverage, new_optimizer, segmentation_loss
+from fl_imaging.ml.training import (
+    LocalRecipe,
+    WeightAverage,
+    new_optimizer,
+    round_lr,
+    segmentation_loss,
+)
 from fl_imaging.privacy.dp_sgd import DpSgdSettings, fold_views, freeze_except, train_private
 from fl_imaging.site.resolve import resolve_site
 from fl_imaging.site.rounds import train_round
@@ -194,11 +201,13 @@ def test_recipe_settings_are_validated() -> None:
             "train.momentum=1.0",
             "train.ema_decay=1.5",
             "train.batch_size=-1",
+            "train.lr_schedule=linear",
         ],
     )
     text = "\n".join(validate(bad))
     for key in ("privacy.augmentations", "train.momentum", "train.ema_decay", "train.batch_size"):
         assert key in text
+    assert "train.lr_schedule 'linear' is unknown" in text
 
 
 def _unchecked(experiment: str, overrides: list[str]) -> RunPlan:
@@ -255,6 +264,36 @@ def test_full_batch_trains_every_case_in_one_step(warm_plan: RunPlan) -> None:
     outcome = train_round(site, warm_plan, new_model(warm_plan).state_dict(), server_round=1)
     assert outcome.result is not None
     assert outcome.result.steps == 1  # batch_size 0: all training cases in one step
+
+
+def test_a_cosine_schedule_decays_the_learning_rate_over_the_rounds(
+    tiny_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # per round, the values of torch's CosineAnnealingLR stepped once per round
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
+    for server_round in range(1, 11):
+        expected = optimizer.param_groups[0]["lr"]
+        assert round_lr(0.1, "cosine", server_round, 10) == pytest.approx(expected)
+        assert round_lr(0.1, "constant", server_round, 10) == 0.1
+        optimizer.step()
+        schedule.step()
+    assert round_lr(0.1, "cosine", 12, 10) == round_lr(0.1, "cosine", 10, 10)  # a fine-tune
+    # the site trains round 3 of 4 at the scheduled rate
+    overrides = [*tiny_overrides(tiny_sites, tmp_path), "rounds=4", "train.lr_schedule=cosine"]
+    plan = compose("demo", overrides)
+    used: list[float] = []
+    original = rounds_module.train_local
+
+    def spy(model, loader, recipe, **kwargs):  # type: ignore[no-untyped-def]
+        used.append(recipe.lr)
+        return original(model, loader, recipe, **kwargs)
+
+    monkeypatch.setattr(rounds_module, "train_local", spy)
+    site = resolve_site({"partition-id": 0}, plan)
+    train_round(site, plan, new_model(plan).state_dict(), server_round=3)
+    assert plan.rounds == 4 and used == [pytest.approx(plan.train.lr * 0.5)]
 
 
 @pytest.mark.parametrize("epsilon", [1.0, 8.0])

@@ -175,6 +175,22 @@ class WeightAverage:
             param.copy_(average)
 
 
+def round_lr(lr: float, schedule: str, server_round: int, rounds: int) -> float:
+    """The learning rate of round ``server_round`` (1-based) of a run of ``rounds``.
+
+    ``constant``: ``lr``. ``cosine``: ``lr * (1 + cos(pi * (r - 1) / rounds)) / 2``, the
+    cosine annealing of ``torch.optim.lr_scheduler.CosineAnnealingLR`` taken per round
+    (each round's optimiser is new): ``lr`` in round 1, about 2.5 % of it in the last
+    of 10. Rounds past ``rounds`` (a fine-tune after the run) get the last round's.
+    """
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+    done = min(max(server_round, 1), max(rounds, 1)) - 1
+    return lr * (1.0 + math.cos(math.pi * done / max(rounds, 1))) / 2.0
+
+
 @dataclass(frozen=True)
 class LocalRecipe:
     """How a site trains in one round: epochs, optimiser and what it logs.
@@ -206,12 +222,22 @@ class LocalRecipe:
 
     @classmethod
     def from_config(
-        cls, train: TrainConfig, *, epochs: int, proximal_mu: float = 0.0, log_prefix: str = ""
+        cls,
+        train: TrainConfig,
+        *,
+        epochs: int,
+        proximal_mu: float = 0.0,
+        log_prefix: str = "",
+        server_round: int = 1,
+        rounds: int = 1,
     ) -> LocalRecipe:
-        """The recipe of the ``train`` config group for a round of ``epochs`` epochs."""
+        """The recipe of the ``train`` config group for a round of ``epochs`` epochs.
+
+        ``server_round`` of ``rounds`` sets the learning rate (``train.lr_schedule``).
+        """
         return cls(
             epochs=epochs,
-            lr=train.lr,
+            lr=round_lr(train.lr, train.lr_schedule, server_round, rounds),
             weight_decay=train.weight_decay,
             optimizer=train.optimizer,
             momentum=train.momentum,

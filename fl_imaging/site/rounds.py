@@ -196,7 +196,9 @@ def train_round(
                 request=request,
                 policy=policy,
             )
-    return _train_plain(site, plan, model, cases, batch_size, seed, epochs, proximal_mu, prefix)
+    return _train_plain(
+        site, plan, model, cases, batch_size, seed, epochs, proximal_mu, prefix, server_round
+    )
 
 
 def _train_plain(
@@ -209,13 +211,19 @@ def _train_plain(
     epochs: int,
     proximal_mu: float,
     prefix: str,
+    server_round: int,
 ) -> RoundOutcome:
     """A round of plain (non-private) local training."""
     loader = train_loader(
         cases, plan.data, batch_size=batch_size, seed=seed, cache_dir=cache_dir(site, plan, TRAIN)
     )
     recipe = LocalRecipe.from_config(
-        plan.train, epochs=epochs, proximal_mu=proximal_mu, log_prefix=prefix
+        plan.train,
+        epochs=epochs,
+        proximal_mu=proximal_mu,
+        log_prefix=prefix,
+        server_round=server_round,
+        rounds=plan.rounds,
     )
     result = train_local(model, loader, recipe)
     new_weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -276,7 +284,9 @@ def _train_private(
         max_grad_norm=float(request.max_grad_norm),  # type: ignore[arg-type]
         accountant=request.accountant,
     )
-    recipe = LocalRecipe.from_config(plan.train, epochs=epochs, log_prefix=prefix)
+    recipe = LocalRecipe.from_config(
+        plan.train, epochs=epochs, log_prefix=prefix, server_round=server_round, rounds=plan.rounds
+    )
     weights, result, history = train_private(model, loader, recipe, dp, history=ledger.history)
     keep_local_norm(site, plan, weights)
     ledger.history = history
