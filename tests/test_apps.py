@@ -214,7 +214,7 @@ def test_private_run_trains_and_reports_epsilon_per_site(
 ) -> None:
     overrides = [
         # hippocampus_private's recipe (small UNet, SGD with momentum, PRV accounting),
-        # with every case in every step so that 3 tiny rounds learn
+        # with every case in every step and lr 0.1 so that 3 tiny rounds learn
         *tiny_overrides(dp_sites, tmp_path),
         "model=unet_dp",
         "rounds=3",
