@@ -49,7 +49,7 @@ KNOWN_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
 KNOWN_NORMS = ("instance", "group", "batch")
 KNOWN_OPTIMIZERS = ("adam", "sgd")
 # learning rate over the rounds (fl_imaging.ml.training.round_lr)
-LR_SCHEDULES = ("constant", "cosine")
+KNOWN_LR_SCHEDULES = ("constant", "cosine")
 KNOWN_ACTS = ("relu", "prelu", "leakyrelu")
 
 
@@ -651,9 +651,10 @@ def _train_problems(plan: RunPlan) -> list[str]:
         problems.append(
             f"train.optimizer {plan.train.optimizer!r} is unknown; choose one of {KNOWN_OPTIMIZERS}"
         )
-    if plan.train.lr_schedule not in LR_SCHEDULES:
+    if plan.train.lr_schedule not in KNOWN_LR_SCHEDULES:
         problems.append(
-            f"train.lr_schedule {plan.train.lr_schedule!r} is unknown; choose one of {LR_SCHEDULES}"
+            f"train.lr_schedule {plan.train.lr_schedule!r} is unknown; choose one of "
+            f"{KNOWN_LR_SCHEDULES}"
         )
     if not 0 <= plan.train.momentum < 1:
         problems.append(f"train.momentum must be in [0, 1), got {plan.train.momentum}")

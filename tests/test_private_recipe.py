@@ -45,10 +45,12 @@ class _ClipSpy:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.rows: list[int] = []
         self.clipped_norms: list[torch.Tensor] = []
+        self.first_case: list[list[torch.Tensor]] = []  # case 0's gradient, per tensor
         original = DPOptimizer.clip_and_accumulate
 
         def spy(optimizer: DPOptimizer) -> None:
             samples = optimizer.grad_samples
+            self.first_case.append([g[0].clone() for g in samples])
             norms = torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in samples], 1)
             per_sample = norms.norm(dim=1)
             factor = (optimizer.max_grad_norm / (per_sample + 1e-6)).clamp(max=1.0)
@@ -400,17 +402,10 @@ def test_class_weights_reach_the_loss_and_a_wrong_count_is_named() -> None:
 
 
 def _first_step_gradient_of_case_0(
-    monkeypatch: pytest.MonkeyPatch, labels: torch.Tensor, class_weights: tuple[float, ...] | None
+    spy: _ClipSpy, labels: torch.Tensor, class_weights: tuple[float, ...] | None
 ) -> list[torch.Tensor]:
     """Case 0's per-sample gradient, as Opacus clips it, in a first step over 2 cases."""
-    seen: list[list[torch.Tensor]] = []
-    original = DPOptimizer.clip_and_accumulate
-
-    def spy(optimizer: DPOptimizer) -> None:
-        seen.append([g[0].clone() for g in optimizer.grad_samples])
-        original(optimizer)
-
-    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", spy)
+    spy.first_case.clear()
     torch.manual_seed(0)
     images = torch.randn(2, 1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(1))
     train_private(
@@ -420,8 +415,7 @@ def _first_step_gradient_of_case_0(
         DpSgdSettings(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp"),
         history=[],
     )
-    monkeypatch.undo()
-    return seen[0]
+    return spy.first_case[0]
 
 
 def test_a_patients_gradient_does_not_depend_on_another_patients_labels(
@@ -434,9 +428,10 @@ def test_a_patients_gradient_does_not_depend_on_another_patients_labels(
     labels[0, ..., :4, :4, :4] = 1
     mostly_background, mostly_foreground = labels.clone(), labels.clone()
     mostly_foreground[1, ..., :6, :, :] = 2
+    spy = _ClipSpy(monkeypatch)
     for weights in ((0.1, 1.0, 1.0), (1.0, 1.0, 1.0), None):
-        a = _first_step_gradient_of_case_0(monkeypatch, mostly_background, weights)
-        b = _first_step_gradient_of_case_0(monkeypatch, mostly_foreground, weights)
+        a = _first_step_gradient_of_case_0(spy, mostly_background, weights)
+        b = _first_step_gradient_of_case_0(spy, mostly_foreground, weights)
         assert len(a) == len(b) > 0
         for ga, gb in zip(a, b, strict=True):
             torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
