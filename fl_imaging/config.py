@@ -445,6 +445,45 @@ def split_overrides(overrides: str | list[str] | tuple[str, ...] | None) -> list
     return list(overrides)
 
 
+# characters a POSIX shell word (and shlex.split) keeps as they are without quoting
+_SHELL_SAFE = frozenset("@%+=:,./-_")
+
+
+def run_config_string(experiment: str, overrides: list[str] | tuple[str, ...]) -> str:
+    """The ``--run-config`` of ``flwr run`` that carries ``experiment`` and ``overrides``.
+
+    Flower parses ``key=value`` pairs with a pattern in which a quoted value cannot hold
+    its own quote character, escaped or not: an override such as ``name="a b"`` inside a
+    double-quoted value would end the value early and make ``flwr run`` fail before the
+    run starts. Every character outside letters, digits and ``@%+=:,./-_`` is therefore
+    backslash-escaped (which :func:`split_overrides` undoes), and the value is sent in the
+    quote that it does not contain.
+
+    Raises:
+        ConfigError: the overrides hold both quote characters (Flower cannot carry that),
+            a line break or another control character, or the experiment name is not a
+            plain word.
+    """
+    if any(not (c.isalnum() or c in _SHELL_SAFE) for c in experiment):
+        raise ConfigError(f"experiment {experiment!r}: letters, digits and @%+=:,./-_ only")
+    words = []
+    for item in overrides:
+        if any(ord(c) < 32 or ord(c) == 127 for c in item):
+            raise ConfigError(f"override {item!r}: holds a line break or control character")
+        words.append("".join(c if c.isalnum() or c in _SHELL_SAFE else "\\" + c for c in item))
+    joined = " ".join(words)
+    if "'" not in joined:  # a TOML literal string: its backslashes stay as they are
+        return f"experiment='{experiment}' overrides='{joined}'"
+    if '"' not in joined:  # a TOML basic string: its backslashes must be doubled
+        escaped = joined.replace("\\", "\\\\")
+        return f'experiment="{experiment}" overrides="{escaped}"'
+    raise ConfigError(
+        "the overrides hold both ' and \" quotes, which Flower's --run-config cannot carry "
+        "in one value; quote every string with the same kind: "
+        + " ".join(i for i in overrides if "'" in i or '"' in i)
+    )
+
+
 @lru_cache(maxsize=32)
 def _compose_cached(experiment: str, overrides: tuple[str, ...], conf: str) -> DictConfig:
     # Hydra keeps global state; the context manager clears it again, so repeated

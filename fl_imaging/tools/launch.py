@@ -17,10 +17,8 @@ was started with. :func:`run_simulation` therefore
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shlex
 import shutil
 import sys
 import tempfile
@@ -30,7 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from fl_imaging.config import ConfigError, RunPlan, compose, split_overrides, with_root
+from fl_imaging.config import (
+    ConfigError,
+    RunPlan,
+    compose,
+    run_config_string,
+    split_overrides,
+    with_root,
+)
 from fl_imaging.ml.models import initial_weights
 from fl_imaging.outputs.reporting import find_run
 from fl_imaging.privacy.planning import plan_lines
@@ -192,7 +197,7 @@ def run_simulation(
     flwr_home = Path(env["FLWR_HOME"])
     _warn_foreign_superlink(flwr_home)
     already_running = set(local_superlink_pids(flwr_home))
-    run_config = f"experiment={json.dumps(experiment)} overrides={json.dumps(shlex.join(items))}"
+    run_config = run_config_string(experiment, items)
     staging = Path(tempfile.mkdtemp(prefix="fl-imaging-app-"))
     # every line of the stream, until the run folder is known (then moved into it)
     handle, name = tempfile.mkstemp(prefix="fl-imaging-console-", suffix=".log")

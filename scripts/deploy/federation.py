@@ -508,14 +508,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     folder: Path = args.dir.resolve()
     env = deploy_env(folder)
     state = load_state(folder)
-    from fl_imaging.config import with_root  # Hydra, no torch
+    from fl_imaging.config import run_config_string, with_root  # Hydra, no torch
 
     items = with_root(shlex.split(args.overrides), PROJECT_ROOT)  # config paths: this checkout
     if not args.no_site_keys:  # each hospital is the site its registered key belongs to
         items += [f"+federation.site_keys.{s}={fp}" for s, fp in state.get("site_keys", {}).items()]
-    run_config = (
-        f"experiment={json.dumps(args.experiment)} overrides={json.dumps(shlex.join(items))}"
-    )
+    run_config = run_config_string(args.experiment, items)
     start = time.monotonic()
     # a staged copy of the app: flwr run would walk every file of the checkout (.venv too)
     with tempfile.TemporaryDirectory(prefix="fl-imaging-app-") as staging:
