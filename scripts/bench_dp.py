@@ -2,7 +2,9 @@
 
 Measures, for each patch size (default 32^3 and 64^3) and batch size B (default 4):
 
-* the non-private training step: forward, MONAI DiceCELoss, backward, Adam step;
+* the non-private training step: forward, the experiment's loss (MONAI DiceCELoss,
+  per volume when ``train.class_weights`` is set), backward, the experiment's optimiser
+  step (``train.optimizer``: Adam for the default experiment, SGD for the private one);
 * the DP-SGD step for each Opacus grad-sample mode (``hooks``, ``functorch``, ``ew``,
   ``ghost``): the same step through ``PrivacyEngine.make_private`` with
   ``noise_multiplier=1.0``, ``max_grad_norm=1.0`` (per-sample clipping + noise).
@@ -110,7 +112,7 @@ def run_one(args: argparse.Namespace, size: int, mode: str) -> dict[str, Any]:
 
     from fl_imaging.config import compose
     from fl_imaging.ml.models import build_model
-    from fl_imaging.ml.training import segmentation_loss
+    from fl_imaging.ml.training import LocalRecipe, segmentation_loss
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -126,8 +128,10 @@ def run_one(args: argparse.Namespace, size: int, mode: str) -> dict[str, Any]:
     torch.manual_seed(plan.seed)
     model = build_model(plan.model, in_channels=in_channels, out_channels=out_channels)
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=plan.train.lr)
-    criterion: Any = segmentation_loss()
+    # the experiment's own optimiser and loss (class weights: computed per volume)
+    optimizer = LocalRecipe.from_config(plan.train, epochs=1).new_optimizer(model.parameters())
+    weights = plan.train.class_weights
+    criterion: Any = segmentation_loss(None if weights is None else tuple(weights))
     x, y = images[:batch], labels[:batch]
 
     if mode != "none":
