@@ -1,0 +1,193 @@
+"""Warm start from public data of the same anatomy: pre-train without DP, fine-tune privately.
+
+A hospital federation rarely has to start from random weights: public data of the same
+anatomy (here MSD Task04 itself is public) costs the hospitals no privacy. This script
+measures what such a start buys on the hippocampus pseudo-sites:
+
+1. **A public split.** ``--public-cases`` of ``--public-site``'s training cases (seeded
+   draw) play the public dataset. They leave that site: its private manifest keeps the
+   rest of its training cases and all of its validation cases, so no case is both
+   pre-trained on and protected, and every site is scored on the same validation
+   cases as in the other benchmarks. 20 % of the public cases are held out to pick the
+   pre-trained checkpoint (``best.pt``), so no private case chooses it.
+2. **Pre-training**: one ``fl-imaging run`` of a one-site federation on the public
+   cases, without DP (``--pretrain-experiment``, the private recipe's model).
+3. **Private fine-tuning**: per epsilon in ``--epsilons`` (``none``: without DP-SGD), a
+   run of ``--experiment`` on the reduced federation from the pre-trained checkpoint
+   (``model.init_checkpoint``), and with ``--from-scratch`` the same run from random
+   weights, each with a fresh state folder (a fresh privacy ledger).
+
+Prints one JSON object (the split, the pre-training run, each fine-tuning run as
+``bench_privacy_utility.py`` reports it). Round 0 of a warm-started run is the
+pre-trained model on the private sites' validation cases.
+
+    .venv/bin/python scripts/bench_public_pretraining.py --epsilons 8 1 --from-scratch \\
+        > docs/public_pretraining.json
+
+Tuning the fine-tuning recipe on these figures would spend the privacy of the patients
+whose validation cases score them; the script runs the shipped recipe unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_privacy_utility import run_setting
+
+from fl_imaging.config import compose
+from fl_imaging.outputs.reporting import read_summary
+from fl_imaging.tools.launch import run_simulation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def split_public(
+    manifest: Path, public_cases: int, seed: int, out: Path
+) -> tuple[Path, Path, list[str]]:
+    """Write ``out/public.json`` (drawn training cases) and ``out/private.json`` (the rest).
+
+    Entry paths stay as they are (relative to the federation's ``data_root``); the public
+    manifest marks no case ``val``, so loading it holds out a seeded 20 %.
+
+    Raises:
+        SystemExit: the site has fewer training cases than asked for.
+    """
+    raw = json.loads(manifest.read_text())
+    train = [e for e in raw["training"] if e.get("split", "train") == "train"]
+    if public_cases >= len(train):
+        raise SystemExit(
+            f"{manifest}: {len(train)} training cases, cannot make {public_cases} of them public"
+        )
+    drawn = sorted(random.Random(seed).sample(range(len(train)), public_cases))
+    public_ids = {train[i]["case"] for i in drawn}
+    public = [
+        {k: v for k, v in e.items() if k != "split"}
+        for e in raw["training"]
+        if e["case"] in public_ids
+    ]
+    private = [e for e in raw["training"] if e["case"] not in public_ids]
+    out.mkdir(parents=True, exist_ok=True)
+    base = {k: v for k, v in raw.items() if k not in ("training", "numTraining", "data_root")}
+    public_path, private_path = out / "public.json", out / "private.json"
+    public_path.write_text(
+        json.dumps({**base, "name": f"public_{raw['name']}", "training": public}, indent=1)
+    )
+    private_path.write_text(json.dumps({**base, "training": private}, indent=1))
+    return public_path, private_path, sorted(public_ids)
+
+
+def pretrain(
+    experiment: str, manifest: Path, overrides: list[str], scratch: Path
+) -> dict[str, Any]:
+    """Train a one-site federation on the public cases without DP; its run and checkpoint."""
+    items = [
+        f"federation.sites=[{{name:public,manifest:{manifest}}}]",
+        f"paths.state={scratch / 'state-pretrain'}",
+        "name=public-pretrain",
+        "strategy.cross_site_epochs=0",
+        "strategy.min_sites=1",
+        *overrides,
+    ]
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # Flower's log stream; stdout is the JSON
+        outcome = run_simulation(experiment, items, project_root=ROOT)
+    minutes = (time.perf_counter() - start) / 60
+    if outcome.run_dir is None:
+        raise SystemExit(f"pre-training did not finish: {outcome.status}")
+    summary = read_summary(outcome.run_dir)
+    checkpoint = outcome.run_dir / "checkpoints" / "best.pt"
+    if summary.get("status") != "finished" or not checkpoint.is_file():
+        raise SystemExit(f"pre-training did not finish cleanly: {outcome.run_dir}")
+    return {
+        "overrides": items,
+        "final_dice_mean": summary.get("final_dice_mean"),
+        "dice_mean_per_round": summary.get("dice_mean_per_round"),
+        "minutes": round(minutes, 2),
+        "checkpoint": str(checkpoint),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Split, pre-train, fine-tune per epsilon; print the JSON; exit 1 when a run failed."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--experiment", default="hippocampus_private")
+    parser.add_argument("--epsilons", nargs="+", default=["8", "1"])
+    parser.add_argument("--from-scratch", action="store_true", help="also run without warm start")
+    parser.add_argument("--public-site", default="B_float")
+    parser.add_argument("--public-cases", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrain-experiment", default="hippocampus")
+    parser.add_argument(
+        "--pretrain",
+        nargs="*",
+        default=["model=unet_dp", "rounds=20"],
+        help="Hydra overrides of the pre-training run",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="skip pre-training: a checkpoint an earlier run of this script made (same split)",
+    )
+    parser.add_argument("--keep", type=Path, default=None, help="keep scratch files here")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of every fine-tuning run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    plan = compose(args.experiment, list(args.overrides))
+    names = [s.name for s in plan.federation.sites]
+    if args.public_site not in names:
+        raise SystemExit(f"--public-site {args.public_site}: not a site of {args.experiment}")
+    index = names.index(args.public_site)
+    epsilons = [None if e == "none" else float(e) for e in args.epsilons]
+    with contextlib.ExitStack() as stack:
+        scratch = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pp-")))
+        scratch.mkdir(parents=True, exist_ok=True)
+        site_manifest = plan.resolve_path(plan.federation.sites[index].manifest)
+        public, private, public_ids = split_public(
+            site_manifest, args.public_cases, args.seed, scratch / "split"
+        )
+        if args.checkpoint is None:
+            pre = pretrain(args.pretrain_experiment, public, list(args.pretrain), scratch)
+        elif not args.checkpoint.is_file():
+            raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
+        else:
+            pre = {"checkpoint": str(args.checkpoint.resolve()), "reused": True}
+        print(json.dumps({"pretrain": pre}), file=sys.stderr)
+        common = [*args.overrides, f"federation.sites.{index}.manifest={private}"]
+        runs = []
+        for epsilon in epsilons:
+            starts = [("public pre-training", [f"model.init_checkpoint={pre['checkpoint']}"])]
+            if args.from_scratch:
+                starts.append(("from scratch", []))
+            for start, extra in starts:
+                tag = "warm" if extra else "scratch"
+                result = run_setting(args.experiment, [*common, *extra], epsilon, scratch / tag)
+                result["start"] = start
+                print(json.dumps(result), file=sys.stderr)
+                runs.append(result)
+    report = {
+        "experiment": args.experiment,
+        "public_site": args.public_site,
+        "public_cases": public_ids,
+        "seed": args.seed,
+        "pretrain": pre,
+        "overrides": args.overrides,
+        "runs": runs,
+    }
+    print(json.dumps(report, indent=2))
+    return 0 if all(r.get("status") == "finished" for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
