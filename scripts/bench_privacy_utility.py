@@ -118,6 +118,12 @@ def plot(reports: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def emit(report: dict[str, Any]) -> int:
+    """Print ``report`` as JSON on stdout; 0 when every run in it finished, else 1."""
+    print(json.dumps(report, indent=2))
+    return 0 if all(r.get("status") == "finished" for r in report["runs"]) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every setting; print the JSON; exit 1 when a run did not finish."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -164,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": args.overrides,
         "runs": results,
     }
-    print(json.dumps(report, indent=2))
-    return 0 if all(r.get("status") == "finished" for r in results) else 1
+    return emit(report)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_privacy_utility import run_setting
+from bench_privacy_utility import emit, run_setting
 
 from fl_imaging.config import compose
 from fl_imaging.outputs.reporting import read_summary
@@ -185,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": args.overrides,
         "runs": runs,
     }
-    print(json.dumps(report, indent=2))
-    return 0 if all(r.get("status") == "finished" for r in runs) else 1
+    return emit(report)
 
 
 if __name__ == "__main__":
