@@ -129,9 +129,9 @@ def run_one(args: argparse.Namespace, size: int, mode: str) -> dict[str, Any]:
     model = build_model(plan.model, in_channels=in_channels, out_channels=out_channels)
     model.train()
     # the experiment's own optimiser and loss (class weights: computed per volume)
-    optimizer = LocalRecipe.from_config(plan.train, epochs=1).new_optimizer(model.parameters())
-    weights = plan.train.class_weights
-    criterion: Any = segmentation_loss(None if weights is None else tuple(weights))
+    recipe = LocalRecipe.from_config(plan.train, epochs=1)
+    optimizer = recipe.new_optimizer(model.parameters())
+    criterion: Any = segmentation_loss(recipe.class_weights)
     x, y = images[:batch], labels[:batch]
 
     if mode != "none":

@@ -165,11 +165,11 @@ def main(argv: list[str] | None = None) -> int:
             pre = {"checkpoint": str(args.checkpoint.resolve()), "reused": True}
         print(json.dumps({"pretrain": pre}), file=sys.stderr)
         common = [*args.overrides, f"federation.sites.{index}.manifest={private}"]
+        starts = [("public pre-training", [f"model.init_checkpoint={pre['checkpoint']}"])]
+        if args.from_scratch:
+            starts.append(("from scratch", []))
         runs = []
         for epsilon in epsilons:
-            starts = [("public pre-training", [f"model.init_checkpoint={pre['checkpoint']}"])]
-            if args.from_scratch:
-                starts.append(("from scratch", []))
             for start, extra in starts:
                 tag = "warm" if extra else "scratch"
                 result = run_setting(args.experiment, [*common, *extra], epsilon, scratch / tag)

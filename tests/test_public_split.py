@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -13,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "data_manifests" / "hippocampus" / "B_float.json"
 
 
+@functools.cache
 def _script() -> ModuleType:
     path = ROOT / "scripts" / "bench_public_pretraining.py"
     spec = importlib.util.spec_from_file_location("bench_public_pretraining_under_test", path)
