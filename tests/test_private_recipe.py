@@ -360,6 +360,52 @@ def test_the_plan_warns_about_adam_and_high_noise_only() -> None:
     assert recipe.noise_norm == pytest.approx(recipe.noise_to_signal * math.sqrt(151_202))
 
 
+def test_the_runs_signal_to_noise_moves_with_epsilon_not_with_batch_or_epochs() -> None:
+    from fl_imaging.privacy.planning import plan_lines, plan_site
+
+    def snr(batch: int, epochs: int, epsilon: float) -> float:
+        plan = plan_site(
+            site="s",
+            num_train=119,
+            batch_size=batch,
+            epochs=epochs,
+            rounds=10,
+            epsilon=epsilon,
+            delta=1e-5,
+            accountant="rdp",
+            num_weights=151_202,
+        )
+        assert plan.noise_multiplier is not None
+        # recomputed from the plan's own sigma: sqrt(T) * q N / (sigma * sqrt(weights))
+        expected = (
+            math.sqrt(plan.total_steps)
+            * plan.sample_rate
+            * 119
+            / (plan.noise_multiplier * math.sqrt(151_202))
+        )
+        assert plan.run_signal_to_noise == pytest.approx(expected)
+        assert f"{expected:.3f}" in plan_lines([plan])[1].split()
+        return expected
+
+    recipe = snr(16, 2, 8.0)
+    # 4 times the steps or twice the batch: the accountant's larger sigma takes back
+    # nearly all of what the steps or the batch add
+    for batch, epochs in ((32, 2), (16, 1), (16, 5), (119, 2)):
+        assert 0.7 < snr(batch, epochs, 8.0) / recipe < 1.4
+    assert snr(16, 2, 1.0) < recipe / 4  # epsilon does move it
+    unknown = plan_site(
+        site="s",
+        num_train=119,
+        batch_size=16,
+        epochs=2,
+        rounds=10,
+        epsilon=8.0,
+        delta=1e-5,
+        accountant="rdp",
+    )
+    assert unknown.run_signal_to_noise is None  # without the weights' count
+
+
 def test_a_recipe_is_checked_and_dp_sgd_refuses_a_fedprox_term() -> None:
     with pytest.raises(ValueError, match="epochs must be >= 1"):
         LocalRecipe(epochs=0)
