@@ -88,7 +88,7 @@ class SitePrivacyPlan:
         clipping norms of clipped signal (every step's averaged gradient aligned) and by
         noise of norm about ``sqrt(T) * noise_norm``. At a fixed budget it barely moves with
         the batch, the epochs or the rounds (the accountant raises sigma with the steps);
-        it grows about linearly with epsilon and the patients, and with fewer weights.
+        it grows with epsilon, about in proportion to the patients, and with fewer weights.
         """
         if self.noise_norm is None or not self.total_steps:
             return None
