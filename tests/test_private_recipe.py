@@ -364,10 +364,8 @@ def test_the_plan_warns_about_adam_and_high_noise_only() -> None:
 def test_the_runs_signal_to_noise_moves_with_epsilon_not_with_batch_or_epochs() -> None:
     from fl_imaging.privacy.planning import SitePrivacyPlan, plan_lines, plan_site
 
-    last: SitePrivacyPlan | None = None
-
-    def snr(batch: int, epochs: int, epsilon: float) -> float:
-        plan = plan_site(
+    def plan(batch: int, epochs: int, epsilon: float) -> SitePrivacyPlan:
+        return plan_site(
             site="s",
             num_train=119,
             batch_size=batch,
@@ -378,28 +376,28 @@ def test_the_runs_signal_to_noise_moves_with_epsilon_not_with_batch_or_epochs() 
             accountant="rdp",
             num_weights=151_202,
         )
-        assert plan.noise_multiplier is not None
-        nonlocal last
-        last = plan
+
+    def snr(site: SitePrivacyPlan) -> float:
+        assert site.noise_multiplier is not None
         # recomputed from the plan's own sigma: sqrt(T) * q N / (sigma * sqrt(weights))
         expected = (
-            math.sqrt(plan.total_steps)
-            * plan.sample_rate
+            math.sqrt(site.total_steps)
+            * site.sample_rate
             * 119
-            / (plan.noise_multiplier * math.sqrt(151_202))
+            / (site.noise_multiplier * math.sqrt(151_202))
         )
-        assert plan.run_signal_to_noise == pytest.approx(expected)
-        assert f"{expected:.3f}" in plan_lines([plan])[1].split()
+        assert site.run_signal_to_noise == pytest.approx(expected)
+        assert f"{expected:.3f}" in plan_lines([site])[1].split()
         return expected
 
-    recipe = snr(16, 2, 8.0)
-    # 4 times the steps or twice the batch: the accountant's larger sigma takes back
-    # nearly all of what the steps or the batch add
+    recipe_plan = plan(16, 2, 8.0)
+    recipe = snr(recipe_plan)
+    # twice the batch, half or 2.5 times the steps, every case in each step: the
+    # accountant's larger or smaller sigma takes back nearly all of what they change
     for batch, epochs in ((32, 2), (16, 1), (16, 5), (119, 2)):
-        assert 0.7 < snr(batch, epochs, 8.0) / recipe < 1.4
-    assert snr(16, 2, 1.0) < recipe / 4  # epsilon does move it
-    assert last is not None and last.run_signal_to_noise is not None
-    unknown = dataclasses.replace(last, num_weights=0)
+        assert 0.7 < snr(plan(batch, epochs, 8.0)) / recipe < 1.4
+    assert snr(plan(16, 2, 1.0)) < recipe / 4  # epsilon does move it
+    unknown = dataclasses.replace(recipe_plan, num_weights=0)
     assert unknown.run_signal_to_noise is None  # without the weights' count
 
 

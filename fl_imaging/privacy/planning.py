@@ -20,8 +20,8 @@ where SGD learnt).
 ``run_signal_to_noise`` sums over the run: ``T`` steps add at most ``T`` clipping norms
 of signal and noise of norm about ``sqrt(T)`` times each step's. Because the accountant
 raises sigma with the steps, larger batches, more epochs or more rounds at the same budget
-leave it almost where it was (as the measured runs did their Dice); epsilon, more patients
-and fewer trained weights raise it.
+leave it almost where it was (and left the measured runs' Dice where it was); epsilon,
+more patients and fewer trained weights raise it.
 """
 
 from __future__ import annotations
