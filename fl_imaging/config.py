@@ -273,6 +273,12 @@ class StrategyConfig:
     # Halves the messages of a round (a deployment round: 4.7 s instead of 10.7 s of
     # overhead); false: a separate evaluate message after every round
     evaluate_in_train: bool = True
+    # the model the run evaluates, checkpoints and delivers: the exponential moving average
+    # of the global models over rounds (average = decay * average + (1 - decay) * model,
+    # from the first aggregate on); training goes on from the plain aggregate.
+    # Post-processing on the server: no privacy cost. With it, every round evaluates the
+    # average in its own message (evaluate_in_train does not apply). null: off
+    global_ema_decay: float | None = None
     # further keyword arguments of the Flower strategy (e.g. eta, beta_1 for fedadam,
     # server_momentum for fedavgm, beta for fedtrimmedavg, num_malicious_nodes for krum)
     params: dict[str, Any] = field(default_factory=dict)
@@ -732,7 +738,7 @@ def _class_weight_problems(weights: Sequence[float] | None, labels: dict[int, st
 
 
 def _strategy_problems(plan: RunPlan) -> list[str]:
-    """``strategy.*``: known strategy, fractions, ``min_sites``, FedProx."""
+    """``strategy.*``: known strategy, fractions, ``min_sites``, the global average, FedProx."""
     problems: list[str] = []
     sites = plan.federation.sites
     if plan.strategy.name not in KNOWN_STRATEGIES:
@@ -748,6 +754,9 @@ def _strategy_problems(plan: RunPlan) -> list[str]:
             f"strategy.min_sites must be between 1 and the number of sites ({len(sites)}), "
             f"got {plan.strategy.min_sites}"
         )
+    decay = plan.strategy.global_ema_decay
+    if decay is not None and not 0 < decay < 1:
+        problems.append(f"strategy.global_ema_decay must be in (0, 1) or null, got {decay}")
     if plan.strategy.name == "fedprox" and plan.strategy.proximal_mu <= 0:
         problems.append(
             f"strategy.proximal_mu must be > 0 for fedprox, got {plan.strategy.proximal_mu}"

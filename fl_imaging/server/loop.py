@@ -32,6 +32,7 @@ from fl_imaging.outputs.reporting import RunFolder, write_cross_site
 from fl_imaging.privacy.policy import REFUSED_BY_POLICY
 from fl_imaging.protocol import ConfigKey, RecordKey
 from fl_imaging.secagg.server import SecureAggregation
+from fl_imaging.server.averaging import GlobalAverage
 from fl_imaging.server.cross_site import cross_site_evaluation
 from fl_imaging.server.grid import FederationError, NodeSnapshot, destinations, wait_for_sites
 from fl_imaging.server.identity import VerifiedGrid
@@ -119,9 +120,21 @@ class RoundLoop:
             "labels": self.labels,
             "modalities": list(plan.data.modalities),
         }
+        # strategy.global_ema_decay: the run evaluates, checkpoints and delivers the moving
+        # average of the global models (self.delivered); training goes on from self.arrays
+        decay = plan.strategy.global_ema_decay
+        self.average = GlobalAverage(decay) if decay is not None else None
+        self.delivered = self.arrays
         # one message per round: a train message also evaluates the model it carries, so the
-        # Dice of round r's model arrives with round r + 1 (the last model gets an evaluation)
-        self.fused = plan.strategy.evaluate_in_train
+        # Dice of round r's model arrives with round r + 1 (the last model gets an evaluation);
+        # not with the average, which no train message carries
+        self.fused = plan.strategy.evaluate_in_train and self.average is None
+        if self.average is not None:
+            logger.info(
+                "the evaluated and delivered model is the moving average of the global models "
+                "(strategy.global_ema_decay=%g); each round evaluates it in its own message",
+                decay,
+            )
         self.secure = None
         if plan.secure_aggregation.name != "none":
             self.secure = SecureAggregation(
@@ -139,7 +152,11 @@ class RoundLoop:
 
     def resume(self, state: ResumeState) -> None:
         """Continue ``state``: its model, strategy state and summary; drop the cut-short round."""
-        self.arrays = ArrayRecord(state.state_dict)
+        self.arrays = ArrayRecord(state.training_state_dict)
+        self.delivered = ArrayRecord(state.state_dict)
+        if self.average is not None:
+            # a run that had no average continues one from its last global model
+            self.average.start(state.state_dict, folded=state.last_round)
         restore_strategy_state(self.strategy, state.strategy_state)
         dropped = self.run.truncate_metrics(state.last_round, drop_val_of_last=self.fused)
         self.summary.continue_from(state.summary, state.last_round)
@@ -177,6 +194,9 @@ class RoundLoop:
             phase["train"] = trained_at - round_started
             phase["aggregate"] = time.monotonic() - trained_at
         state_dict = self.arrays.to_torch_state_dict()
+        if self.average is not None and server_round > 0:
+            state_dict = self.average.fold(state_dict)
+        self.delivered = ArrayRecord(state_dict) if self.average is not None else self.arrays
         if not self.fused or server_round == self.plan.rounds:
             evaluated_from = time.monotonic()
             self.evaluate_step(server_round, state_dict)
@@ -189,7 +209,7 @@ class RoundLoop:
         summary, plan = self.summary, self.plan
         if plan.strategy.cross_site_epochs > 0 and self.first_round <= plan.rounds:
             matrix = cross_site_evaluation(
-                self.grid, plan, self.arrays, self.node_sites, plan.rounds
+                self.grid, plan, self.delivered, self.node_sites, plan.rounds
             )
             write_cross_site(self.run.path, matrix)
             summary.finetuned_dice_per_site = {
@@ -274,9 +294,9 @@ class RoundLoop:
         return new_arrays
 
     def evaluate_step(self, server_round: int, state_dict: dict[str, Any]) -> None:
-        """Evaluate the round's global model at every connected site."""
+        """Evaluate the round's global model (or its average) at every connected site."""
         messages = self.strategy.configure_evaluate(
-            server_round, self.arrays, ConfigRecord(), self.connected()
+            server_round, self.delivered, ConfigRecord(), self.connected()
         )
         _, rows, _ = self.exchange(server_round, "val", messages)
         self.record_evaluation(server_round, rows, state_dict)
@@ -405,13 +425,21 @@ class RoundLoop:
         )
 
     def _checkpoint(self, server_round: int, state_dict: dict[str, Any]) -> None:
-        """``checkpoints/last.pt``: the model after ``server_round``, what resume reads."""
+        """``checkpoints/last.pt``: the model after ``server_round``, what resume reads.
+
+        ``state_dict`` is the delivered model; with a global average the plain aggregate,
+        which training goes on from, is kept beside it (``training_state_dict``).
+        """
+        extra = {}
+        if self.average is not None:
+            extra["training_state_dict"] = self.arrays.to_torch_state_dict()
         self.run.save_checkpoint(
             "last",
             state_dict,
             round=server_round,
             dice_mean=self.summary.dice_mean_per_round.get(str(server_round), math.nan),
             strategy_state=strategy_state(self.strategy),
+            **extra,
             **self.meta,
         )
 

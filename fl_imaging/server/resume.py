@@ -20,12 +20,18 @@ from fl_imaging.outputs.reporting import (
 
 @dataclass(frozen=True)
 class ResumeState:
-    """Where a stopped run left off (from its ``checkpoints/last.pt`` and ``summary.json``)."""
+    """Where a stopped run left off (from its ``checkpoints/last.pt`` and ``summary.json``).
+
+    ``state_dict`` is the delivered model (with ``strategy.global_ema_decay``, the moving
+    average); ``training_state_dict`` the global model training goes on from (the same
+    tensors when the run kept no average).
+    """
 
     last_round: int
     state_dict: dict[str, Any]
     strategy_state: dict[str, Any]
     summary: dict[str, Any]
+    training_state_dict: dict[str, Any]
 
 
 def load_resume_state(run: RunFolder, plan: RunPlan) -> ResumeState:
@@ -63,4 +69,10 @@ def load_resume_state(run: RunFolder, plan: RunPlan) -> ResumeState:
             f"train on (the run folder was not changed)"
         )
     summary = read_summary(run.path)
-    return ResumeState(last_round, ckpt["state_dict"], ckpt.get("strategy_state", {}), summary)
+    return ResumeState(
+        last_round,
+        ckpt["state_dict"],
+        ckpt.get("strategy_state", {}),
+        summary,
+        ckpt.get("training_state_dict", ckpt["state_dict"]),
+    )
