@@ -51,40 +51,28 @@ def test_a_decay_outside_0_1_is_refused_by_the_config(
 
 
 class Recording:
-    """Keeps the model each train and evaluate message carried, by message type."""
+    """A grid mixin: keeps the model each train and evaluate message carried, by type."""
 
-    def record(self, messages: list[Message]) -> None:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        sent: dict[str, list[State]] = self.__dict__.setdefault("sent", {})
         for msg in messages:
             kind = msg.metadata.message_type
             if kind in (MessageType.TRAIN, MessageType.EVALUATE):
-                model = msg.content[RecordKey.ARRAYS].to_torch_state_dict()
-                self.sent.setdefault(kind, []).append(model)
+                sent.setdefault(kind, []).append(
+                    msg.content[RecordKey.ARRAYS].to_torch_state_dict()
+                )
+        return super().send_and_receive(messages, timeout=timeout)  # type: ignore[misc]
 
 
 class RecordingGrid(Recording, LocalGrid):
-    def __init__(self, overrides: list[str]) -> None:
-        super().__init__(overrides)
-        self.sent: dict[str, list[State]] = {}
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        messages = list(messages)
-        self.record(messages)
-        return super().send_and_receive(messages, timeout=timeout)
+    """The in-process grid, recording."""
 
 
 class RecordingDyingGrid(Recording, DyingGrid):
-    def __init__(self, overrides: list[str], die_at: int) -> None:
-        super().__init__(overrides, die_at)
-        self.sent: dict[str, list[State]] = {}
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        messages = list(messages)
-        self.record(messages)
-        return super().send_and_receive(messages, timeout=timeout)
+    """The grid that dies after round ``die_at``'s training, recording."""
 
 
 def per_round(models: list[State], sites: int = 3) -> list[State]:
