@@ -61,8 +61,14 @@ def split_public(
     manifest marks no case ``val``, so loading it holds out a seeded 20 %.
 
     Raises:
-        SystemExit: the site has fewer training cases than asked for.
+        SystemExit: fewer than 2 public cases asked for (one to train on, one to pick the
+            checkpoint), or the site has fewer training cases than asked for.
     """
+    if public_cases < 2:
+        raise SystemExit(
+            f"--public-cases {public_cases}: at least 2 are needed (pre-training trains on "
+            "some and picks its checkpoint on the others)"
+        )
     raw = json.loads(manifest.read_text())
     train = [e for e in raw["training"] if e.get("split", "train") == "train"]
     if public_cases >= len(train):

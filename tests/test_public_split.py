@@ -44,3 +44,12 @@ def test_public_cases_leave_the_site_and_its_validation_cases_stay(tmp_path: Pat
 def test_asking_for_more_public_cases_than_training_cases_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="119 training cases, cannot make 119"):
         _script().split_public(MANIFEST, 119, 0, tmp_path)
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_fewer_than_two_public_cases_are_refused_before_anything_is_written(
+    count: int, tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit, match=f"--public-cases {count}: at least 2 are needed"):
+        _script().split_public(MANIFEST, count, 0, tmp_path / "split")
+    assert not (tmp_path / "split").exists()
