@@ -94,15 +94,29 @@ def split_public(
 
 
 def pretrain(
-    experiment: str, manifest: Path, overrides: list[str], scratch: Path
+    experiment: str,
+    sites: list[str],
+    overrides: list[str],
+    scratch: Path,
+    name: str = "public-pretrain",
 ) -> dict[str, Any]:
-    """Train a one-site federation on the public cases without DP; its run and checkpoint."""
+    """Train a federation on data that costs no privacy, without DP; its run and checkpoint.
+
+    Args:
+        experiment: the pre-training experiment.
+        sites: Hydra overrides naming its sites (here the public cases' one site).
+        overrides: further overrides of the pre-training run.
+        scratch: its state folder goes here.
+        name: the run's name.
+
+    Raises:
+        SystemExit: the run did not finish cleanly or left no ``best.pt``.
+    """
     items = [
-        f"federation.sites=[{{name:public,manifest:{manifest}}}]",
+        *sites,
         f"paths.state={scratch / 'state-pretrain'}",
-        "name=public-pretrain",
+        f"name={name}",
         "strategy.cross_site_epochs=0",
-        "strategy.min_sites=1",
         *overrides,
     ]
     start = time.perf_counter()
@@ -164,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             site_manifest, args.public_cases, args.seed, scratch / "split"
         )
         if args.checkpoint is None:
-            pre = pretrain(args.pretrain_experiment, public, list(args.pretrain), scratch)
+            sites = [
+                f"federation.sites=[{{name:public,manifest:{public}}}]",
+                "strategy.min_sites=1",
+            ]
+            pre = pretrain(args.pretrain_experiment, sites, list(args.pretrain), scratch)
         elif not args.checkpoint.is_file():
             raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
         else:
