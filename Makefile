@@ -7,7 +7,7 @@ DEMO_DATA := data/synthetic/hospital_a/dataset.json
 # Keep Flower's state (SuperLink database, installed app bundles) inside the project.
 export FLWR_HOME ?= $(CURDIR)/.flwr
 
-.PHONY: demo test test-docker lint setup data hippocampus tumour clean-outputs
+.PHONY: demo test test-docker lint setup data hippocampus tumour synthetic-start clean-outputs
 
 ## demo: set up if needed, make the synthetic hospitals if missing, run the federated demo
 demo: $(STAMP) $(DEMO_DATA)
@@ -48,6 +48,15 @@ $(TUMOUR_DATA): | $(STAMP)
 ## hippocampus: the real-data experiment on ../shared/data/msd_hippocampus
 hippocampus: $(STAMP)
 	$(BIN)/fl-imaging run experiment=hippocampus
+
+## synthetic-start: a model trained on 208 synthetic cases (no patient, no privacy cost) to start private runs from (model.init_checkpoint=data/synthetic_start/unet_dp.pt)
+SYNTHETIC_START := data/synthetic_start/unet_dp.pt
+synthetic-start: $(SYNTHETIC_START)
+
+$(SYNTHETIC_START): | $(STAMP)
+	$(BIN)/fl-imaging synth --out data/synthetic_start --cases 208 --seed 1 --overwrite
+	$(BIN)/fl-imaging run experiment=synthetic_start
+	cp outputs/latest/checkpoints/best.pt $@
 
 lint: $(STAMP)
 	$(BIN)/ruff check fl_imaging tests scripts

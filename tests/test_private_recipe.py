@@ -347,6 +347,7 @@ def test_the_plan_warns_about_adam_and_high_noise_only() -> None:
     assert "train.optimizer=adam under DP-SGD" in adam
     [noisy] = plan(2, 0.5, "sgd")
     assert "the noise on each averaged gradient is" in noisy and "train.batch_size=0" in noisy
+    assert "model.init_checkpoint (make synthetic-start" in noisy  # the privacy-free start
     recipe = plan_site(
         site="s",
         num_train=119,

@@ -121,7 +121,8 @@ class SitePrivacyPlan:
                     else ""
                 )
                 + "a larger epsilon, more patients; a smaller network (model=unet_dp) or "
-                "privacy.trainable lowers the noise's norm"
+                "privacy.trainable lowers the noise's norm; a start that needs less "
+                "signal: model.init_checkpoint (make synthetic-start costs no privacy)"
             )
         return found
 
