@@ -113,8 +113,9 @@ class SitePrivacyPlan:
             found.append(
                 f"site {self.site}: the noise on each averaged gradient is {ratio:.2f} "
                 f"clipping norms per weight (sigma {self.noise_multiplier:.2f} / "
-                f"{self.expected_batch:.1f} patients per step); private runs with sites at "
-                f"{NOISY:g} or more learnt nothing here (docs/RESULTS.md). What lowers it: "
+                f"{self.expected_batch:.1f} patients per step); private runs with every "
+                f"site at {NOISY:g} or more learnt almost nothing here (docs/RESULTS.md). "
+                "What lowers it: "
                 + (
                     "every case in each step (train.batch_size=0: q = 1), "
                     if self.sample_rate < 1
