@@ -138,30 +138,75 @@ def pretrain(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Split, pre-train, fine-tune per epsilon; print the JSON; exit 1 when a run failed."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+def add_warm_start_arguments(
+    parser: argparse.ArgumentParser, pretrain_experiment: str, pretrain_overrides: list[str]
+) -> None:
+    """The arguments both warm-start benchmarks take (the fine-tuning and its start)."""
     parser.add_argument("--experiment", default="hippocampus_private")
     parser.add_argument("--epsilons", nargs="+", default=["8", "1"])
     parser.add_argument("--from-scratch", action="store_true", help="also run without warm start")
-    parser.add_argument("--public-site", default="B_float")
-    parser.add_argument("--public-cases", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pretrain-experiment", default="hippocampus")
+    parser.add_argument("--pretrain-experiment", default=pretrain_experiment)
     parser.add_argument(
         "--pretrain",
         nargs="*",
-        default=["model=unet_dp", "rounds=20"],
+        default=pretrain_overrides,
         help="Hydra overrides of the pre-training run",
     )
     parser.add_argument(
         "--checkpoint",
         type=Path,
         default=None,
-        help="skip pre-training: a checkpoint an earlier run of this script made (same split)",
+        help="skip pre-training: a checkpoint an earlier run of this script made",
     )
     parser.add_argument("--keep", type=Path, default=None, help="keep scratch files here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of every fine-tuning run")
+
+
+def reused_checkpoint(path: Path) -> dict[str, Any]:
+    """``--checkpoint``: the pre-training record of a checkpoint made earlier.
+
+    Raises:
+        SystemExit: no such file.
+    """
+    if not path.is_file():
+        raise SystemExit(f"--checkpoint {path}: no such file")
+    return {"checkpoint": str(path.resolve()), "reused": True}
+
+
+def fine_tune(
+    args: argparse.Namespace, overrides: list[str], start: str, checkpoint: str, scratch: Path
+) -> list[dict[str, Any]]:
+    """One run of ``args.experiment`` per epsilon from ``checkpoint`` (and from scratch)."""
+    starts = [(start, [f"model.init_checkpoint={checkpoint}"])]
+    if args.from_scratch:
+        starts.append(("from scratch", []))
+    epsilons = [None if e == "none" else float(e) for e in args.epsilons]
+    runs = []
+    for epsilon in epsilons:
+        for name, extra in starts:
+            tag = "warm" if extra else "scratch"
+            result = run_setting(args.experiment, [*overrides, *extra], epsilon, scratch / tag)
+            result["start"] = name
+            print(json.dumps(result), file=sys.stderr)
+            runs.append(result)
+    return runs
+
+
+def warm_start_report(
+    args: argparse.Namespace, pre: dict[str, Any], runs: list[dict[str, Any]], **fields: Any
+) -> int:
+    """Print the benchmark's JSON (``fields``, the pre-training, every run); 1 if one failed."""
+    report = {"experiment": args.experiment, **fields, "pretrain": pre}
+    return emit({**report, "overrides": args.overrides, "runs": runs})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Split, pre-train, fine-tune per epsilon; print the JSON; exit 1 when a run failed."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    add_warm_start_arguments(parser, "hippocampus", ["model=unet_dp", "rounds=20"])
+    parser.add_argument("--public-site", default="B_float")
+    parser.add_argument("--public-cases", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     plan = compose(args.experiment, list(args.overrides))
@@ -169,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.public_site not in names:
         raise SystemExit(f"--public-site {args.public_site}: not a site of {args.experiment}")
     index = names.index(args.public_site)
-    epsilons = [None if e == "none" else float(e) for e in args.epsilons]
     with contextlib.ExitStack() as stack:
         scratch = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pp-")))
         scratch.mkdir(parents=True, exist_ok=True)
@@ -183,33 +227,13 @@ def main(argv: list[str] | None = None) -> int:
                 "strategy.min_sites=1",
             ]
             pre = pretrain(args.pretrain_experiment, sites, list(args.pretrain), scratch)
-        elif not args.checkpoint.is_file():
-            raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
         else:
-            pre = {"checkpoint": str(args.checkpoint.resolve()), "reused": True}
+            pre = reused_checkpoint(args.checkpoint)
         print(json.dumps({"pretrain": pre}), file=sys.stderr)
         common = [*args.overrides, f"federation.sites.{index}.manifest={private}"]
-        starts = [("public pre-training", [f"model.init_checkpoint={pre['checkpoint']}"])]
-        if args.from_scratch:
-            starts.append(("from scratch", []))
-        runs = []
-        for epsilon in epsilons:
-            for start, extra in starts:
-                tag = "warm" if extra else "scratch"
-                result = run_setting(args.experiment, [*common, *extra], epsilon, scratch / tag)
-                result["start"] = start
-                print(json.dumps(result), file=sys.stderr)
-                runs.append(result)
-    report = {
-        "experiment": args.experiment,
-        "public_site": args.public_site,
-        "public_cases": public_ids,
-        "seed": args.seed,
-        "pretrain": pre,
-        "overrides": args.overrides,
-        "runs": runs,
-    }
-    return emit(report)
+        runs = fine_tune(args, common, "public pre-training", pre["checkpoint"], scratch)
+    fields = {"public_site": args.public_site, "public_cases": public_ids, "seed": args.seed}
+    return warm_start_report(args, pre, runs, **fields)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_privacy_utility import emit, run_setting
-from bench_public_pretraining import pretrain
+from bench_public_pretraining import (
+    add_warm_start_arguments,
+    fine_tune,
+    pretrain,
+    reused_checkpoint,
+    warm_start_report,
+)
 
 from fl_imaging.data.synthetic import generate_federation
 
@@ -63,31 +68,13 @@ def synthetic_sites(out: Path, cases: int, skew: float, fov_mm: float, seed: int
 def main(argv: list[str] | None = None) -> int:
     """Generate, pre-train, fine-tune per epsilon; print the JSON; exit 1 when a run failed."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--experiment", default="hippocampus_private")
-    parser.add_argument("--epsilons", nargs="+", default=["8", "1"])
-    parser.add_argument("--from-scratch", action="store_true", help="also run without warm start")
+    add_warm_start_arguments(parser, DEFAULT_PRETRAIN_EXPERIMENT, DEFAULT_PRETRAIN)
     parser.add_argument("--cases", type=int, default=208, help="synthetic cases in all")
     parser.add_argument("--skew", type=float, default=0.5)
     parser.add_argument("--fov-mm", type=float, default=64.0)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--pretrain-experiment", default=DEFAULT_PRETRAIN_EXPERIMENT)
-    parser.add_argument(
-        "--pretrain",
-        nargs="*",
-        default=DEFAULT_PRETRAIN,
-        help="Hydra overrides of the pre-training run",
-    )
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=None,
-        help="skip generating and pre-training: a checkpoint an earlier run of this script made",
-    )
-    parser.add_argument("--keep", type=Path, default=None, help="keep scratch files here")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of every fine-tuning run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    epsilons = [None if e == "none" else float(e) for e in args.epsilons]
     generator = {"cases": args.cases, "skew": args.skew, "fov_mm": args.fov_mm, "seed": args.seed}
     with contextlib.ExitStack() as stack:
         scratch = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sp-")))
@@ -101,31 +88,13 @@ def main(argv: list[str] | None = None) -> int:
                 scratch,
                 name="synthetic-pretrain",
             )
-        elif not args.checkpoint.is_file():
-            raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
         else:
-            pre = {"checkpoint": str(args.checkpoint.resolve()), "reused": True}
+            pre = reused_checkpoint(args.checkpoint)
         print(json.dumps({"pretrain": pre}), file=sys.stderr)
-        starts = [("synthetic pre-training", [f"model.init_checkpoint={pre['checkpoint']}"])]
-        if args.from_scratch:
-            starts.append(("from scratch", []))
-        runs = []
-        for epsilon in epsilons:
-            for start, extra in starts:
-                tag = "warm" if extra else "scratch"
-                overrides = [*args.overrides, *extra]
-                result = run_setting(args.experiment, overrides, epsilon, scratch / tag)
-                result["start"] = start
-                print(json.dumps(result), file=sys.stderr)
-                runs.append(result)
-    report = {
-        "experiment": args.experiment,
-        "generator": generator,
-        "pretrain": pre,
-        "overrides": args.overrides,
-        "runs": runs,
-    }
-    return emit(report)
+        runs = fine_tune(
+            args, list(args.overrides), "synthetic pre-training", pre["checkpoint"], scratch
+        )
+    return warm_start_report(args, pre, runs, generator=generator)
 
 
 if __name__ == "__main__":

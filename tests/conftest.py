@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -12,6 +16,22 @@ from fl_imaging.data.synthetic import generate_federation
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_HIPPOCAMPUS = REPO_ROOT.parent / "shared" / "data" / "msd_hippocampus"
+
+
+@functools.cache
+def load_script(relative: str) -> ModuleType:
+    """A script of the repository (e.g. ``scripts/bench_public_pretraining.py``) as a module.
+
+    Its folder goes on ``sys.path`` first, so that it can import its sibling scripts.
+    """
+    path = REPO_ROOT / relative
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_under_test", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from tests.conftest import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "data_manifests" / "hippocampus" / "B_float.json"
 
 
-@functools.cache
 def _script() -> ModuleType:
-    path = ROOT / "scripts" / "bench_public_pretraining.py"
-    spec = importlib.util.spec_from_file_location("bench_public_pretraining_under_test", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/bench_public_pretraining.py")
 
 
 def test_public_cases_leave_the_site_and_its_validation_cases_stay(tmp_path: Path) -> None:

@@ -3,9 +3,6 @@ the private hippocampus recipe."""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -13,19 +10,11 @@ import torch
 
 from fl_imaging.config import compose
 from fl_imaging.ml.models import initial_weights, new_model
+from tests.conftest import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-@functools.cache
 def _script() -> ModuleType:
-    sys.path.insert(0, str(ROOT / "scripts"))  # it imports its sibling benchmarks
-    path = ROOT / "scripts" / "bench_synthetic_pretraining.py"
-    spec = importlib.util.spec_from_file_location("bench_synthetic_pretraining_under_test", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/bench_synthetic_pretraining.py")
 
 
 def test_the_synthetic_sites_are_seeded_and_name_three_manifests(tmp_path: Path) -> None:
