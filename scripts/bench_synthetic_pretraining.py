@@ -7,9 +7,10 @@ from such a model buys on the hippocampus pseudo-sites:
 
 1. **Synthetic hospitals**: ``generate_federation`` (3 sites, ``--cases`` in all,
    ``--skew``, ``--fov-mm``, ``--seed``), written to the scratch folder.
-2. **Pre-training** on them without DP (``--pretrain-experiment``, by default the demo
-   with the private recipe's model). Its checkpoint (``best.pt``) is picked on the
-   synthetic validation cases, so no private case chooses it.
+2. **Pre-training** on them without DP (``--pretrain-experiment``, by default
+   ``synthetic_start``: what ``make synthetic-start`` trains). Its checkpoint
+   (``best.pt``) is picked on the synthetic validation cases, so no private case
+   chooses it.
 3. **Private fine-tuning**: per epsilon in ``--epsilons`` (``none``: without DP-SGD), a
    run of ``--experiment`` on all of its sites' cases from the pre-trained checkpoint
    (``model.init_checkpoint``), and with ``--from-scratch`` the same run from random
@@ -49,9 +50,10 @@ from bench_public_pretraining import (
 from fl_imaging.data.synthetic import generate_federation
 
 SITES = 3
-# the demo with the private recipe's model: a checkpoint hippocampus_private accepts
-DEFAULT_PRETRAIN_EXPERIMENT = "demo"
-DEFAULT_PRETRAIN = ["model=unet_dp", "rounds=12"]
+# conf/experiment/synthetic_start.yaml (the private recipe's model; what make
+# synthetic-start trains), its sites replaced by the generated ones
+DEFAULT_PRETRAIN_EXPERIMENT = "synthetic_start"
+DEFAULT_PRETRAIN: list[str] = []
 
 
 def synthetic_sites(out: Path, cases: int, skew: float, fov_mm: float, seed: int) -> list[str]:
