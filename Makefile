@@ -55,8 +55,8 @@ synthetic-start: $(SYNTHETIC_START)
 
 $(SYNTHETIC_START): | $(STAMP)
 	$(BIN)/fl-imaging synth --out data/synthetic_start --cases 208 --seed 1 --overwrite
-	$(BIN)/fl-imaging run experiment=synthetic_start
-	cp outputs/latest/checkpoints/best.pt $@
+	$(BIN)/fl-imaging run experiment=synthetic_start paths.outputs=data/synthetic_start/outputs
+	cp data/synthetic_start/outputs/latest/checkpoints/best.pt $@
 
 lint: $(STAMP)
 	$(BIN)/ruff check fl_imaging tests scripts

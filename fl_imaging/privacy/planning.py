@@ -8,19 +8,16 @@ accountant needs for what is left of the budget, and the epsilon after each roun
 
 ``noise_to_signal`` is the noise std on the *averaged* gradient relative to the
 clipping norm, ``sigma / (q N)``: every weight of each step's update gets Gaussian noise
-of that many clipping norms. Measured on this project (docs/RESULTS.md), the boundary is
-not sharp (what the global model gets is every site's noise together): runs with sites
-at 0.13-0.40 (hippocampus, epsilon 4) or 0.7-1.1 (``demo_private``) learnt nothing;
-sites at 0.08-0.22 (hippocampus, epsilon 8) learnt a little (Dice 0.10), at 0.06-0.13
-(epsilon 16) more (0.28); with the class-weighted loss and lr 0.03 of today's recipe,
-epsilon 8 reaches about 0.28. A site at or above :data:`NOISY` is warned about, with what
-would lower it; Adam under DP-SGD is warned about whatever the noise (it learnt nothing
-where SGD learnt).
+of that many clipping norms. The boundary between runs that learnt and runs that did not
+is not sharp (what the global model gets is every site's noise together); the measured
+runs are in docs/RESULTS.md, "Private training". A site at or above :data:`NOISY` is
+warned about, with what would lower it; Adam under DP-SGD is warned about whatever the
+noise (it learnt nothing here where SGD learnt).
 
 ``run_signal_to_noise`` sums over the run: ``T`` steps add at most ``T`` clipping norms
 of signal and noise of norm about ``sqrt(T)`` times each step's. Because the accountant
 raises sigma with the steps, larger batches, more epochs or more rounds at the same budget
-leave it almost where it was (and left the measured runs' Dice where it was); epsilon,
+leave it almost where it was (in the measured runs, docs/RESULTS.md); epsilon,
 more patients and fewer trained weights raise it.
 """
 
@@ -33,7 +30,7 @@ from dataclasses import dataclass, field
 from fl_imaging.privacy.accounting import History, epsilon_of, noise_for_budget
 
 # noise std on the averaged gradient, in clipping norms, from which sites are warned
-# about: above the sites of every run that learnt here (at most 0.22)
+# about: above the sites of every run that learnt here (docs/RESULTS.md, "Private training")
 NOISY = 0.25
 
 
