@@ -110,7 +110,8 @@ def test_private_experiments_give_each_site_its_own_budget() -> None:
     assert [s.privacy.epsilon for s in plan.federation.sites] == [8.0, 8.0, 1.0]
     assert all(s.privacy.delta == 1e-5 for s in plan.federation.sites)
     assert plan.train.class_weights == [0.1, 1.0, 1.0]  # the recipe: out of the collapse
-    assert (plan.train.optimizer, plan.train.lr) == ("sgd", 0.03)
+    # the step lr x max_grad_norm of 0.03, with every patient clipped to 0.1
+    assert (plan.train.optimizer, plan.train.lr, plan.privacy.max_grad_norm) == ("sgd", 0.3, 0.1)
     assert compose("hippocampus").federation.sites[0].privacy.epsilon is None
 
 
