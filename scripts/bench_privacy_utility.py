@@ -11,6 +11,11 @@ per-round mean Dice, the epsilon each site spent, its noise multiplier and the m
         model=unet train.optimizer=adam train.lr=1e-3      # one lever at a time
     .venv/bin/python scripts/bench_privacy_utility.py --plot docs/privacy_utility.png pu.json
 
+``none`` keeps the experiment's optimiser and learning rate without clipping: where the
+learning rate was chosen for small clipped gradients (``hippocampus_private``: lr 0.3 at
+``max_grad_norm`` 0.1) that is a different optimiser, not the recipe without noise; pass
+the non-private learning rate as an override for that run (docs/RESULTS.md).
+
 Tuning on these figures spends the privacy of the patients whose validation cases
 score them; the defaults were chosen on synthetic data and non-private runs
 (docs/RESULTS.md says which figure came from where).
@@ -52,6 +57,13 @@ def run_setting(
     """One federated run at ``epsilon``; its figures (or its error)."""
     label = "none" if epsilon is None else f"{epsilon:g}"
     plan = compose(experiment, overrides)
+    if epsilon is None:
+        logging.warning(
+            "epsilon none: every site trains without clipping at train.lr=%g (the private "
+            "runs clip each patient's gradient to privacy.max_grad_norm=%g first)",
+            plan.train.lr,
+            plan.privacy.max_grad_norm,
+        )
     items = [
         *overrides,
         *setting_overrides(
