@@ -137,6 +137,10 @@ class PrivacyConfig:
     # site with N training cases (fl_imaging.privacy.accounting.default_delta)
     delta: float | None = None
     max_grad_norm: float = 1.0
+    # learning rate of the sites that train with DP-SGD (their train.lr_schedule still
+    # applies); None: train.lr. Clipped steps are at most lr x max_grad_norm long, so a
+    # private recipe's lr belongs with its norm, not with the sites that train without DP
+    lr: float | None = None
     # seconds a private round waits for another training of the same site (same state
     # folder) to release the privacy lock before it is refused
     lock_timeout: float = 60.0
@@ -815,6 +819,8 @@ def _privacy_problems(plan: RunPlan) -> list[str]:
         problems.append(
             f"privacy.max_physical_batch must be >= 0, got {plan.privacy.max_physical_batch}"
         )
+    if plan.privacy.lr is not None and not plan.privacy.lr > 0:
+        problems.append(f"privacy.lr must be > 0 (or null: train.lr), got {plan.privacy.lr}")
     if plan.privacy.augmentations < 1:
         problems.append(f"privacy.augmentations must be >= 1, got {plan.privacy.augmentations}")
     if not plan.privacy.lock_timeout >= 0:

@@ -11,10 +11,10 @@ per-round mean Dice, the epsilon each site spent, its noise multiplier and the m
         model=unet train.optimizer=adam train.lr=1e-3      # one lever at a time
     .venv/bin/python scripts/bench_privacy_utility.py --plot docs/privacy_utility.png pu.json
 
-``none`` keeps the experiment's optimiser and learning rate without clipping: where the
-learning rate was chosen for small clipped gradients (``hippocampus_private``: lr 0.3 at
-``max_grad_norm`` 0.1) that is a different optimiser, not the recipe without noise; pass
-the non-private learning rate as an override for that run (docs/RESULTS.md).
+``none`` trains every site without clipping, with the experiment's optimiser at
+``train.lr``; the private runs use ``privacy.lr`` where it is set (``hippocampus_private``:
+0.3 at ``max_grad_norm`` 0.1, and ``train.lr`` 0.03 for sites without DP), so ``none``
+is that optimiser without DP, not the private step without noise (docs/RESULTS.md).
 
 Tuning on these figures spends the privacy of the patients whose validation cases
 score them; the defaults were chosen on synthetic data and non-private runs
@@ -60,9 +60,11 @@ def run_setting(
     if epsilon is None:
         logging.warning(
             "epsilon none: every site trains without clipping at train.lr=%g (the private "
-            "runs clip each patient's gradient to privacy.max_grad_norm=%g first)",
+            "runs clip each patient's gradient to privacy.max_grad_norm=%g and step at "
+            "privacy.lr=%s)",
             plan.train.lr,
             plan.privacy.max_grad_norm,
+            "null: train.lr" if plan.privacy.lr is None else f"{plan.privacy.lr:g}",
         )
     items = [
         *overrides,

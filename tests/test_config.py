@@ -97,6 +97,7 @@ def test_hippocampus_data_root_is_a_setting(tmp_path: Path) -> None:
         ("federation.simulation.num_supernodes=2", r"num_supernodes=2 .* 3 sites"),
         ("federation.sites.0.local_epochs=0", r"federation\.sites\[hospital_a\]\.local_epochs"),
         ("privacy.accountant=moments", r"privacy\.accountant"),
+        ("privacy.lr=0", r"privacy\.lr must be > 0 \(or null: train\.lr\)"),
         ("strategy=fedprox strategy.proximal_mu=0", r"strategy\.proximal_mu"),
     ],
 )
@@ -111,7 +112,8 @@ def test_private_experiments_give_each_site_its_own_budget() -> None:
     assert all(s.privacy.delta == 1e-5 for s in plan.federation.sites)
     assert plan.train.class_weights == [0.1, 1.0, 1.0]  # the recipe: out of the collapse
     # the step lr x max_grad_norm of 0.03, with every patient clipped to 0.1
-    assert (plan.train.optimizer, plan.train.lr, plan.privacy.max_grad_norm) == ("sgd", 0.3, 0.1)
+    assert (plan.train.optimizer, plan.privacy.lr, plan.privacy.max_grad_norm) == ("sgd", 0.3, 0.1)
+    assert plan.train.lr == 0.03  # a site without DP: the same step, unclipped
     assert compose("hippocampus").federation.sites[0].privacy.epsilon is None
 
 

@@ -299,6 +299,45 @@ def test_a_cosine_schedule_decays_the_learning_rate_over_the_rounds(
     assert plan.rounds == 4 and used == [pytest.approx(plan.train.lr * 0.5)]
 
 
+def test_private_sites_step_at_privacy_lr_and_the_others_at_train_lr(
+    tiny_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # site 0 trains with DP-SGD, site 1 without; both follow the cosine schedule
+    plan = compose(
+        "demo",
+        [
+            *tiny_overrides(tiny_sites, tmp_path),
+            "rounds=4",
+            "train.lr_schedule=cosine",
+            "train.optimizer=sgd",
+            "train.lr=0.01",
+            "privacy.lr=0.4",
+            "federation.sites.0.privacy.epsilon=8",
+            "federation.sites.0.privacy.delta=1e-3",
+        ],
+    )
+    used: dict[str, float] = {}
+    plain, private = rounds_module.train_local, rounds_module.train_private
+
+    def plain_spy(model, loader, recipe, **kwargs):  # type: ignore[no-untyped-def]
+        used["plain"] = recipe.lr
+        return plain(model, loader, recipe, **kwargs)
+
+    def private_spy(model, loader, recipe, dp, **kwargs):  # type: ignore[no-untyped-def]
+        used["private"] = recipe.lr
+        return private(model, loader, recipe, dp, **kwargs)
+
+    monkeypatch.setattr(rounds_module, "train_local", plain_spy)
+    monkeypatch.setattr(rounds_module, "train_private", private_spy)
+    for partition in (0, 1):
+        site = resolve_site({"partition-id": partition}, plan)
+        outcome = train_round(site, plan, new_model(plan).state_dict(), server_round=3)
+        assert outcome.result is not None
+    assert used == {"private": pytest.approx(0.4 * 0.5), "plain": pytest.approx(0.01 * 0.5)}
+    # null: the private sites take train.lr
+    assert compose("demo").privacy.lr is None
+
+
 @pytest.mark.parametrize("epsilon", [1.0, 8.0])
 def test_prv_noise_at_rate_one_meets_the_exact_gaussian_bound(epsilon: float) -> None:
     """At q = 1, T steps of sigma are one Gaussian mechanism with mu = sqrt(T) / sigma.

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader as TorchDataLoader
 
-from fl_imaging.config import ConfigError, RunPlan
+from fl_imaging.config import ConfigError, RunPlan, TrainConfig
 from fl_imaging.data.loading import (
     eval_loader,
     private_train_loader,
@@ -285,7 +285,11 @@ def _train_private(
         accountant=request.accountant,
     )
     recipe = LocalRecipe.from_config(
-        plan.train, epochs=epochs, log_prefix=prefix, server_round=server_round, rounds=plan.rounds
+        private_train_config(plan),
+        epochs=epochs,
+        log_prefix=prefix,
+        server_round=server_round,
+        rounds=plan.rounds,
     )
     weights, result, history = train_private(model, loader, recipe, dp, history=ledger.history)
     keep_local_norm(site, plan, weights)
@@ -293,6 +297,16 @@ def _train_private(
     _record_round(site, ledger, this_round, sigma, dp.max_grad_norm, result.steps)
     report = PrivacyReport(ledger.epsilon_spent, epsilon, delta, sigma, False)
     return RoundOutcome(weights, result, report)
+
+
+def private_train_config(plan: RunPlan) -> TrainConfig:
+    """The ``train`` settings a DP-SGD site trains with: ``privacy.lr`` replaces ``train.lr``.
+
+    ``privacy.lr`` null: ``plan.train`` as it is. Sites without DP keep ``train.lr``.
+    """
+    if plan.privacy.lr is None:
+        return plan.train
+    return dataclasses.replace(plan.train, lr=plan.privacy.lr)
 
 
 def _check_delta(site: Site, delta: float, num_train: int) -> None:
