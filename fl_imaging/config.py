@@ -206,6 +206,9 @@ class DataConfig:
     intensity_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     # spatial axes (after RAS reorientation) that random flips may flip
     flip_axes: list[int] = field(default_factory=lambda: [0])
+    # random flips and intensity changes of training patches; false: none (the random
+    # patch stays). Each is a per-patient transform, so DP-SGD's guarantee is unchanged
+    augment: bool = True
     # validation fraction for manifests that mark no validation cases
     val_fraction: float = 0.2
     # where a site keeps its preprocessed cases between rounds: "disk" (MONAI

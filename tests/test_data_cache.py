@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fl_imaging.config import ConfigError, RunPlan, compose
-from fl_imaging.data.loading import ProcessMemory
+from fl_imaging.data.loading import ProcessMemory, train_dataset
 from fl_imaging.data.manifest import TRAIN, VAL, Case
 from fl_imaging.ml.models import new_model
 from fl_imaging.site.resolve import Site, load_site_manifest, resolve_site
@@ -174,3 +174,25 @@ def test_the_state_folder_with_patient_volumes_is_private_to_the_site_user(
     evaluate_round(site, tiny_plan, new_model(tiny_plan).state_dict())
     assert stat.S_IMODE(site.state_dir.stat().st_mode) == 0o700
     assert any(site.state_dir.rglob("*.pt"))  # the cache is inside it
+
+
+def test_augment_false_serves_the_same_patch_every_time(
+    tiny_sites: list[Path], tmp_path: Path
+) -> None:
+    # patches larger than the ~16^3 volumes: padded, so the random patch is the volume;
+    # what can still change between draws is the augmentation
+    draws = {}
+    for augment in (True, False):
+        plan = compose(
+            "demo",
+            [
+                *tiny_overrides(tiny_sites, tmp_path / str(augment)),
+                "data.patch_size=[24,24,24]",
+                f"data.augment={str(augment).lower()}",
+            ],
+        )
+        site = resolve_site({"partition-id": 0}, plan)
+        dataset = train_dataset(_cases(site, plan, TRAIN)[:1], plan.data, seed=0)
+        draws[augment] = [dataset[0][0]["image"] for _ in range(8)]
+    assert all(torch.equal(d, draws[False][0]) for d in draws[False])
+    assert not all(torch.equal(d, draws[True][0]) for d in draws[True])

@@ -123,6 +123,7 @@ def train_transforms(data: DataConfig, views: int = 1) -> Compose:
     Patches are centred on foreground twice as often as on background, which
     matters when lesions are small compared with the volume. ``views``: random
     patches (each with its own flips and intensity changes) drawn per case and access.
+    ``data.augment`` false: the random patch only, no flips or intensity changes.
     """
     patch = tuple(data.patch_size)
     steps = [
@@ -137,10 +138,13 @@ def train_transforms(data: DataConfig, views: int = 1) -> Compose:
             neg=1,
             num_samples=views,
         ),
-        *[RandFlipd(keys=list(KEYS), prob=0.5, spatial_axis=axis) for axis in data.flip_axes],
-        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-        RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
     ]
+    if data.augment:
+        steps += [
+            *[RandFlipd(keys=list(KEYS), prob=0.5, spatial_axis=axis) for axis in data.flip_axes],
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+        ]
     return Compose(steps)
 
 
