@@ -114,6 +114,7 @@ def test_private_experiments_give_each_site_its_own_budget() -> None:
     # the step lr x max_grad_norm of 0.03, with every patient clipped to 0.1
     assert (plan.train.optimizer, plan.privacy.lr, plan.privacy.max_grad_norm) == ("sgd", 0.3, 0.1)
     assert plan.train.lr == 0.03  # a site without DP: the same step, unclipped
+    assert plan.data.augment is False  # augmentation only adds to each patient's noise
     assert compose("hippocampus").federation.sites[0].privacy.epsilon is None
 
 
