@@ -51,6 +51,8 @@ KNOWN_OPTIMIZERS = ("adam", "sgd")
 # learning rate over the rounds (fl_imaging.ml.training.round_lr)
 KNOWN_LR_SCHEDULES = ("constant", "cosine")
 KNOWN_ACTS = ("relu", "prelu", "leakyrelu")
+# mixed precision of training and evaluation (fl_imaging.ml.devices.autocast)
+KNOWN_AMP = ("off", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -93,7 +95,12 @@ class SimulationConfig:
     num_supernodes: int | None = None
     # resources each virtual site gets from the simulation engine
     num_cpus_per_site: float = 1.0
-    num_gpus_per_site: float = 0.0
+    # share of a GPU each virtual site gets (0.25: four sites per GPU at a time), or
+    # "auto": measured and planned by `fl-imaging run` from the number of sites, the
+    # GPU's memory and one site's measured peak (fl_imaging.tools.gpu_share); 0: CPU
+    num_gpus_per_site: float | int | str = 0.0
+    # with num_gpus_per_site=auto: the fraction of the GPU's free memory the plan fills
+    gpu_memory_use: float = 0.9
 
 
 @dataclass
@@ -254,6 +261,14 @@ class TrainConfig:
     # "cuda" or "cuda:<i>"; in simulation federation.simulation.num_gpus_per_site
     # shares one GPU between virtual sites (e.g. 0.25: four per GPU)
     device: str = "auto"
+    # mixed precision on the site's device: off, bf16 (autocast; DP-SGD clips and
+    # noises in float32) or fp16 (autocast with a loss scaler; CUDA and sites without
+    # DP-SGD only: the scaler would scale per-patient gradients before clipping)
+    amp: str = "off"
+    # CUDA only: let cuDNN pick the fastest convolution algorithms for the patch size
+    cudnn_benchmark: bool = False
+    # model and batches in torch.channels_last_3d memory layout (NDHWC)
+    channels_last: bool = False
 
 
 @dataclass
@@ -721,6 +736,10 @@ def _train_problems(plan: RunPlan) -> list[str]:
         )
     if plan.train.threads < 0:
         problems.append(f"train.threads must be >= 0, got {plan.train.threads}")
+    if plan.train.amp not in KNOWN_AMP:
+        problems.append(f"train.amp {plan.train.amp!r} is unknown; choose one of {KNOWN_AMP}")
+    if plan.train.amp == "fp16" and plan.train.device == "cpu":
+        problems.append("train.amp=fp16 needs a CUDA device (train.device=cpu); use bf16 on CPU")
     return problems
 
 
@@ -790,6 +809,12 @@ def _privacy_problems(plan: RunPlan) -> list[str]:
             f"DP-SGD clips per-sample gradients, which cannot include FedProx's proximal "
             f"term; use strategy=fedavg for private sites"
         )
+    if private and plan.train.amp == "fp16":
+        problems.append(
+            f"train.amp=fp16 with private sites {private}: its loss scaler multiplies every "
+            f"per-patient gradient before Opacus clips it, so the clipping norm and the noise "
+            f"would not be what the accountant assumes; use train.amp=bf16 (no scaler) or off"
+        )
     if private and plan.model.norm == "batch":
         problems.append(
             f"model.norm=batch with private sites {private}: batch statistics mix patients, "
@@ -855,9 +880,21 @@ def _site_problems(plan: RunPlan) -> list[str]:
             f"federation.simulation.num_supernodes={sim.num_supernodes} but federation.sites "
             f"lists {len(sites)} sites: every site needs its own simulated node"
         )
-    if sim.num_cpus_per_site <= 0 or sim.num_gpus_per_site < 0:
+    if sim.num_cpus_per_site <= 0:
         problems.append(
-            "federation.simulation: num_cpus_per_site must be > 0 and num_gpus_per_site >= 0"
+            f"federation.simulation.num_cpus_per_site must be > 0, got {sim.num_cpus_per_site}"
+        )
+    if not (
+        sim.num_gpus_per_site == "auto"
+        or (isinstance(sim.num_gpus_per_site, float | int) and sim.num_gpus_per_site >= 0)
+    ):
+        problems.append(
+            "federation.simulation.num_gpus_per_site must be >= 0 (a share of one GPU, or "
+            f"whole GPUs) or 'auto', got {sim.num_gpus_per_site!r}"
+        )
+    if not 0 < sim.gpu_memory_use <= 1:
+        problems.append(
+            f"federation.simulation.gpu_memory_use must be in (0, 1], got {sim.gpu_memory_use}"
         )
     for site in sites:
         key = f"federation.sites[{site.name}]"

@@ -91,6 +91,9 @@ class MetricKey(StrEnum):
     # Unix time at which the site began its local training (start-up measurements)
     TRAIN_STARTED_AT = "train-started-at"
     STEPS = "steps"
+    # peak GPU memory of the site's local training in MiB (torch.cuda.max_memory_allocated);
+    # only from a site that trained on a GPU
+    GPU_PEAK_MB = "gpu-peak-mb"
     # 1: the site trained and sent an update; 0: it did not (privacy budget exhausted, or
     # its own privacy policy refused the run: then REFUSED is 1 and the reply carries a
     # RecordKey.REFUSAL record with the reason)

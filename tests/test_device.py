@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fl_imaging.config import ConfigError, RunPlan, compose
+from fl_imaging.ml.devices import select_device
 from fl_imaging.ml.models import new_model
-from fl_imaging.ml.training import select_device
 from fl_imaging.site.resolve import resolve_site
 from fl_imaging.site.rounds import train_round
 from tests.conftest import tiny_overrides

@@ -275,6 +275,8 @@ def train_step(msg: Message, context: Context) -> Message:
             MetricKey.TRAINED: 1,
         }
     )
+    if result.gpu_peak_mb:
+        metrics[MetricKey.GPU_PEAK_MB] = result.gpu_peak_mb
     # a fine-tune (cross-site evaluation) is not aggregated: it leaves the residual alone
     update = _encode(plan, context, received, outcome.weights, feedback=not finetune)
     return _reply(msg, site, metrics, {**update, **extra})

@@ -25,6 +25,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from fl_imaging.config import TrainConfig
 from fl_imaging.data.regions import region_metrics
+from fl_imaging.ml.devices import autocast, new_grad_scaler, place_batch
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class TrainResult:
     num_examples: int  # training cases (the FedAvg weight)
     seconds: float
     started_at: float = 0.0  # Unix time at which the local training began
+    # peak GPU memory of the round in MiB (torch.cuda.max_memory_allocated); 0 on a CPU
+    gpu_peak_mb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -101,20 +104,6 @@ def _pair(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return batch["image"], batch["label"]
     image, label = batch
     return image, label
-
-
-def select_device(name: str) -> torch.device:
-    """The torch device ``train.device`` names: ``auto`` (CUDA when present), ``cpu``, ``cuda[:i]``.
-
-    Raises:
-        ValueError: a CUDA device is asked for on a machine without one.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but this machine has no CUDA device; use auto")
-    return device
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -213,6 +202,10 @@ class LocalRecipe:
     class_weights: tuple[float, ...] | None = None
     log_prefix: str = ""  # prefix of the per-epoch log lines (site and round)
     log_epochs: bool = False  # log each epoch at INFO (else DEBUG)
+    # mixed precision of the forward pass (off, bf16, fp16: fl_imaging.ml.devices)
+    amp: str = "off"
+    # batches in channels_last_3d layout (the model placed so by the caller)
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -246,6 +239,8 @@ class LocalRecipe:
             class_weights=None if train.class_weights is None else tuple(train.class_weights),
             log_prefix=log_prefix,
             log_epochs=train.progress == "epoch",
+            amp=train.amp,
+            channels_last=train.channels_last,
         )
 
     def new_optimizer(self, parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -267,6 +262,9 @@ class _RoundSteps:
     optimizer: torch.optim.Optimizer
     loss_fn: nn.Module
     device: torch.device  # batches follow the model (CPU, or a GPU share of the site)
+    amp: str  # the forward pass's autocast (off, bf16, fp16)
+    channels_last: bool  # batches in channels_last_3d layout
+    scaler: torch.amp.GradScaler | None  # fp16's loss scaler (None: no scaling)
     average: WeightAverage | None  # the EMA of the weights (None: off)
     anchor: Sequence[torch.Tensor]  # FedProx's received weights (empty: no term)
     proximal_mu: float
@@ -289,6 +287,9 @@ class _RoundSteps:
             optimizer=recipe.new_optimizer(model.parameters()) if optimizer is None else optimizer,
             loss_fn=segmentation_loss(recipe.class_weights, device),
             device=device,
+            amp=recipe.amp,
+            channels_last=recipe.channels_last,
+            scaler=new_grad_scaler(device, recipe.amp),
             average=WeightAverage(model, recipe.ema_decay) if recipe.ema_decay else None,
             anchor=[p.detach().clone() for p in model.parameters()] if recipe.proximal_mu else [],
             proximal_mu=recipe.proximal_mu,
@@ -323,6 +324,9 @@ def train_local(
             gradients into one per case there).
     """
     round_steps = _RoundSteps.start(model, recipe, optimizer, on_empty_batch, before_step)
+    on_gpu = round_steps.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(round_steps.device)
     model.train()
     started_at, start = time.time(), time.perf_counter()
     total, steps, batches = 0.0, 0, 0
@@ -349,6 +353,7 @@ def train_local(
         num_examples=len(loader.dataset),
         seconds=time.perf_counter() - start,
         started_at=started_at,
+        gpu_peak_mb=torch.cuda.max_memory_allocated(round_steps.device) / 2**20 if on_gpu else 0.0,
     )
 
 
@@ -361,7 +366,7 @@ def _train_epoch(steps: _RoundSteps, loader: DataLoader) -> tuple[float, int, in
             if steps.on_empty_batch is not None:
                 steps.on_empty_batch()
             continue
-        epoch_loss += _train_step(steps, image.to(steps.device), label.to(steps.device))
+        epoch_loss += _train_step(steps, image, label)
         epoch_batches += 1
         if getattr(steps.optimizer, "_is_last_step_skipped", False):
             continue  # a piece of a larger DP-SGD batch: its step comes with the last piece
@@ -380,18 +385,29 @@ def _train_step(steps: _RoundSteps, image: torch.Tensor, label: torch.Tensor) ->
     cases = image.shape[0]
     if image.dim() == 6:  # [B, K, C, *spatial]: K augmented views of each case
         image, label = image.flatten(0, 1), label.flatten(0, 1)
+    image = place_batch(image, steps.device, channels_last=steps.channels_last)
+    label = place_batch(label, steps.device, channels_last=steps.channels_last)
     model, optimizer = steps.model, steps.optimizer
     optimizer.zero_grad(set_to_none=True)
-    loss = steps.loss_fn(model(image), label)
+    with autocast(steps.device, steps.amp):
+        logits = model(image)
+    loss = steps.loss_fn(logits.float(), label)  # the loss in float32 whatever the autocast
     if steps.anchor:
         drift = sum(
             (p - a).pow(2).sum() for p, a in zip(model.parameters(), steps.anchor, strict=True)
         )
         loss = loss + 0.5 * steps.proximal_mu * drift
-    loss.backward()
-    if steps.before_step is not None:
-        steps.before_step(cases)
-    optimizer.step()
+    if steps.scaler is None:
+        loss.backward()
+        if steps.before_step is not None:
+            steps.before_step(cases)
+        optimizer.step()
+    else:  # fp16: scaled backward; the step is skipped when a gradient overflowed
+        steps.scaler.scale(loss).backward()
+        if steps.before_step is not None:
+            steps.before_step(cases)
+        steps.scaler.step(optimizer)
+        steps.scaler.update()
     return float(loss.detach())
 
 
@@ -405,6 +421,7 @@ def evaluate(
     foreground: Sequence[int] | None = None,
     regions: Mapping[str, Sequence[int]] | None = None,
     spacing: Sequence[float] | None = None,
+    amp: str = "off",
 ) -> EvalResult:
     """Dice per foreground class of ``model`` on whole volumes.
 
@@ -422,6 +439,7 @@ def evaluate(
         regions: region name -> label values (:mod:`fl_imaging.data.regions`): also Dice and
             HD95 of each region, averaged over every case (BraTS rule for empty ones).
         spacing: voxel size in mm of the evaluated volumes (HD95 in mm); default 1 mm.
+        amp: the forward pass's autocast (``train.amp``); Dice and loss use float32 logits.
     """
     loss_fn = segmentation_loss()
     metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
@@ -433,7 +451,7 @@ def evaluate(
     per_region: dict[str, list[tuple[float, float]]] = {name: [] for name in regions or {}}
     for batch in loader:
         image, label = batch["image"].to(device), batch["label"].to(device)
-        logits = whole_volume_logits(model, image, roi_size)
+        logits = whole_volume_logits(model, image, roi_size, amp=amp)
         total_loss += float(loss_fn(logits, label))
         preds = [to_pred(x) for x in decollate_batch(logits)]
         labels = [to_onehot(y) for y in decollate_batch(label)]
@@ -461,15 +479,18 @@ def evaluate(
 
 
 def whole_volume_logits(
-    model: nn.Module, image: torch.Tensor, roi_size: Sequence[int]
+    model: nn.Module, image: torch.Tensor, roi_size: Sequence[int], *, amp: str = "off"
 ) -> torch.Tensor:
-    """MONAI sliding-window logits ``[B, classes, X, Y, Z]`` of ``image`` ``[B, C, X, Y, Z]``.
+    """MONAI sliding-window float32 logits ``[B, classes, X, Y, Z]`` of ``image`` ``[B, C, *]``.
 
-    Windows of ``roi_size`` voxels (the training patch), a quarter overlapping.
+    Windows of ``roi_size`` voxels (the training patch), a quarter overlapping; ``amp``:
+    the windows' autocast (``train.amp``).
     """
-    return sliding_window_inference(
-        image, roi_size=tuple(roi_size), sw_batch_size=4, predictor=model, overlap=0.25
-    )
+    with autocast(image.device, amp):
+        logits = sliding_window_inference(
+            image, roi_size=tuple(roi_size), sw_batch_size=4, predictor=model, overlap=0.25
+        )
+    return logits.float()
 
 
 def _dice_per_class(

@@ -29,6 +29,7 @@ class Row(StrEnum):
     STEPS = "steps"
     TRAIN_SECONDS = "train_seconds"
     TRAIN_STARTED_AT = "train_started_at"  # the site's clock (Unix seconds)
+    GPU_PEAK_MB = "gpu_peak_mb"  # a site that trained on a GPU: its peak memory (MiB)
     EPSILON_SPENT = "epsilon_spent"  # cumulative, null for a non-private site
     EPSILON_BUDGET = "epsilon_budget"
     STATUS = "status"  # a RowStatus, or the site's privacy policy's refusal

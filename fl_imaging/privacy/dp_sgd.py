@@ -83,6 +83,21 @@ def fold_views(parameters: Sequence[nn.Parameter], cases: int) -> None:
         p.grad_sample = grad_sample.view(cases, views, *grad_sample.shape[1:]).mean(dim=1)
 
 
+def clip_in_float32(parameters: Sequence[nn.Parameter]) -> None:
+    """Make each per-sample gradient float32 before Opacus measures and clips it.
+
+    Under ``train.amp=bf16`` Opacus' hooks compute per-sample gradients in bfloat16,
+    whose 8-bit mantissa would put the norm that decides the clipping factor (and so
+    the clipped contribution) up to about 0.4 % off ``max_grad_norm``. The per-sample
+    gradient may be computed in any precision (it is still a function of one patient);
+    its clipping and the noise must be exact, so they run in float32.
+    """
+    for p in parameters:
+        grad_sample = getattr(p, "grad_sample", None)
+        if grad_sample is not None and grad_sample.dtype != torch.float32:
+            p.grad_sample = grad_sample.float()
+
+
 def is_trainable(name: str, trainable: Sequence[str]) -> bool:
     """Whether parameter ``name`` trains under ``privacy.trainable`` (empty: every one)."""
     return not trainable or any(name.startswith(t) for t in trainable)
@@ -170,7 +185,9 @@ def train_private(
             sampling at rate ``1 / len(loader)``, drawn from a secret generator (the
             loader's own generator is not used).
         recipe: epochs and optimiser (weight decay applies after the noise:
-            post-processing). No FedProx term: its ``proximal_mu`` must be 0.
+            post-processing). No FedProx term: its ``proximal_mu`` must be 0. ``amp``
+            bf16 computes per-sample gradients in bfloat16 and clips them in float32
+            (:func:`clip_in_float32`); fp16 is refused.
         dp: noise, clipping, accountant and trainable weights.
         history: the site's accountant history before this round.
 
@@ -180,6 +197,11 @@ def train_private(
     """
     if recipe.proximal_mu:
         raise ValueError("DP-SGD does not train with a FedProx term: proximal_mu must be 0")
+    if recipe.amp == "fp16":
+        raise ValueError(
+            "DP-SGD does not train with train.amp=fp16: its loss scaler would scale each "
+            "patient's gradient before clipping; use bf16 (clipped and noised in float32)"
+        )
     check_private_model(model)
     freeze_except(model, dp.trainable)
     engine = PrivacyEngine(accountant=dp.accountant)
@@ -193,6 +215,11 @@ def train_private(
         engine.accountant.step(noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate)
 
     trained = [p for p in dp_model.parameters() if p.requires_grad]
+
+    def per_patient_gradients(cases: int) -> None:
+        fold_views(trained, cases)
+        clip_in_float32(trained)
+
     with _physical_batches(
         dp_loader, dp_optimizer, loader.batch_size, dp.max_physical_batch
     ) as batches:
@@ -202,7 +229,7 @@ def train_private(
             recipe,
             optimizer=dp_optimizer,
             on_empty_batch=account_empty_batch,
-            before_step=lambda cases: fold_views(trained, cases),
+            before_step=per_patient_gradients,
         )
     for param in model.parameters():
         param.requires_grad_(True)

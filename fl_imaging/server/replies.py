@@ -105,6 +105,8 @@ def metrics_columns(
         row[Row.TRAIN_SECONDS] = float(metrics[MetricKey.TRAIN_SECONDS])
     if MetricKey.TRAIN_STARTED_AT in metrics:
         row[Row.TRAIN_STARTED_AT] = float(metrics[MetricKey.TRAIN_STARTED_AT])
+    if MetricKey.GPU_PEAK_MB in metrics:
+        row[Row.GPU_PEAK_MB] = float(metrics[MetricKey.GPU_PEAK_MB])
     if MetricKey.EPSILON_SPENT in metrics:
         # non-private sites report inf (no DP guarantee); recorded as null
         row[Row.EPSILON_SPENT] = float(metrics[MetricKey.EPSILON_SPENT])

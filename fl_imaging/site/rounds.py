@@ -30,13 +30,13 @@ from fl_imaging.data.manifest import (
     require_valid,
 )
 from fl_imaging.data.regions import class_values, regions_as_classes, regions_of
+from fl_imaging.ml.devices import check_amp, place_model, select_device, set_cudnn_benchmark
 from fl_imaging.ml.models import new_model
 from fl_imaging.ml.training import (
     EvalResult,
     LocalRecipe,
     TrainResult,
     evaluate,
-    select_device,
     train_local,
 )
 from fl_imaging.privacy.accounting import EXHAUSTED_FRACTION, noise_for_budget
@@ -92,9 +92,11 @@ def _prepare(
     model.load_state_dict(weights)
     try:
         device = select_device(plan.train.device)
+        check_amp(plan.train.amp, device)
     except ValueError as exc:
         raise ConfigError(f"site {site.name}: {exc}") from exc
-    return cases, model.to(device)
+    set_cudnn_benchmark(device, plan.train.cudnn_benchmark)
+    return cases, place_model(model, device, channels_last=plan.train.channels_last)
 
 
 @dataclass(frozen=True)
@@ -423,6 +425,7 @@ def evaluate_round(
         roi_size=plan.data.patch_size,
         regions=regions_as_classes(regions_of(plan.data.label_scheme), plan.data.labels),
         spacing=plan.data.spacing,
+        amp=plan.train.amp,
     )
     per_label = {values[i]: dice for i, dice in result.dice_per_class.items()}
     return dataclasses.replace(result, dice_per_class=per_label)

@@ -44,6 +44,7 @@ from fl_imaging.server.strategies import strategy_problems
 from fl_imaging.site.resolve import check_sites
 from fl_imaging.tools.bundle import stage_app
 from fl_imaging.tools.console import ConsoleFilter
+from fl_imaging.tools.gpu_share import gpu_share
 from fl_imaging.tools.processes import flwr_run, list_runs, stop_processes
 
 logger = logging.getLogger(__name__)
@@ -193,6 +194,7 @@ def run_simulation(
     if plan is None:
         plan = compose(experiment, items)
     preflight(plan)  # fail fast, before any process starts
+    gpus_per_site = gpu_share(plan, experiment, items)  # auto: measured on the GPU first
     env = flwr_env(project_root)
     flwr_home = Path(env["FLWR_HOME"])
     _warn_foreign_superlink(flwr_home)
@@ -208,7 +210,11 @@ def run_simulation(
     run_id = ""
     try:
         app = stage_app(project_root, staging)
-        federation = ["--federation-config", _federation_config(plan), *extra_flwr_args]
+        federation = [
+            "--federation-config",
+            _federation_config(plan, gpus_per_site),
+            *extra_flwr_args,
+        ]
         with console_log.open("w", encoding="utf-8") as raw:
             run_id, status = flwr_run(
                 app, run_config, env, project_root, _show(raw, console), extra_args=federation
@@ -264,13 +270,16 @@ def preflight(plan: RunPlan) -> RunPlan:
     return plan
 
 
-def _federation_config(plan: RunPlan) -> str:
-    """``--federation-config`` of the local simulation: how many sites, their resources."""
+def _federation_config(plan: RunPlan, gpus_per_site: float) -> str:
+    """``--federation-config`` of the local simulation: how many sites, their resources.
+
+    ``gpus_per_site``: each site's GPU share (:func:`fl_imaging.tools.gpu_share.gpu_share`).
+    """
     sim = plan.federation.simulation
     return (
         f"num-supernodes={sim.num_supernodes or len(plan.federation.sites)} "
         f"client-resources-num-cpus={sim.num_cpus_per_site:g} "
-        f"client-resources-num-gpus={sim.num_gpus_per_site:g}"
+        f"client-resources-num-gpus={gpus_per_site:g}"
     )
 
 
