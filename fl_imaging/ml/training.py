@@ -397,15 +397,13 @@ def _train_step(steps: _RoundSteps, image: torch.Tensor, label: torch.Tensor) ->
             (p - a).pow(2).sum() for p, a in zip(model.parameters(), steps.anchor, strict=True)
         )
         loss = loss + 0.5 * steps.proximal_mu * drift
+    # fp16: a scaled backward, and the step is skipped when a gradient overflowed
+    (loss if steps.scaler is None else steps.scaler.scale(loss)).backward()
+    if steps.before_step is not None:
+        steps.before_step(cases)
     if steps.scaler is None:
-        loss.backward()
-        if steps.before_step is not None:
-            steps.before_step(cases)
         optimizer.step()
-    else:  # fp16: scaled backward; the step is skipped when a gradient overflowed
-        steps.scaler.scale(loss).backward()
-        if steps.before_step is not None:
-            steps.before_step(cases)
+    else:
         steps.scaler.step(optimizer)
         steps.scaler.update()
     return float(loss.detach())
