@@ -24,7 +24,7 @@ from fl_imaging.ml.training import (
 from fl_imaging.privacy.dp_sgd import DpSgdSettings, fold_views, freeze_except, train_private
 from fl_imaging.site.resolve import resolve_site
 from fl_imaging.site.rounds import train_round
-from tests.conftest import tiny_overrides
+from tests.conftest import load_script, tiny_overrides
 
 
 def _tiny_model() -> torch.nn.Module:
@@ -79,6 +79,28 @@ def test_each_patient_is_one_clipped_contribution_with_several_views(
     assert spy.rows == [cases] * 3
     for norms in spy.clipped_norms:
         assert float(norms.max()) <= max_norm * (1 + 1e-4)
+
+
+def test_the_clipping_only_diagnostic_clips_each_patient_and_adds_no_noise(
+    monkeypatch: pytest.MonkeyPatch, tiny_sites: list[Path], tmp_path: Path
+) -> None:
+    spy = _ClipSpy(monkeypatch)
+    noise: list[float] = []
+    original_noise = DPOptimizer.add_noise
+
+    def record_noise(optimizer: DPOptimizer) -> None:
+        noise.append(optimizer.noise_multiplier)
+        original_noise(optimizer)
+
+    monkeypatch.setattr(DPOptimizer, "add_noise", record_noise)
+    items = [*tiny_overrides(tiny_sites, tmp_path), "privacy.max_grad_norm=0.05", "rounds=2"]
+    plan = compose("demo_private", items)
+    report = load_script("scripts/bench_clipping_only.py").run(plan)
+    assert set(report["dice_mean_per_round"]) == {1, 2}
+    assert set(report["final_dice_per_site"]) == set(plan.site_names)
+    assert spy.clipped_norms and noise and set(noise) == {0.0}
+    for norms in spy.clipped_norms:
+        assert float(norms.max()) <= 0.05 * (1 + 1e-4)
 
 
 def test_per_layer_clipping_keeps_the_total_sensitivity(monkeypatch: pytest.MonkeyPatch) -> None:
