@@ -132,6 +132,14 @@ class CentralDPConfig:
 
 
 @dataclass
+class ClipGroupConfig:
+    """One group of weights clipped on its own (``privacy.clip_groups``)."""
+
+    prefix: str = MISSING  # the weights whose names start with it
+    share: float = MISSING  # its clipping norm, as a fraction of privacy.max_grad_norm
+
+
+@dataclass
 class PrivacyConfig:
     """How private sites run DP-SGD (each site's budget lives in its federation entry)."""
 
@@ -162,6 +170,12 @@ class PrivacyConfig:
     # flat (one norm over all weights) or per_layer (each weight tensor clipped to
     # max_grad_norm / sqrt(tensors): the same sensitivity and noise, Opacus' per-layer)
     clipping: str = "flat"
+    # flat clipping in groups (e.g. [{prefix: model.2, share: 0.5}]: the output stage):
+    # each patient's gradient over a group's weights is clipped to share x max_grad_norm
+    # and over the weights in no group to sqrt(1 - sum of squared shares) x
+    # max_grad_norm, so the whole stays within max_grad_norm: the same sensitivity,
+    # noise and accounting; []: off
+    clip_groups: list[ClipGroupConfig] = field(default_factory=list)
     # private fine-tuning: train only parameters whose name starts with one of these
     # (e.g. ["model.2"] for the output stage); empty: all. Frozen weights carry no noise
     trainable: list[str] = field(default_factory=list)
@@ -842,6 +856,14 @@ def _privacy_problems(plan: RunPlan) -> list[str]:
     if plan.privacy.clipping not in ("flat", "per_layer"):
         problems.append(
             f"privacy.clipping must be flat or per_layer, got {plan.privacy.clipping!r}"
+        )
+    shares = {g.prefix: g.share for g in plan.privacy.clip_groups}
+    if shares and plan.privacy.clipping != "flat":
+        problems.append("privacy.clip_groups needs privacy.clipping=flat (groups of one norm)")
+    if any(not 0 < v < 1 for v in shares.values()) or sum(v * v for v in shares.values()) >= 1:
+        problems.append(
+            f"privacy.clip_groups: each share must be in (0, 1) and their squares sum below 1 "
+            f"(the weights in no group get the rest), got {shares}"
         )
     if plan.privacy.max_physical_batch < 0:
         problems.append(

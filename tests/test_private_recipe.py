@@ -21,7 +21,13 @@ from fl_imaging.ml.training import (
     round_lr,
     segmentation_loss,
 )
-from fl_imaging.privacy.dp_sgd import DpSgdSettings, fold_views, freeze_except, train_private
+from fl_imaging.privacy.dp_sgd import (
+    DpSgdSettings,
+    clipping_groups,
+    fold_views,
+    freeze_except,
+    train_private,
+)
 from fl_imaging.site.resolve import resolve_site
 from fl_imaging.site.rounds import train_round
 from tests.conftest import load_script, tiny_overrides
@@ -101,6 +107,60 @@ def test_the_clipping_only_diagnostic_clips_each_patient_and_adds_no_noise(
     assert spy.clipped_norms and noise and set(noise) == {0.0}
     for norms in spy.clipped_norms:
         assert float(norms.max()) <= 0.05 * (1 + 1e-4)
+
+
+def test_clipping_in_groups_keeps_each_groups_share_and_the_total_sensitivity(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # per sample: output stage, total
+    original = DPOptimizer.clip_and_accumulate
+
+    def spy(optimizer: DPOptimizer) -> None:
+        norms = [g.reshape(g.shape[0], -1).norm(dim=1) for g in optimizer.grad_samples]
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        pairs = zip(names, norms, strict=True)
+        head = torch.stack([x for n, x in pairs if n.startswith("model.2")])
+        seen.append((head.norm(dim=0), torch.stack(norms).norm(dim=0)))
+        original(optimizer)
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", spy)
+    model, max_norm = _tiny_model(), 0.05
+    train_private(
+        model,
+        _views_loader(6, 1, batch=6),
+        LocalRecipe(epochs=2, lr=0.1, optimizer="sgd"),
+        DpSgdSettings(
+            noise_multiplier=1.0, max_grad_norm=max_norm, clip_shares=(("model.2", 0.5),)
+        ),
+        history=[],
+    )
+    assert len(seen) == 2
+    for head, total in seen:
+        # the output stage holds nearly all of a patient's gradient here, yet keeps half
+        # the norm; the rest gets sqrt(1 - 0.25) of it; the whole stays within the norm
+        assert float(head.max()) <= 0.5 * max_norm * (1 + 1e-4)
+        assert float(total.max()) <= max_norm * (1 + 1e-4)
+        assert float((total**2 - head**2).sqrt().min()) > 0.5 * max_norm
+
+
+def test_clipping_groups_are_checked() -> None:
+    model = _tiny_model()
+    groups = clipping_groups(model, [("model.2", 0.6)], 1.0)
+    assert [round(norm, 6) for _, norm in groups] == [0.6, 0.8]
+    assert sum(len(params) for params, _ in groups) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match=r"match no trainable weight"):
+        clipping_groups(model, [("model.9", 0.5)], 1.0)
+    with pytest.raises(ValueError, match=r"matches several prefixes"):
+        clipping_groups(model, [("model.2", 0.5), ("model.2.conv", 0.5)], 1.0)
+    with pytest.raises(ValueError, match=r"squares summing below 1"):
+        clipping_groups(model, [("model.2", 0.8), ("model.0", 0.7)], 1.0)
+    group = "privacy.clip_groups=[{prefix:model.2,share:0.5}]"
+    assert compose("demo_private", [group]).privacy.clip_groups[0].share == 0.5
+    too_large = "privacy.clip_groups=[{prefix:model.2,share:0.8},{prefix:model.0,share:0.7}]"
+    with pytest.raises(ConfigError, match=r"squares sum below 1"):
+        compose("demo_private", [too_large])
+    with pytest.raises(ConfigError, match=r"clip_groups needs privacy\.clipping=flat"):
+        compose("demo_private", [group, "privacy.clipping=per_layer"])
 
 
 def test_per_layer_clipping_keeps_the_total_sensitivity(monkeypatch: pytest.MonkeyPatch) -> None:

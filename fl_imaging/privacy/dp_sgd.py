@@ -98,6 +98,65 @@ def clip_in_float32(parameters: Sequence[nn.Parameter]) -> None:
             p.grad_sample = grad_sample.float()
 
 
+ClipGroup = tuple[list[nn.Parameter], float]  # a group's weights and its clipping norm
+
+
+def clipping_groups(
+    model: nn.Module, shares: Sequence[tuple[str, float]], max_grad_norm: float
+) -> list[ClipGroup]:
+    """The trainable weights split by ``privacy.clip_groups``; each group with its norm.
+
+    A group per prefix (norm ``share x max_grad_norm``) and one of the weights in no
+    group (``sqrt(1 - sum share^2) x max_grad_norm``): their norms' squares sum to
+    ``max_grad_norm^2``. Empty ``shares``: no groups.
+
+    Raises:
+        ValueError: a share outside (0, 1) or squares summing to 1 or more, a prefix
+            matching no trainable weight, or a weight matching two prefixes.
+    """
+    if not shares:
+        return []
+    squares = sum(share * share for _, share in shares)
+    if any(not 0 < share < 1 for _, share in shares) or squares >= 1:
+        raise ValueError(
+            f"privacy.clip_groups {dict(shares)}: each share in (0, 1), squares summing below 1"
+        )
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups: list[ClipGroup] = [([], share * max_grad_norm) for _, share in shares]
+    rest: list[nn.Parameter] = []
+    for name, param in named:
+        hits = [i for i, (prefix, _) in enumerate(shares) if name.startswith(prefix)]
+        if len(hits) > 1:
+            raise ValueError(f"privacy.clip_groups: weight {name} matches several prefixes")
+        (groups[hits[0]][0] if hits else rest).append(param)
+    empty = [prefix for (prefix, _), (params, _) in zip(shares, groups, strict=True) if not params]
+    if empty:
+        raise ValueError(f"privacy.clip_groups {empty} match no trainable weight of the model")
+    return [*groups, (rest, math.sqrt(1 - squares) * max_grad_norm)]
+
+
+def clip_groups(groups: Sequence[ClipGroup]) -> None:
+    """Clip each patient's gradient over each group's weights to that group's norm.
+
+    Runs on the per-sample gradients before Opacus' flat clipping, which still clips
+    each patient's whole gradient to ``max_grad_norm`` (so the sensitivity, noise and
+    accounting are those of flat clipping whatever happens here); since the groups'
+    norms have squares summing to ``max_grad_norm^2``, that last clipping keeps the
+    groups' shares. Without groups one part of the network (e.g. the output stage) can
+    take nearly all of a patient's norm while every weight gets the same noise.
+    """
+    for params, norm in groups:
+        samples = [p for p in params if getattr(p, "grad_sample", None) is not None]
+        if not samples:
+            continue
+        per_sample = torch.stack(
+            [p.grad_sample.reshape(len(p.grad_sample), -1).norm(dim=1) for p in samples], dim=1
+        ).norm(dim=1)
+        factor = (norm / (per_sample + 1e-6)).clamp(max=1.0)
+        for p in samples:
+            p.grad_sample = p.grad_sample * factor.view(-1, *[1] * (p.grad_sample.dim() - 1))
+
+
 def is_trainable(name: str, trainable: Sequence[str]) -> bool:
     """Whether parameter ``name`` trains under ``privacy.trainable`` (empty: every one)."""
     return not trainable or any(name.startswith(t) for t in trainable)
@@ -146,6 +205,8 @@ class DpSgdSettings:
     max_physical_batch: int = 0
     # parameter-name prefixes to train (empty: all), see freeze_except
     trainable: Sequence[str] = ()
+    # (prefix, share of max_grad_norm) per clipping group, see clip_groups; empty: off
+    clip_shares: Sequence[tuple[str, float]] = ()
 
     @classmethod
     def from_config(
@@ -165,6 +226,7 @@ class DpSgdSettings:
             clipping=privacy.clipping,
             max_physical_batch=privacy.max_physical_batch,
             trainable=tuple(privacy.trainable),
+            clip_shares=tuple((g.prefix, g.share) for g in privacy.clip_groups),
         )
 
 
@@ -188,7 +250,8 @@ def train_private(
             post-processing). No FedProx term: its ``proximal_mu`` must be 0. ``amp``
             bf16 computes per-sample gradients in bfloat16 and clips them in float32
             (:func:`clip_in_float32`); fp16 is refused.
-        dp: noise, clipping, accountant and trainable weights.
+        dp: noise, clipping (flat, per layer, or flat in groups: :func:`clip_groups`),
+            accountant and trainable weights.
         history: the site's accountant history before this round.
 
     Returns:
@@ -204,6 +267,9 @@ def train_private(
         )
     check_private_model(model)
     freeze_except(model, dp.trainable)
+    if dp.clip_shares and dp.clipping != "flat":
+        raise ValueError("privacy.clip_groups needs privacy.clipping=flat")
+    groups = clipping_groups(model, dp.clip_shares, dp.max_grad_norm)
     engine = PrivacyEngine(accountant=dp.accountant)
     engine.accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
     dp_model, dp_optimizer, dp_loader = _make_private(engine, model, loader, recipe, dp)
@@ -219,6 +285,7 @@ def train_private(
     def per_patient_gradients(cases: int) -> None:
         fold_views(trained, cases)
         clip_in_float32(trained)
+        clip_groups(groups)
 
     with _physical_batches(
         dp_loader, dp_optimizer, loader.batch_size, dp.max_physical_batch
