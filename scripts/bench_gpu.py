@@ -32,7 +32,6 @@ experiment's network), ``tumour`` (unet, 128^3 patches of 2 mm synthetic volumes
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -45,12 +44,13 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from bench_scale import run_sampled  # scripts/: a sibling when run as a script
+
 from fl_imaging.config import RunPlan, compose
 from fl_imaging.data.manifest import TRAIN
 from fl_imaging.data.synthetic import generate_federation
 from fl_imaging.outputs.reporting import read_metrics, read_summary
 from fl_imaging.site.resolve import configured_sites, load_site_manifest
-from fl_imaging.tools.launch import run_simulation
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,22 +133,16 @@ def federated(
     root = work / f"run-{len(manifests)}"
     overrides = overrides_for(size, manifests, args, root)
     sampler = GpuSampler()
-    sampler.start()
-    started = time.monotonic()
-    with contextlib.redirect_stdout(sys.stderr):  # Flower's stream; stdout is the JSON
-        outcome = run_simulation("demo", overrides, project_root=ROOT)
-    seconds = time.monotonic() - started
-    sampler.done.set()
-    sampler.join()
-    if not outcome.ok or outcome.run_dir is None:
-        raise SystemExit(f"{len(manifests)} hospitals: the run ended {outcome.status}")
-    summary = read_summary(outcome.run_dir)
+    outcome, run_dir, seconds = run_sampled(
+        sampler, sampler.done, overrides, f"{len(manifests)} hospitals"
+    )
+    summary = read_summary(run_dir)
     per_round = {int(k): v for k, v in summary.get("round_seconds", {}).items() if int(k) > 0}
     # the first round also starts the workers (imports, CUDA contexts): timed only alone
     timed = sorted(per_round)[1:] or sorted(per_round)
     train_s = sum(per_round[r].get("train", 0.0) for r in timed)
     round_s = sum(sum(per_round[r].values()) for r in timed) / max(len(timed), 1)
-    rows = read_metrics(outcome.run_dir)
+    rows = read_metrics(run_dir)
     cases = sum(
         r.get("num_examples", 0)
         for r in rows

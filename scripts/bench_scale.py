@@ -13,9 +13,11 @@ extra hospital.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from fl_imaging.data.synthetic import generate_federation
 from fl_imaging.outputs.reporting import read_summary
-from fl_imaging.tools.launch import run_simulation
+from fl_imaging.tools.launch import RunOutcome, run_simulation
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,6 +104,26 @@ class TreeSampler(threading.Thread):
             self.peak_processes = max(self.peak_processes, len(pids))
 
 
+def run_sampled(
+    sampler: threading.Thread, done: threading.Event, overrides: list[str], what: str
+) -> tuple[RunOutcome, Path, float]:
+    """The demo with ``overrides`` while ``sampler`` runs; its outcome, run folder, seconds.
+
+    Flower's stream goes to stderr (stdout is the benchmark's JSON); ``done`` stops the
+    sampler. Raises SystemExit naming ``what`` when the run did not complete.
+    """
+    sampler.start()
+    started = time.monotonic()
+    with contextlib.redirect_stdout(sys.stderr):
+        outcome = run_simulation("demo", overrides, project_root=ROOT)
+    seconds = time.monotonic() - started
+    done.set()
+    sampler.join()
+    if not outcome.ok or outcome.run_dir is None:
+        raise SystemExit(f"{what}: the run ended {outcome.status}")
+    return outcome, outcome.run_dir, seconds
+
+
 def run_size(num_sites: int, rounds: int, work: Path) -> dict[str, float | int | str]:
     """Run one federation of ``num_sites`` tiny hospitals; return its figures."""
     data = work / f"sites-{num_sites}"
@@ -121,15 +143,10 @@ def run_size(num_sites: int, rounds: int, work: Path) -> dict[str, float | int |
         f"name=scale{num_sites}",
     ]
     sampler = TreeSampler()
-    sampler.start()
-    started = time.monotonic()
-    outcome = run_simulation("demo", overrides, project_root=ROOT)
-    seconds = time.monotonic() - started
-    sampler.done.set()
-    sampler.join()
-    if not outcome.ok or outcome.run_dir is None:
-        raise SystemExit(f"{num_sites} hospitals: run ended {outcome.status}")
-    summary = read_summary(outcome.run_dir)
+    outcome, run_dir, seconds = run_sampled(
+        sampler, sampler.done, overrides, f"{num_sites} hospitals"
+    )
+    summary = read_summary(run_dir)
     per_round = summary.get("round_seconds", {})
     trained = [v for k, v in per_round.items() if int(k) > 0]
     return {
