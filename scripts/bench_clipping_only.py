@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="hippocampus_private")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    # force: an imported library has already given the root logger a WARNING handler
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s", force=True)
     plan = compose(args.experiment, args.overrides)
     report = {"experiment": args.experiment, "overrides": args.overrides, **run(plan)}
     print(json.dumps(report, indent=2))
