@@ -179,6 +179,10 @@ class PrivacyConfig:
     # private fine-tuning: train only parameters whose name starts with one of these
     # (e.g. ["model.2"] for the output stage); empty: all. Frozen weights carry no noise
     trainable: list[str] = field(default_factory=list)
+    # after every DP-SGD step, rescale each trained convolution kernel but the network's
+    # last to the norm of its default initialisation (sqrt(shape[0] / 3)), so that the
+    # noise cannot inflate it (post-processing of the noisy step: no privacy cost)
+    hold_norms: bool = False
     central: CentralDPConfig = field(default_factory=CentralDPConfig)
 
 

@@ -26,6 +26,7 @@ from fl_imaging.privacy.dp_sgd import (
     clipping_groups,
     fold_views,
     freeze_except,
+    held_norms,
     train_private,
 )
 from fl_imaging.site.resolve import resolve_site
@@ -141,6 +142,33 @@ def test_clipping_in_groups_keeps_each_groups_share_and_the_total_sensitivity(
         assert float(head.max()) <= 0.5 * max_norm * (1 + 1e-4)
         assert float(total.max()) <= max_norm * (1 + 1e-4)
         assert float((total**2 - head**2).sqrt().min()) > 0.5 * max_norm
+
+
+def test_held_norms_keep_every_kernel_but_the_last_at_its_initial_norm() -> None:
+    def kernels(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for p in model.parameters() if p.dim() >= 2]
+
+    for hold in (False, True):
+        model = _tiny_model()
+        fresh = [float(p.norm()) for p in kernels(model)]
+        # the target is the default initialisation's norm, from the shape alone
+        targets = [norm for _, norm in held_norms(model)]
+        assert len(targets) == len(fresh) - 1
+        assert all(abs(t / f - 1) < 0.35 for t, f in zip(targets, fresh, strict=False))
+        train_private(
+            model,
+            _views_loader(6, 1, batch=6),
+            LocalRecipe(epochs=3, lr=1.0, optimizer="sgd"),
+            # a noise that inflates every kernel within a few steps
+            DpSgdSettings(noise_multiplier=50.0, max_grad_norm=1.0, hold_norms=hold),
+            history=[],
+        )
+        after = [float(p.norm()) for p in kernels(model)]
+        if hold:
+            assert all(abs(a - t) < 1e-4 * t for a, t in zip(after, targets, strict=False))
+            assert after[-1] > 1.5 * fresh[-1]  # the output layer is left free
+        else:
+            assert all(a > 1.5 * t for a, t in zip(after, targets, strict=False))
 
 
 def test_clipping_groups_are_checked() -> None:

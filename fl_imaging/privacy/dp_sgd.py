@@ -157,6 +157,36 @@ def clip_groups(groups: Sequence[ClipGroup]) -> None:
             p.grad_sample = p.grad_sample * factor.view(-1, *[1] * (p.grad_sample.dim() - 1))
 
 
+def held_norms(model: nn.Module) -> list[tuple[nn.Parameter, float]]:
+    """The kernels ``privacy.hold_norms`` keeps at their initial norm, with that norm.
+
+    Every trainable weight of two or more dimensions (a convolution kernel) except the
+    last one in the model's order (the output layer, whose norm sets the logits'
+    scale). The norm is that of PyTorch's default initialisation of a tensor of that
+    shape (uniform in ``+-1 / sqrt(fan_in)``, ``fan_in = numel / shape[0]``), in
+    expectation ``sqrt(shape[0] / 3)``: a function of the shape only, never of data.
+    """
+    kernels = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    return [(p, math.sqrt(p.shape[0] / 3)) for p in kernels[:-1]]
+
+
+@torch.no_grad()
+def hold_norms(held: Sequence[tuple[nn.Parameter, float]]) -> None:
+    """Rescale each kernel of ``held`` to its norm (after an optimiser step).
+
+    Isotropic DP noise mostly adds length to a kernel: measured at epsilon 8, the
+    kernels' norms grow 2-7x over 10 rounds. A kernel followed by a normalisation
+    computes the same function at any length, but its gradient shrinks as ``1 /
+    length``: its share of each patient's clipped gradient falls as ``1 / length^2``
+    and its angular step with it, so the network stops learning in the layers the noise
+    inflated. Holding the norm keeps both as at initialisation. It only transforms the
+    already noisy weights (post-processing): sensitivity, noise and accounting are
+    unchanged.
+    """
+    for param, norm in held:
+        param.mul_(norm / param.norm().clamp_min(1e-12))
+
+
 def is_trainable(name: str, trainable: Sequence[str]) -> bool:
     """Whether parameter ``name`` trains under ``privacy.trainable`` (empty: every one)."""
     return not trainable or any(name.startswith(t) for t in trainable)
@@ -207,6 +237,8 @@ class DpSgdSettings:
     trainable: Sequence[str] = ()
     # (prefix, share of max_grad_norm) per clipping group, see clip_groups; empty: off
     clip_shares: Sequence[tuple[str, float]] = ()
+    # keep the trained kernels at their initial norms after every step, see hold_norms
+    hold_norms: bool = False
 
     @classmethod
     def from_config(
@@ -227,6 +259,7 @@ class DpSgdSettings:
             max_physical_batch=privacy.max_physical_batch,
             trainable=tuple(privacy.trainable),
             clip_shares=tuple((g.prefix, g.share) for g in privacy.clip_groups),
+            hold_norms=privacy.hold_norms,
         )
 
 
@@ -251,7 +284,8 @@ def train_private(
             bf16 computes per-sample gradients in bfloat16 and clips them in float32
             (:func:`clip_in_float32`); fp16 is refused.
         dp: noise, clipping (flat, per layer, or flat in groups: :func:`clip_groups`),
-            accountant and trainable weights.
+            accountant, trainable weights and whether their norms are held
+            (:func:`hold_norms`).
         history: the site's accountant history before this round.
 
     Returns:
@@ -273,6 +307,10 @@ def train_private(
     engine = PrivacyEngine(accountant=dp.accountant)
     engine.accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
     dp_model, dp_optimizer, dp_loader = _make_private(engine, model, loader, recipe, dp)
+    if dp.hold_norms:
+        held = held_norms(model)
+        # on the wrapped optimiser: it steps only when Opacus' noisy step is taken
+        dp_optimizer.original_optimizer.register_step_post_hook(lambda *_: hold_norms(held))
     sample_rate = float(dp_loader.sample_rate)
 
     def account_empty_batch() -> None:
