@@ -119,7 +119,9 @@ class SitePrivacyPlan:
                     else ""
                 )
                 + "a larger epsilon, more patients; a smaller network (model=unet_dp) or "
-                "privacy.trainable lowers the noise's norm; a start that needs less "
+                "privacy.trainable lowers the noise's norm (measured: not the Dice, "
+                "since the output stage keeps most of each clipped gradient); a start "
+                "that needs less "
                 "signal: model.init_checkpoint (make synthetic-start costs no privacy)"
             )
         return found
@@ -215,7 +217,8 @@ def plan_lines(plans: Sequence[SitePrivacyPlan]) -> list[str]:
             f"|noise|: its norm over the {weights:,} trained weights (the clipped signal's "
             f"norm is at most 1); S/N run: sqrt(steps) / |noise|, the most clipped signal "
             f"the run's steps can add up over the noise they add up: batch, epochs and "
-            f"rounds barely move it at a fixed budget, epsilon and patients do"
+            f"rounds barely move it at a fixed budget, epsilon and patients do; an upper "
+            f"bound: it assumes the signal spreads over the trained weights as the noise does"
         )
     for p in plans:
         lines += [f"warning: {w}" for w in p.warnings()]
