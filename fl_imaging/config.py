@@ -181,7 +181,8 @@ class PrivacyConfig:
     trainable: list[str] = field(default_factory=list)
     # after every DP-SGD step, rescale each trained convolution kernel but the network's
     # last to the norm of its default initialisation (sqrt(shape[0] / 3)), so that the
-    # noise cannot inflate it (post-processing of the noisy step: no privacy cost)
+    # noise cannot inflate it (post-processing of the noisy step: no privacy cost);
+    # measured lower on synthetic hospitals (docs/RESULTS.md), hence off
     hold_norms: bool = False
     central: CentralDPConfig = field(default_factory=CentralDPConfig)
 

@@ -178,10 +178,12 @@ def hold_norms(held: Sequence[tuple[nn.Parameter, float]]) -> None:
     kernels' norms grow 2-7x over 10 rounds. A kernel followed by a normalisation
     computes the same function at any length, but its gradient shrinks as ``1 /
     length``: its share of each patient's clipped gradient falls as ``1 / length^2``
-    and its angular step with it, so the network stops learning in the layers the noise
-    inflated. Holding the norm keeps both as at initialisation. It only transforms the
-    already noisy weights (post-processing): sensitivity, noise and accounting are
-    unchanged.
+    and its angular step with it: the noise anneals the learning rate of the layers it
+    inflates. Holding the norm keeps both as at initialisation. Measured, that annealing
+    is what the private runs need: held norms ended lower on the synthetic hospitals at
+    every learning rate tried (docs/RESULTS.md), so it is off by default. It only
+    transforms the already noisy weights (post-processing): sensitivity, noise and
+    accounting are unchanged.
     """
     for param, norm in held:
         param.mul_(norm / param.norm().clamp_min(1e-12))
