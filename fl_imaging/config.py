@@ -31,7 +31,7 @@ from fl_imaging.data.regions import scheme_problems
 from fl_imaging.secagg.settings import secure_aggregation_problems
 
 CONF_DIR_ENV = "FL_IMAGING_CONF"
-KNOWN_MODELS = ("unet",)
+KNOWN_MODELS = ("unet", "features")
 KNOWN_STRATEGIES = (
     "fedavg",
     "fedprox",
@@ -189,8 +189,13 @@ class PrivacyConfig:
 
 @dataclass
 class ModelConfig:
-    """MONAI network choice and size."""
+    """The network: MONAI's UNet, or fixed image features and a small trained head.
 
+    ``features`` (fl_imaging.ml.features): ``channels`` are the head's hidden widths,
+    ``strides`` must be empty, ``scales`` / ``hessian_scales`` the features' scales.
+    """
+
+    # unet (MONAI's UNet) or features (fixed multi-scale features, a per-voxel MLP)
     name: str = "unet"
     channels: list[int] = field(default_factory=lambda: [8, 16, 32])
     strides: list[int] = field(default_factory=lambda: [2, 2])
@@ -208,6 +213,10 @@ class ModelConfig:
     # outputs/<run>/checkpoints/last.pt, or a saved state dict) instead of a fresh
     # initialisation; they must fit this model config
     init_checkpoint: str | None = None
+    # model.name=features: Gaussian scales (voxels) of the smoothed intensity, its
+    # Laplacian and gradient magnitude, and of the Hessian's eigenvalues
+    scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
+    hessian_scales: list[float] = field(default_factory=lambda: [1.5, 3.0])
 
 
 @dataclass
@@ -654,7 +663,18 @@ def _model_problems(plan: RunPlan) -> list[str]:
         problems.append(f"model.norm {plan.model.norm!r} is unknown; choose one of {KNOWN_NORMS}")
     if plan.model.act not in KNOWN_ACTS:
         problems.append(f"model.act {plan.model.act!r} is unknown; choose one of {KNOWN_ACTS}")
-    if len(plan.model.channels) != len(plan.model.strides) + 1:
+    if plan.model.name == "features":
+        if plan.model.strides or min(plan.model.channels, default=1) < 1:
+            problems.append(
+                f"model.name=features: model.strides must be [] (got {plan.model.strides}) "
+                f"and model.channels positive hidden widths (got {plan.model.channels})"
+            )
+        if min([*plan.model.scales, *plan.model.hessian_scales], default=1) <= 0:
+            problems.append(
+                f"model.scales {plan.model.scales} and model.hessian_scales "
+                f"{plan.model.hessian_scales} must be > 0 (voxels)"
+            )
+    elif len(plan.model.channels) != len(plan.model.strides) + 1:
         problems.append(
             f"model.channels ({len(plan.model.channels)} entries) must have one more entry "
             f"than model.strides ({len(plan.model.strides)})"

@@ -1,11 +1,15 @@
-"""MONAI network factory.
+"""Network factory: MONAI's UNet, or fixed image features and a small trained head.
 
-Only ``monai.networks.nets.UNet`` is offered for now: it is the MONAI 3D network
-that Opacus can compute per-sample gradients for without patching (BasicUNet and
-SegResNet use in-place ops that break Opacus' hooks).
+``model.name=unet``: ``monai.networks.nets.UNet``, the MONAI 3D network that Opacus can
+compute per-sample gradients for without patching (BasicUNet and SegResNet use
+in-place ops that break Opacus' hooks). ``model.name=features``:
+:class:`fl_imaging.ml.features.FeatureHeadNet`, designed multi-scale features with no
+weights and a per-voxel MLP, for DP-SGD on small cohorts.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from monai.networks.layers import Norm
@@ -13,6 +17,7 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from fl_imaging.config import ConfigError, ModelConfig, RunPlan
+from fl_imaging.ml.features import FeatureHeadNet
 
 # instance: InstanceNorm without affine weights or running statistics; group: GroupNorm
 # (per-case statistics too, with affine weights); both are per-sample, as DP-SGD needs
@@ -24,6 +29,14 @@ ACTIVATIONS: dict[str, str | tuple[str, dict[str, float]]] = {
     "prelu": "prelu",
     "relu": "relu",
     "leakyrelu": ("leakyrelu", {"negative_slope": 0.25}),
+}
+
+
+# the same activations as torch modules, for the feature model's head
+HEAD_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "prelu": nn.PReLU,
+    "relu": nn.ReLU,
+    "leakyrelu": lambda: nn.LeakyReLU(0.25),
 }
 
 
@@ -46,8 +59,8 @@ def build_model(model: ModelConfig, *, in_channels: int, out_channels: int) -> n
         ``[B, out_channels, X, Y, Z]``; X, Y, Z must be divisible by the product
         of ``model.strides``.
     """
-    if model.name != "unet":
-        raise ValueError(f"model.name {model.name!r} is unknown; choose 'unet'")
+    if model.name not in ("unet", "features"):
+        raise ValueError(f"model.name {model.name!r} is unknown; choose 'unet' or 'features'")
     if model.norm not in NORMS:
         raise ValueError(f"model.norm {model.norm!r} is unknown; choose one of {sorted(NORMS)}")
     if model.act not in ACTIVATIONS:
@@ -55,6 +68,15 @@ def build_model(model: ModelConfig, *, in_channels: int, out_channels: int) -> n
     if in_channels < 1 or out_channels < 2:
         raise ValueError(
             f"need in_channels >= 1 and out_channels >= 2, got {in_channels}, {out_channels}"
+        )
+    if model.name == "features":
+        return FeatureHeadNet(
+            in_channels,
+            out_channels,
+            hidden=model.channels,
+            scales=model.scales,
+            hessian_scales=model.hessian_scales,
+            activation=HEAD_ACTIVATIONS[model.act],
         )
     return UNet(
         spatial_dims=3,
