@@ -129,8 +129,8 @@ class FeatureHeadNet(nn.Module):
     ``hidden``: the head's hidden widths, each a linear layer over a voxel's features
     followed by ``activation()``. Linear layers on channels-last features rather than
     ``1x1x1`` convolutions: the same function, and Opacus' per-sample gradients of a
-    linear layer are one ``einsum`` (measured 2.6x faster per DP-SGD step with a fixed
-    LeakyReLU instead of PReLU, docs/RESULTS.md).
+    linear layer are one ``einsum``; with a fixed LeakyReLU (no weights of its own) it
+    was the fastest DP-SGD step measured (docs/RESULTS.md).
     """
 
     def __init__(
