@@ -38,7 +38,7 @@ def test_a_model_pretrained_by_default_fits_the_private_hippocampus_recipe(
     tmp_path: Path,
 ) -> None:
     # the script's default pre-training must make a checkpoint that hippocampus_private
-    # accepts as model.init_checkpoint (same keys and shapes)
+    # with the small UNet accepts as model.init_checkpoint (same keys and shapes)
     script = _script()
     pretraining = compose(
         script.DEFAULT_PRETRAIN_EXPERIMENT, [*script.DEFAULT_PRETRAIN, f"paths.root={tmp_path}"]
@@ -47,7 +47,8 @@ def test_a_model_pretrained_by_default_fits_the_private_hippocampus_recipe(
     checkpoint = tmp_path / "best.pt"
     torch.save({"state_dict": weights, "round": 12}, checkpoint)
     private = compose(
-        "hippocampus_private", [f"model.init_checkpoint={checkpoint}", f"paths.root={tmp_path}"]
+        "hippocampus_private",
+        ["model=unet_dp", f"model.init_checkpoint={checkpoint}", f"paths.root={tmp_path}"],
     )
     loaded = initial_weights(private)
     assert set(loaded) == set(weights)

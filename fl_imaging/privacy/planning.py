@@ -111,18 +111,20 @@ class SitePrivacyPlan:
                 f"site {self.site}: the noise on each averaged gradient is {ratio:.2f} "
                 f"clipping norms per weight (sigma {self.noise_multiplier:.2f} / "
                 f"{self.expected_batch:.1f} patients per step); private runs with every "
-                f"site at {NOISY:g} or more learnt almost nothing here (docs/RESULTS.md). "
+                f"site at {NOISY:g} or more ended far below those at less noise, with "
+                "either network (docs/RESULTS.md). "
                 "What lowers it: "
                 + (
                     "every case in each step (train.batch_size=0: q = 1), "
                     if self.sample_rate < 1
                     else ""
                 )
-                + "a larger epsilon, more patients; a smaller network (model=unet_dp) or "
-                "privacy.trainable lowers the noise's norm (measured: not the Dice, "
-                "since the output stage keeps most of each clipped gradient); a start "
-                "that needs less "
-                "signal: model.init_checkpoint (make synthetic-start costs no privacy)"
+                + "a larger epsilon, more patients; fixed features and a small head "
+                "(model=features_dp: 1,795 trained weights, each with a share of every "
+                "clipped gradient); a smaller UNet or privacy.trainable lowers the "
+                "noise's norm too, but measured not the Dice (its output stage keeps "
+                "most of each clipped gradient); a start that needs less signal: "
+                "model.init_checkpoint (make synthetic-start costs no privacy)"
             )
         return found
 
