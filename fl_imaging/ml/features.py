@@ -2,7 +2,7 @@
 
 Under DP-SGD every trained weight gets the same noise, while a UNet's deep weights get
 almost none of a patient's clipped gradient: measured on the hippocampus pseudo-sites,
-the output stage takes about 92 % of it, so the deep levels stay noisy random features
+the output stage takes most of it, so the deep levels stay noisy random features
 (docs/RESULTS.md). Tramèr and Boneh (ICLR 2021, "Differentially private learning needs
 better features") showed the way out for small private datasets: features that are
 *designed*, not learnt, and a small learnt model on top.

@@ -120,7 +120,7 @@ class SitePrivacyPlan:
                     else ""
                 )
                 + "a larger epsilon, more patients; fixed features and a small head "
-                "(model=features_dp: 1,795 trained weights, each with a share of every "
+                "(model=features_dp: few trained weights, each with a share of every "
                 "clipped gradient); a smaller UNet or privacy.trainable lowers the "
                 "noise's norm too, but measured not the Dice (its output stage keeps "
                 "most of each clipped gradient); a start that needs less signal: "
