@@ -24,7 +24,8 @@ def test_only_the_head_has_weights_and_the_features_ignore_them() -> None:
     assert names and all(n.startswith("head.") for n in names)
     assert not list(model.features.parameters())
     check_private_model(model)  # Opacus can train it
-    # 2 modalities in the demo: 10 features each, 3 coordinates once
+    # 2 modalities: 16 features each (intensity, 3 per scale, 3 per Hessian scale), 3
+    # coordinates once
     assert model.features.channels_per_input() == 1 + 3 * 3 + 3 * 2
     x = torch.randn(2, 2, 12, 10, 8)
     assert model(x).shape == (2, 3, 12, 10, 8)

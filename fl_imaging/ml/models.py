@@ -9,14 +9,13 @@ weights and a per-voxel MLP, for DP-SGD on small cohorts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from monai.networks.layers import Norm
+from monai.networks.layers.utils import get_act_layer
 from monai.networks.nets import UNet
 from torch import nn
 
-from fl_imaging.config import ConfigError, ModelConfig, RunPlan
+from fl_imaging.config import KNOWN_MODELS, ConfigError, ModelConfig, RunPlan
 from fl_imaging.ml.features import FeatureHeadNet
 
 # instance: InstanceNorm without affine weights or running statistics; group: GroupNorm
@@ -29,14 +28,6 @@ ACTIVATIONS: dict[str, str | tuple[str, dict[str, float]]] = {
     "prelu": "prelu",
     "relu": "relu",
     "leakyrelu": ("leakyrelu", {"negative_slope": 0.25}),
-}
-
-
-# the same activations as torch modules, for the feature model's head
-HEAD_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "prelu": nn.PReLU,
-    "relu": nn.ReLU,
-    "leakyrelu": lambda: nn.LeakyReLU(0.25),
 }
 
 
@@ -59,8 +50,8 @@ def build_model(model: ModelConfig, *, in_channels: int, out_channels: int) -> n
         ``[B, out_channels, X, Y, Z]``; X, Y, Z must be divisible by the product
         of ``model.strides``.
     """
-    if model.name not in ("unet", "features"):
-        raise ValueError(f"model.name {model.name!r} is unknown; choose 'unet' or 'features'")
+    if model.name not in KNOWN_MODELS:
+        raise ValueError(f"model.name {model.name!r} is unknown; choose one of {KNOWN_MODELS}")
     if model.norm not in NORMS:
         raise ValueError(f"model.norm {model.norm!r} is unknown; choose one of {sorted(NORMS)}")
     if model.act not in ACTIVATIONS:
@@ -76,7 +67,8 @@ def build_model(model: ModelConfig, *, in_channels: int, out_channels: int) -> n
             hidden=model.channels,
             scales=model.scales,
             hessian_scales=model.hessian_scales,
-            activation=HEAD_ACTIVATIONS[model.act],
+            # MONAI's activation factory, from the same table as the UNet's
+            activation=lambda: get_act_layer(ACTIVATIONS[model.act]),
         )
     return UNet(
         spatial_dims=3,
