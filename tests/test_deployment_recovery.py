@@ -6,12 +6,13 @@ Three registered hospitals over TLS with node authentication and the gateway.
   ``strategy.round_timeout``: the round goes on without it and records why, its late reply
   is discarded, and it trains again in the next round once it is back.
 * (second) The coordinator restarts mid-round: hospital_a trains with DP-SGD, hospital_b takes
-  longer per round. While round 2 is in flight (hospital_a has trained it and charged its
-  ledger, hospital_b is still training) the coordinator (SuperLink, ServerApp, gateway) is
-  SIGKILLed, then restarted on the same state database. The SuperNodes reconnect by
-  themselves and ``resume=latest`` finishes the run: every round appears once in
-  ``metrics.jsonl`` and hospital_a's ledger charges every round it trained, the cut-short
-  one included.
+  longer per round. As soon as round 1 ends hospital_b is paused, so round 2 cannot end however
+  slow hospital_a is; while round 2 is in flight (hospital_a has trained it and
+  charged its ledger, hospital_b has not replied) the coordinator (SuperLink, ServerApp,
+  gateway) is SIGKILLed, hospital_b thawed, and the coordinator restarted on the same state
+  database. The SuperNodes reconnect by themselves and ``resume=latest`` finishes the run:
+  every round appears once in ``metrics.jsonl`` and hospital_a's ledger charges every round
+  it trained, the cut-short one included.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pytest
 
 from fl_imaging.outputs.reporting import read_metrics
 from fl_imaging.privacy.ledger import LEDGER_FILE, read_ledger
-from fl_imaging.site.audit import read_audit
+from fl_imaging.site.audit import AUDIT_LOG, read_audit
 from tests.conftest import tiny_overrides
 from tests.test_deployment import FEDERATION, _federation, _free_base_port, _rows, _wait_for
 
@@ -37,14 +38,36 @@ PRIVATE = "hospital_a"
 CUT_OFF = "hospital_c"  # paused mid-round 1 for longer than the round
 SLOW_C = "federation.sites.2.local_epochs=20"  # about 2 s a round here
 PRIVATE_A = ["federation.sites.0.privacy.epsilon=8", "federation.sites.0.privacy.delta=1e-3"]
-# round 2 is still running at hospital_b when hospital_a has trained it (about 7 s here)
+# hospital_b takes about 7 s a round here: longer than the time it takes to pause it
 SLOW_B = "federation.sites.1.local_epochs=100"
+HELD = "hospital_b"  # paused from the end of round 1 until the coordinator is killed
 
 
 def _charged(state_dir: Path) -> list[tuple[str, int]]:
     """(run id, round) of every round the site's ledger charged, in order (checked ledger)."""
     ledger = read_ledger(state_dir)
     return [] if ledger is None else [(str(e["run_id"]), int(e["round"])) for e in ledger.rounds]
+
+
+def _sent_rounds(state_dir: Path, old_runs: set[int], message_type: str) -> list[int]:
+    """Rounds of the replies of a type a site logged as sent in a run not in ``old_runs``.
+
+    The audit line is written before Flower sends the reply, so a round missing here has
+    not been sent. A line being appended may be cut short: it is not counted yet.
+    """
+    try:
+        lines = (state_dir / AUDIT_LOG).read_text().splitlines()
+    except OSError:
+        return []
+    rounds = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry["message_type"] == message_type and int(entry["run_id"]) not in old_runs:
+            rounds.append(int(entry["round"]))
+    return rounds
 
 
 def _charged_so_far(state_dir: Path) -> list[int]:
@@ -169,17 +192,31 @@ def test_a_coordinator_killed_mid_round_resumes_and_the_ledger_charges_every_rou
         *PRIVATE_A,
         SLOW_B,
     ]
+    held_state = folder / "state" / HELD
+    old_runs = {int(e["run_id"]) for e in read_audit(held_state)}
     first = _start_run(folder, overrides, "first-run.log")
     try:
+        _wait_for(
+            lambda: any(r["round"] == 1 for r in _rows(outputs)),
+            "round 1 to end",
+            timeout=300,
+            proc=first,
+        )
+        paused = _federation(folder, "pause", HELD)  # round 2 waits for it: no round timeout
+        assert paused.returncode == 0, paused.stderr
         _wait_for(
             lambda: 2 in _charged_so_far(state_dir),
             f"{PRIVATE} to train round 2",
             timeout=300,
             proc=first,
         )
+        # paused before it could finish round 2 (100 epochs, seconds): round 2 is in flight
+        assert 2 not in _sent_rounds(held_state, old_runs, "train")
         killed = _federation(folder, "kill", "coordinator")
         assert killed.returncode == 0, killed.stderr
         summary_at_kill = json.loads(next(outputs.glob("*-demo/summary.json")).read_text())
+        unpaused = _federation(folder, "unpause", HELD)
+        assert unpaused.returncode == 0, unpaused.stderr
         first.terminate()  # the user's `flwr run` lost its SuperLink: not what is tested
         first.communicate(timeout=60)
         restarted = _federation(folder, "coordinator")
@@ -192,6 +229,7 @@ def test_a_coordinator_killed_mid_round_resumes_and_the_ledger_charges_every_rou
         if first.poll() is None:
             first.kill()
             first.communicate()
+        _federation(folder, "unpause", HELD)
     assert summary_at_kill["status"] == "running"
     assert summary_at_kill["rounds_completed"] == 1  # round 2 was cut short
     run_dir = next(outputs.glob("*-demo"))
